@@ -1,0 +1,101 @@
+"""The `w2s` command."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from proxy.config import ConfigError, load_config
+from proxy.cost import cost_usd
+from proxy.search import SearchResult
+
+
+def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("search overrides")
+    g.add_argument("--w", type=int, help="beam width")
+    g.add_argument("--k", type=int, help="successors per beam")
+    g.add_argument("--l", type=int, help="chunk length (upstream tokens)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    keys = ("w", "k", "l", "max_new_tokens", "temperature", "top_p", "seed")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def summarize(result: SearchResult, prices: object | None = None) -> dict[str, object]:
+    out: dict[str, object] = {
+        "text": result.text,
+        "score": result.score,
+        "finished": result.finished,
+        "mode": result.config.mode,
+        "steps": len(result.steps),
+        "upstream_calls": result.calls,
+        "prompt_tokens": result.usage.prompt_tokens,
+        "completion_tokens": result.usage.completion_tokens,
+        "wall_s": round(result.wall_s, 3),
+    }
+    if prices is not None:
+        out["cost_usd"] = cost_usd(result.usage, prices)  # type: ignore[arg-type]
+    return out
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from proxy.client import GuidedClient
+
+    cfg = load_config(args.config, **_overrides(args))
+    async with GuidedClient(cfg) as client:
+        if args.raw:
+            result = await client.complete(args.prompt)
+        else:
+            result = await client.instruct(args.prompt)
+    info = summarize(result, cfg.upstream.prices)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    score = "n/a" if result.score is None else f"{result.score:.4f}"
+    print(result.text.strip())
+    print()
+    print(f"mode {info['mode']}  score {score}  finished {'yes' if result.finished else 'no'}  "
+          f"steps {info['steps']}  upstream calls {info['upstream_calls']}  "
+          f"upstream tokens {info['prompt_tokens']} prompt + {info['completion_tokens']} completion  "
+          f"cost ${info['cost_usd']:.6f}  wall {info['wall_s']}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="w2s", description="Weak-to-strong search over black-box LLM APIs")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="one guided answer")
+    gen.add_argument("--config", required=True, help="config file or preset name under configs/")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is (no instruction template)")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_search_flags(gen)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(args.func(args))
+    except ConfigError as e:
+        print(f"w2s: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

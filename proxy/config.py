@@ -1,0 +1,219 @@
+"""Every setting, validated by pydantic, and the only place that reads files or env vars for them.
+
+A config file has three parts: `upstream`, `scorer` and `search`. Each is either a mapping or
+the name of a preset under configs/<part>/ (e.g. `search: cbs-w4k4l30`); a preset can be
+refined with `{preset: NAME, ...fields}`. Unknown keys and impossible values are refused with
+a message that names the field, before any model is loaded or any API is called.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+CONFIG_DIR = Path(os.environ.get("W2S_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+
+class ConfigError(ValueError):
+    """A config or argument that cannot be used; the message names the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchConfig(Strict):
+    """Chunk-level beam search. Best-of-N is w=1, k=N, l=None; plain sampling is w=k=1, l=None."""
+
+    w: int = Field(1, ge=1, description="beam width: beams kept after each step")
+    k: int = Field(1, ge=1, description="successors sampled per beam per step")
+    l: int | None = Field(None, ge=1, description="chunk length in upstream tokens; None = unbounded")
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=4)
+
+    @property
+    def needs_scorer(self) -> bool:
+        return self.w * self.k > 1
+
+    @property
+    def mode(self) -> str:
+        if not self.needs_scorer and self.l is None:
+            return "base"
+        if self.w == 1 and self.l is None:
+            return f"bon{self.k}"
+        return f"cbs-w{self.w}k{self.k}l{self.l if self.l is not None else 'inf'}"
+
+
+class ChatRenderConfig(Strict):
+    """How chat messages become one completion prompt for a completions-only upstream.
+
+    User turns use the upstream's `prompt_template`; these two formats hold `{content}`.
+    """
+
+    system: str = "{content}\n\n"
+    assistant: str = " {content}\n\n"
+
+
+class Prices(Strict):
+    """US dollars per million tokens."""
+
+    prompt: float = Field(0.0, ge=0.0)
+    completion: float = Field(0.0, ge=0.0)
+
+
+class UpstreamConfig(Strict):
+    kind: Literal["openai-completions"] = "openai-completions"
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    prompt_template: str = "Instruction: {instruction}\nOutput:"
+    chat: ChatRenderConfig = ChatRenderConfig()
+    encoding: str = "cl100k_base"
+    """tiktoken encoding used to count tokens of stop-finished continuations when n>1."""
+    context_window: int | None = Field(None, ge=1)
+    max_concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+    backoff_initial_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    prices: Prices = Prices()
+
+    @model_validator(mode="after")
+    def _template_has_slot(self) -> "UpstreamConfig":
+        if "{instruction}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {instruction}")
+        return self
+
+
+class ModelSpec(Strict):
+    """One causal LM: a hub id or a local directory, optionally a GGUF file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+    chat_template: str | None = None
+    """A jinja chat template, a name from scorers.templates, or None for the tokenizer's own."""
+    system_prompt: str | None = ""
+    """System turn prepended when the messages have none; None = no system turn."""
+    revision: str | None = None
+
+
+class ScorerConfig(Strict):
+    kind: Literal["implicit"] = "implicit"
+    tuned: ModelSpec
+    untuned: ModelSpec
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(8, ge=1)
+    max_batch_tokens: int = Field(16384, ge=1)
+
+
+class AppConfig(Strict):
+    upstream: UpstreamConfig
+    scorer: ScorerConfig | None = None
+    search: SearchConfig = SearchConfig()
+
+    @model_validator(mode="after")
+    def _scorer_when_searching(self) -> "AppConfig":
+        if self.search.needs_scorer and self.scorer is None:
+            raise ValueError(f"search.{self.search.mode} needs a scorer (w*k > 1); add a `scorer:` section")
+        return self
+
+
+_PARTS = {"upstream": "upstreams", "scorer": "scorers", "search": "search"}
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the dotted field, e.g. `search.w: ...`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{loc or '<config>'}: {msg}")
+    return "; ".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def preset_names(part: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / _PARTS[part]).glob("*.yaml"))
+
+
+def load_preset(part: str, name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / _PARTS[part] / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(preset_names(part)) or "none"
+        raise ConfigError(f"{part}: unknown preset {name!r} (known: {known})")
+    return _read_yaml(path)
+
+
+def _resolve_part(part: str, value: Any) -> Any:
+    if isinstance(value, str):
+        return load_preset(part, value)
+    if isinstance(value, dict) and "preset" in value:
+        merged = dict(load_preset(part, str(value["preset"])))
+        merged.update({k: v for k, v in value.items() if k != "preset"})
+        return merged
+    return value
+
+
+def build_config(data: dict[str, Any], **search_overrides: Any) -> AppConfig:
+    """Resolve presets, apply search overrides, validate."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a mapping")
+    resolved = {k: _resolve_part(k, v) if k in _PARTS else v for k, v in data.items()}
+    if search_overrides:
+        search = dict(resolved.get("search") or {})
+        search.update({k: v for k, v in search_overrides.items() if v is not None})
+        resolved["search"] = search
+    try:
+        return AppConfig.model_validate(resolved)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(path: str | Path, **search_overrides: Any) -> AppConfig:
+    """Load a config file, or a top-level preset name under configs/ (e.g. `paper-cbs-w4k4l30`)."""
+    p = Path(path)
+    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").is_file():
+        p = CONFIG_DIR / f"{path}.yaml"
+    return build_config(_read_yaml(p), **search_overrides)
+
+
+def search_with(base: SearchConfig, **overrides: Any) -> SearchConfig:
+    """A copy of `base` with overrides, validated, errors naming `search.<field>`."""
+    data = base.model_dump()
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "search")) from None
+
+
+def upstream_api_key(cfg: UpstreamConfig) -> SecretStr:
+    """The upstream key from the environment; a local server without auth accepts any value."""
+    value = os.environ.get(cfg.api_key_env)
+    if not value:
+        if cfg.base_url is None:
+            raise ConfigError(f"upstream: set {cfg.api_key_env} (or upstream.base_url for a keyless local server)")
+        value = "no-key"
+    return SecretStr(value)

@@ -1,0 +1,230 @@
+"""Chunk-level beam search (CBS), the one loop behind base sampling, best-of-N and CBS.
+
+Each step asks the upstream for K continuations of every live beam (all requests of a step
+in flight at once), scores each beam's candidates as soon as its request returns, and keeps
+the W best of the new candidates plus the finished beams carried from earlier steps. A
+finished beam keeps its score, is never expanded again and occupies one slot at most.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from proxy.config import ConfigError, SearchConfig
+from proxy.upstreams.base import Continuation, Upstream, Usage
+from scorers.base import Scorer, ScorerPrompt, ScoringSession
+
+
+@dataclass
+class Candidate:
+    """One node of the search tree: a whole response so far."""
+
+    id: int
+    parent: int | None
+    step: int
+    chunk: str
+    """Text this node added to its parent."""
+    text: str
+    tokens: int
+    """Upstream tokens in `text`."""
+    finished: bool
+    score: float | None = None
+    finish_reason: str | None = None
+    survived: bool = False
+    stalled: bool = False
+    """The upstream returned nothing new without finishing (e.g. context window full)."""
+
+
+@dataclass
+class StepTrace:
+    step: int
+    expanded: list[int]
+    """Ids of the beams expanded in this step."""
+    candidates: list[Candidate]
+    """New candidates of this step, in beam order then sample order."""
+    carried: list[int]
+    """Ids of earlier beams that took part in the selection without being expanded."""
+    survivors: list[int]
+    """Ids kept, best first."""
+    usage: Usage
+    calls: int
+    upstream_s: float
+    """Slowest upstream request of the step."""
+    scoring_s: float
+    """Scoring time summed over the step's beams."""
+    wall_s: float
+
+
+@dataclass
+class SearchResult:
+    text: str
+    score: float | None
+    finished: bool
+    tokens: int
+    config: SearchConfig
+    steps: list[StepTrace] = field(default_factory=list)
+    usage: Usage = Usage()
+    calls: int = 0
+    wall_s: float = 0.0
+    chosen: int = 0
+    nodes: dict[int, Candidate] = field(default_factory=dict)
+
+    @property
+    def path(self) -> list[int]:
+        """Ids from the first chunk to the chosen node."""
+        out: list[int] = []
+        node: int | None = self.chosen
+        while node is not None and node != 0:
+            out.append(node)
+            node = self.nodes[node].parent
+        return out[::-1]
+
+
+StepCallback = Callable[[StepTrace, list[Candidate]], Awaitable[None] | None]
+
+
+def derive_seed(seed: int | None, step: int, beam: int) -> int | None:
+    """A distinct, reproducible seed per request, so beams do not sample identical chunks."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + step * 8_191 + beam) % (2**31 - 1)
+
+
+def cut_at_stop(prev: str, chunk: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `chunk` at a stop sequence that straddles the chunk seam (the upstream cannot see it)."""
+    if not stop:
+        return chunk, False
+    longest = max(len(s) for s in stop)
+    start = max(0, len(prev) - longest + 1)
+    window = prev[start:] + chunk
+    hits = [i for i in (window.find(s) for s in stop) if i >= 0]
+    if not hits:
+        return chunk, False
+    cut = min(hits) - (len(prev) - start)
+    return chunk[: max(cut, 0)], True
+
+
+def _rank_key(c: Candidate) -> float:
+    return c.score if c.score is not None else 0.0
+
+
+class _Search:
+    """State of one search; `run` drives it."""
+
+    def __init__(self, prompt: str, upstream: Upstream, session: ScoringSession | None,
+                 cfg: SearchConfig, on_step: StepCallback | None) -> None:
+        self.prompt = prompt
+        self.upstream = upstream
+        self.session = session
+        self.cfg = cfg
+        self.on_step = on_step
+        root = Candidate(id=0, parent=None, step=0, chunk="", text="", tokens=0, finished=False,
+                         score=0.0 if session else None, survived=True)
+        self.nodes: dict[int, Candidate] = {0: root}
+        self.result = SearchResult(text="", score=root.score, finished=False, tokens=0, config=cfg, nodes=self.nodes)
+
+    def expandable(self, b: Candidate) -> bool:
+        return not b.finished and not b.stalled and b.tokens < self.cfg.max_new_tokens
+
+    def _new_node(self, parent: Candidate, step: int, c: Continuation) -> Candidate:
+        chunk, hit_stop = cut_at_stop(parent.text, c.text, self.cfg.stop)
+        node = Candidate(
+            id=len(self.nodes), parent=parent.id, step=step, chunk=chunk, text=parent.text + chunk,
+            tokens=parent.tokens + c.num_tokens, finished=c.finished or hit_stop,
+            finish_reason="stop" if hit_stop else c.finish_reason,
+            stalled=c.num_tokens == 0 and not c.finished,
+        )
+        self.nodes[node.id] = node
+        return node
+
+    async def _expand(self, beam: Candidate, index: int, step: int) -> tuple[list[Candidate], Usage, int, float, float]:
+        cfg = self.cfg
+        left = cfg.max_new_tokens - beam.tokens
+        t0 = time.perf_counter()
+        res = await self.upstream.sample(
+            self.prompt + beam.text, n=cfg.k, max_tokens=min(cfg.l or left, left), stop=cfg.stop or None,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=derive_seed(cfg.seed, step, index),
+        )
+        t1 = time.perf_counter()
+        cands = [self._new_node(beam, step, c) for c in res.continuations]
+        if self.session is not None:
+            scores = await self.session.score([c.text for c in cands], [c.finished for c in cands])
+            for c, s in zip(cands, scores):
+                c.score = s
+        return cands, res.usage, res.calls, t1 - t0, time.perf_counter() - t1
+
+    @staticmethod
+    def _distinct(pool: list[Candidate]) -> list[Candidate]:
+        """Identical responses would take several slots for one beam: keep the first."""
+        seen: set[tuple[str, bool]] = set()
+        out = []
+        for c in pool:
+            key = (c.text, c.finished)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+        return out
+
+    async def run(self) -> SearchResult:
+        t_start = time.perf_counter()
+        beams = [self.nodes[0]]
+        step = 0
+        while live := [b for b in beams if self.expandable(b)]:
+            step += 1
+            t0 = time.perf_counter()
+            outs = await asyncio.gather(*(self._expand(b, i, step) for i, b in enumerate(live)))
+            new = [c for out in outs for c in out[0]]
+            carried = [b for b in beams if not self.expandable(b) and b.id != 0]
+            pool = self._distinct(carried + new)
+            survivors = sorted(pool, key=_rank_key, reverse=True)[: self.cfg.w]
+            kept = {s.id for s in survivors}
+            for c in new:
+                c.survived = c.id in kept
+            trace = StepTrace(
+                step=step, expanded=[b.id for b in live], candidates=new, carried=[b.id for b in carried],
+                survivors=[s.id for s in survivors],
+                usage=sum((o[1] for o in outs), Usage()), calls=sum(o[2] for o in outs),
+                upstream_s=max(o[3] for o in outs), scoring_s=sum(o[4] for o in outs),
+                wall_s=time.perf_counter() - t0,
+            )
+            self.result.steps.append(trace)
+            if self.on_step is not None:
+                maybe = self.on_step(trace, survivors)
+                if maybe is not None:
+                    await maybe
+            beams = survivors
+        finished = [b for b in beams if b.finished]
+        best = max(finished or beams, key=_rank_key)
+        r = self.result
+        r.text, r.score, r.finished, r.tokens, r.chosen = best.text, best.score, best.finished, best.tokens, best.id
+        r.usage = sum((s.usage for s in r.steps), Usage())
+        r.calls = sum(s.calls for s in r.steps)
+        r.wall_s = time.perf_counter() - t_start
+        return r
+
+
+async def search(
+    prompt: str,
+    upstream: Upstream,
+    scorer: Scorer | None,
+    cfg: SearchConfig,
+    *,
+    scorer_prompt: ScorerPrompt | None = None,
+    on_step: StepCallback | None = None,
+) -> SearchResult:
+    """Guided generation of a response to the completion prompt `prompt`.
+
+    `scorer_prompt` is what the scoring pair sees as the prompt (an instruction or chat
+    messages, rendered by each model's own template); it defaults to `prompt` itself. Without
+    a scorer only plain sampling (w = k = 1) is possible; with one, every candidate is scored.
+    """
+    if scorer is None and cfg.needs_scorer:
+        raise ConfigError(f"search.{cfg.mode} needs a scorer (w*k > 1)")
+    session = scorer.open(scorer_prompt if scorer_prompt is not None else prompt) if scorer else None
+    try:
+        return await _Search(prompt, upstream, session, cfg, on_step).run()
+    finally:
+        if session is not None:
+            session.close()

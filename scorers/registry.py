@@ -1,0 +1,14 @@
+"""Builds the scorer a config names; imports torch only when a scorer is really wanted."""
+from __future__ import annotations
+
+from proxy.config import ScorerConfig
+from scorers.base import Scorer
+
+
+def load_scorer(cfg: ScorerConfig) -> Scorer:
+    """Loads model weights: slow, call it off the event loop."""
+    if cfg.kind == "implicit":
+        from scorers.implicit import ImplicitRewardScorer
+
+        return ImplicitRewardScorer.from_config(cfg)
+    raise ValueError(f"scorer.kind: unknown kind {cfg.kind!r}")

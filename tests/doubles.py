@@ -1,0 +1,100 @@
+"""In-memory test doubles for the search's two collaborators.
+
+They record every call so tests can assert the exact request pattern of a search without
+HTTP or torch in the way; the HTTP and model paths have their own tests.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from proxy.upstreams.base import Continuation, SampleResult, Upstream, Usage
+from scorers.base import Scorer, ScorerPrompt, ScoringSession
+
+
+@dataclass
+class Call:
+    prompt: str
+    n: int
+    max_tokens: int
+    seed: int | None
+    stop: Sequence[str] | None
+    started: float = 0.0
+
+
+Responder = Callable[[Call, int], Continuation]
+"""(call, sample index) -> continuation."""
+
+
+def words(prefix: str, count: int) -> str:
+    return "".join(f" {prefix}{i}" for i in range(count))
+
+
+def word_responder(finish_when: Callable[[Call, int], bool] = lambda c, i: False) -> Responder:
+    """Each sample is `max_tokens` one-token words, unless `finish_when` says it ends after one word."""
+
+    def respond(call: Call, i: int) -> Continuation:
+        if finish_when(call, i):
+            return Continuation(f" s{i}end", True, 1, "stop")
+        return Continuation(words(f"s{i}t", call.max_tokens), False, call.max_tokens, "length")
+
+    return respond
+
+
+class ScriptedUpstream(Upstream):
+    def __init__(self, respond: Responder, delay: Callable[[Call], float] = lambda c: 0.0) -> None:
+        self.respond = respond
+        self.delay = delay
+        self.calls: list[Call] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def sample(self, prompt: str, *, n: int, max_tokens: int, stop: Sequence[str] | None = None,
+                     temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> SampleResult:
+        call = Call(prompt, n, max_tokens, seed, stop, time.perf_counter())
+        self.calls.append(call)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay(call))
+        finally:
+            self.in_flight -= 1
+        conts = [self.respond(call, i) for i in range(n)]
+        return SampleResult(conts, Usage(len(prompt), sum(c.num_tokens for c in conts)), 1)
+
+
+@dataclass
+class ScoreCall:
+    texts: list[str]
+    finished: list[bool]
+    at: float
+
+
+class FnSession(ScoringSession):
+    def __init__(self, owner: "FnScorer") -> None:
+        self.owner = owner
+        self.closed = False
+
+    async def score(self, texts: Sequence[str], finished: Sequence[bool]) -> list[float]:
+        assert not self.closed
+        self.owner.calls.append(ScoreCall(list(texts), list(finished), time.perf_counter()))
+        return [self.owner.fn(t, f) for t, f in zip(texts, finished)]
+
+    def close(self) -> None:
+        self.closed = True
+        self.owner.open_sessions -= 1
+
+
+@dataclass
+class FnScorer(Scorer):
+    fn: Callable[[str, bool], float]
+    calls: list[ScoreCall] = field(default_factory=list)
+    open_sessions: int = 0
+    prompts: list[ScorerPrompt] = field(default_factory=list)
+
+    def open(self, prompt: ScorerPrompt) -> ScoringSession:
+        self.prompts.append(prompt)
+        self.open_sessions += 1
+        return FnSession(self)

@@ -1,0 +1,179 @@
+"""The CBS loop: request pattern, selection and termination against exact expectations."""
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from proxy.config import ConfigError, SearchConfig
+from proxy.search import cut_at_stop, search
+from proxy.upstreams.base import Continuation
+from tests.doubles import Call, FnScorer, ScriptedUpstream, word_responder
+
+
+def sample_sum(text: str, finished: bool) -> float:
+    """Score = sum of the sample indices of the words in the text: a known, total order."""
+    return float(sum(int(m) for m in re.findall(r"s(\d+)t", text))) + (0.5 if finished else 0.0)
+
+
+def steps_of(up: ScriptedUpstream, prompt: str) -> list[int]:
+    """Response length (in words) of each call's prompt, i.e. which step it belongs to."""
+    return [len(c.prompt[len(prompt):].split()) for c in up.calls]
+
+
+async def test_cbs_request_pattern_is_exact() -> None:
+    up = ScriptedUpstream(word_responder())
+    scorer = FnScorer(sample_sum)
+    cfg = SearchConfig(w=2, k=3, l=5, max_new_tokens=12, temperature=0.7, seed=1)
+    r = await search("Q:", up, scorer, cfg)
+    # step 1: one beam; steps 2-3: two beams each; token budget 12 = 5 + 5 + 2
+    assert [(c.n, c.max_tokens) for c in up.calls] == [(3, 5), (3, 5), (3, 5), (3, 2), (3, 2)]
+    assert steps_of(up, "Q:") == [0, 5, 5, 10, 10]
+    assert [len(s.expanded) for s in r.steps] == [1, 2, 2]
+    assert [len(s.candidates) for s in r.steps] == [3, 6, 6]
+    assert r.tokens == 12 and not r.finished
+    assert r.calls == 5 and len({c.seed for c in up.calls}) == 5  # a distinct seed per request
+    assert scorer.open_sessions == 0
+
+
+async def test_survivors_are_top_w_and_scores_are_full_text_scores() -> None:
+    up = ScriptedUpstream(word_responder())
+    scorer = FnScorer(sample_sum)
+    r = await search("Q:", up, scorer, SearchConfig(w=3, k=4, l=3, max_new_tokens=9))
+    for step in r.steps:
+        pool = [r.nodes[i] for i in step.carried] + step.candidates
+        for c in pool:
+            assert c.score == sample_sum(c.text, c.finished)
+        best = sorted((c.score for c in pool), reverse=True)[:3]
+        assert [r.nodes[i].score for i in step.survivors] == best
+        expanded_next = set(r.steps[step.step].expanded) if step.step < len(r.steps) else set()
+        assert expanded_next <= set(step.survivors)
+    assert r.score == max(c.score for c in r.nodes.values() if c.step == len(r.steps))
+
+
+async def test_finished_beams_are_carried_once_and_never_expanded() -> None:
+    # Sample 2 of the first step finishes with the best score; the others keep going.
+    def finish(call: Call, i: int) -> bool:
+        return call.prompt == "Q:" and i == 2
+
+    up = ScriptedUpstream(word_responder(finish))
+    scorer = FnScorer(lambda t, f: 100.0 if f else sample_sum(t, f))
+    r = await search("Q:", up, scorer, SearchConfig(w=2, k=3, l=2, max_new_tokens=6))
+    done = [c for c in r.nodes.values() if c.finished]
+    assert len(done) == 1
+    fin = done[0]
+    assert all(fin.id in s.survivors for s in r.steps)
+    for s in r.steps[1:]:
+        assert fin.id in s.carried and fin.id not in s.expanded
+        assert s.survivors.count(fin.id) == 1
+    assert not any(c.prompt == "Q:" + fin.text for c in up.calls)
+    # one slot held by the finished beam: every later step expands a single beam
+    assert [len(s.expanded) for s in r.steps] == [1, 1, 1]
+    assert r.text == fin.text and r.finished and r.score == 100.0
+
+
+async def test_search_stops_when_all_kept_beams_are_finished() -> None:
+    up = ScriptedUpstream(word_responder(lambda call, i: True))
+    r = await search("Q:", up, FnScorer(sample_sum), SearchConfig(w=2, k=2, l=4, max_new_tokens=100))
+    assert len(up.calls) == 1 and len(r.steps) == 1 and r.finished
+
+
+async def test_base_is_one_plain_request() -> None:
+    up = ScriptedUpstream(word_responder())
+    r = await search("Q:", up, None, SearchConfig(max_new_tokens=7))
+    assert [(c.n, c.max_tokens, c.prompt) for c in up.calls] == [(1, 7, "Q:")]
+    assert r.text == " s0t0 s0t1 s0t2 s0t3 s0t4 s0t5 s0t6" and r.score is None and len(r.steps) == 1
+
+
+async def test_best_of_n_is_one_request_and_the_best_finished_sample() -> None:
+    scores = {0: 3.0, 1: 9.0, 2: 1.0, 3: 7.0}
+
+    def respond(call: Call, i: int) -> Continuation:
+        if i == 1:  # ran to the budget: 50 tokens
+            return Continuation(" answer1", False, call.max_tokens, "length")
+        return Continuation(f" answer{i}", True, 2, "stop")
+
+    up = ScriptedUpstream(respond)
+    scorer = FnScorer(lambda t, f: scores[int(t[-1])])
+    r = await search("Q:", up, scorer, SearchConfig(w=1, k=4, l=None, max_new_tokens=50))
+    assert [(c.n, c.max_tokens) for c in up.calls] == [(4, 50)]
+    # sample 1 scores best but hit the length limit: the answer is the best *finished* one
+    assert r.text == " answer3" and r.finished and r.score == 7.0
+
+
+async def test_all_requests_of_a_step_fly_together_and_score_on_arrival() -> None:
+    # Beam 0's request is slow; beam 1's candidates must be scored before beam 0 returns.
+    def delay(call: Call) -> float:
+        return 0.3 if call.prompt.endswith("s1t1") else 0.0
+
+    up = ScriptedUpstream(word_responder(), delay)
+    scorer = FnScorer(sample_sum)
+    await search("Q:", up, scorer, SearchConfig(w=2, k=2, l=2, max_new_tokens=4))
+    assert up.max_in_flight == 2
+    slow = next(c for c in up.calls if c.prompt.endswith("s1t1"))
+    fast_scored = [s for s in scorer.calls if any(t.startswith(" s0t0 s0t1 ") for t in s.texts)]
+    slow_scored = [s for s in scorer.calls if any(t.startswith(" s1t0 s1t1 ") for t in s.texts)]
+    assert fast_scored[0].at < slow.started + 0.3 <= slow_scored[0].at
+
+
+async def test_identical_candidates_take_one_slot() -> None:
+    up = ScriptedUpstream(lambda call, i: Continuation(" same", False, 1, "length"))
+    r = await search("Q:", up, FnScorer(lambda t, f: 1.0), SearchConfig(w=3, k=3, l=1, max_new_tokens=2))
+    assert [len(s.survivors) for s in r.steps] == [1, 1]
+
+
+async def test_stop_sequence_across_a_chunk_seam_finishes_the_beam() -> None:
+    chunks = iter([" one\n", "\ntwo", " three"])
+    up = ScriptedUpstream(lambda call, i: Continuation(next(chunks), False, 2, "length"))
+    r = await search("Q:", up, None, SearchConfig(l=2, max_new_tokens=6, stop=["\n\n"]))
+    assert r.text == " one\n" and r.finished and len(up.calls) == 2
+    assert cut_at_stop("ab", "cd", ["bc"]) == ("", True)
+    assert cut_at_stop("ab", "cdEND", ["END"]) == ("cd", True)
+    assert cut_at_stop("ab", "cd", ["x"]) == ("cd", False)
+
+
+async def test_stalled_upstream_ends_the_search() -> None:
+    up = ScriptedUpstream(lambda call, i: Continuation("", False, 0, "length"))
+    r = await search("Q:", up, None, SearchConfig(l=5, max_new_tokens=50))
+    assert len(up.calls) == 1 and r.text == "" and not r.finished
+
+
+async def test_guided_modes_refuse_to_run_without_a_scorer() -> None:
+    with pytest.raises(ConfigError, match="needs a scorer"):
+        await search("Q:", ScriptedUpstream(word_responder()), None, SearchConfig(w=1, k=4))
+
+
+async def test_session_is_closed_when_the_upstream_fails() -> None:
+    class Boom(Exception):
+        pass
+
+    def respond(call: Call, i: int) -> Continuation:
+        raise Boom()
+
+    scorer = FnScorer(sample_sum)
+    with pytest.raises(Boom):
+        await search("Q:", ScriptedUpstream(respond), scorer, SearchConfig(w=2, k=2, l=2))
+    assert scorer.open_sessions == 0
+
+
+async def test_path_follows_parents_to_the_chosen_node() -> None:
+    up = ScriptedUpstream(word_responder())
+    r = await search("Q:", up, FnScorer(sample_sum), SearchConfig(w=2, k=2, l=2, max_new_tokens=6))
+    path = r.path
+    assert len(path) == 3 and path[-1] == r.chosen
+    assert "".join(r.nodes[i].chunk for i in path) == r.text
+    assert [r.nodes[i].step for i in path] == [1, 2, 3]
+    assert all(r.nodes[i].survived for i in path)
+
+
+def test_concurrent_searches_share_nothing() -> None:
+    async def main() -> list[str]:
+        up = ScriptedUpstream(word_responder())
+        scorer = FnScorer(sample_sum)
+        cfg = SearchConfig(w=2, k=2, l=2, max_new_tokens=4)
+        rs = await asyncio.gather(*(search(f"P{i}:", up, scorer, cfg) for i in range(5)))
+        return [r.text for r in rs]
+
+    texts = asyncio.run(main())
+    assert len(set(texts)) == 1 and texts[0] == " s1t0 s1t1 s1t0 s1t1"
