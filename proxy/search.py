@@ -3,7 +3,9 @@
 Each step asks the upstream for K continuations of every live beam (all requests of a step
 in flight at once), scores each beam's candidates as soon as its request returns, and keeps
 the W best of the new candidates plus the finished beams carried from earlier steps. A
-finished beam keeps its score, is never expanded again and occupies one slot at most.
+finished beam keeps its score, is never expanded again and occupies one slot at most. A
+beam that ran out of token budget unfinished ranks below all others (see `rank_key`), and
+the answer is the best finished beam, else the best beam.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ def cut_at_stop(prev: str, chunk: str, stop: Sequence[str]) -> tuple[str, bool]:
     return chunk[: max(cut, 0)], True
 
 
-def _rank_key(c: Candidate) -> float:
+def _score(c: Candidate) -> float:
     return c.score if c.score is not None else 0.0
 
 
@@ -127,6 +129,12 @@ class _Search:
 
     def expandable(self, b: Candidate) -> bool:
         return not b.finished and not b.stalled and b.tokens < self.cfg.max_new_tokens
+
+    def rank_key(self, c: Candidate) -> tuple[bool, float]:
+        """Score order, except that a dead end (out of budget, unfinished) ranks below every
+        answer that is complete or can still grow: it is kept only when nothing else is left.
+        That makes best-of-N pick the best finished sample, as its definition says."""
+        return (c.finished or self.expandable(c), _score(c))
 
     def _new_node(self, parent: Candidate, step: int, c: Continuation) -> Candidate:
         chunk, hit_stop = cut_at_stop(parent.text, c.text, self.cfg.stop)
@@ -178,7 +186,7 @@ class _Search:
             new = [c for out in outs for c in out[0]]
             carried = [b for b in beams if not self.expandable(b) and b.id != 0]
             pool = self._distinct(carried + new)
-            survivors = sorted(pool, key=_rank_key, reverse=True)[: self.cfg.w]
+            survivors = sorted(pool, key=self.rank_key, reverse=True)[: self.cfg.w]
             kept = {s.id for s in survivors}
             for c in new:
                 c.survived = c.id in kept
@@ -196,7 +204,7 @@ class _Search:
                     await maybe
             beams = survivors
         finished = [b for b in beams if b.finished]
-        best = max(finished or beams, key=_rank_key)
+        best = max(finished or beams, key=_score)
         r = self.result
         r.text, r.score, r.finished, r.tokens, r.chosen = best.text, best.score, best.finished, best.tokens, best.id
         r.usage = sum((s.usage for s in r.steps), Usage())

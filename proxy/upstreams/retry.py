@@ -55,7 +55,7 @@ class wait_retry_after_or_backoff(wait_base):
     """Retry-After when the server gave one, else exponential backoff with jitter."""
 
     def __init__(self, initial: float, maximum: float) -> None:
-        self.backoff = wait_exponential_jitter(initial=initial, max=maximum, jitter=initial)
+        self.backoff = wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
         self.ceiling = max(maximum * 2, initial)
 
     def __call__(self, retry_state: RetryCallState) -> float:

@@ -1,0 +1,23 @@
+"""Shared fixtures: a loopback OpenAI completions server and upstream configs pointing at it."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.config import UpstreamConfig
+from proxy.loopback import LoopbackCompletionsServer
+
+
+@pytest.fixture
+async def loopback() -> AsyncIterator[LoopbackCompletionsServer]:
+    async with LoopbackCompletionsServer() as server:
+        yield server
+
+
+def upstream_config(server: LoopbackCompletionsServer, **kw: object) -> UpstreamConfig:
+    """An upstream on the loopback server with fast retries (tests must not sleep for long)."""
+    base = dict(model="toy-instruct", base_url=server.base_url, backoff_initial_s=0.01, backoff_max_s=0.05,
+                timeout_s=10.0)
+    base.update(kw)
+    return UpstreamConfig.model_validate(base)

@@ -1,0 +1,117 @@
+"""Presets load, and bad settings are refused with a message that names the field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+from proxy.config import (
+    CONFIG_DIR,
+    AppConfig,
+    ConfigError,
+    SearchConfig,
+    build_config,
+    load_config,
+    preset_names,
+    search_with,
+)
+
+PAPER = ["base", "bon4", "bon8", "bon16", "cbs-w2k2l30", "cbs-w4k4l30"]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_presets(name: str) -> None:
+    cfg = load_config(f"paper-{name}")
+    assert cfg.upstream.model == "gpt-3.5-turbo-instruct"
+    assert cfg.upstream.prompt_template == "Instruction: {instruction}\nOutput:"
+    assert (cfg.search.temperature, cfg.search.top_p) == (0.7, 1.0)
+    assert cfg.search.mode == name
+    if name != "base":
+        assert cfg.scorer is not None
+        assert cfg.scorer.tuned.path == "HuggingFaceH4/zephyr-7b-beta"
+        assert cfg.scorer.untuned.path == "HuggingFaceH4/mistral-7b-sft-beta"
+        assert cfg.scorer.tuned.system_prompt == "" and cfg.scorer.tuned.chat_template == "zephyr"
+
+
+def test_all_presets_validate() -> None:
+    assert {"zephyr-7b-beta", "tulu-2-dpo-7b", "starling-lm-7b-alpha"} <= set(preset_names("scorer"))
+    assert set(PAPER) <= set(preset_names("search"))
+    for part in ("scorer", "search", "upstream"):
+        for name in preset_names(part):
+            build_config({"upstream": "gpt-3.5-turbo-instruct", "scorer": "zephyr-7b-beta", part: name})
+    for path in CONFIG_DIR.glob("*.yaml"):
+        assert isinstance(load_config(path), AppConfig)
+
+
+@pytest.mark.parametrize(
+    "search, field",
+    [
+        ({"w": 0}, "search.w"),
+        ({"k": 0}, "search.k"),
+        ({"l": 0}, "search.l"),
+        ({"max_new_tokens": 0}, "search.max_new_tokens"),
+        ({"temperature": -0.1}, "search.temperature"),
+        ({"top_p": 1.5}, "search.top_p"),
+        ({"beams": 2}, "search.beams"),
+    ],
+)
+def test_impossible_values_name_the_field(search: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build_config({"upstream": "gpt-3.5-turbo-instruct", "scorer": "zephyr-7b-beta", "search": search})
+    assert str(e.value).startswith(field + ":")
+
+
+def test_unknown_keys_anywhere_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"upstream\.modle: unknown field"):
+        build_config({"upstream": {"model": "m", "modle": "x"}})
+    with pytest.raises(ConfigError, match=r"scorer\.tuned\.gguf: unknown field"):
+        build_config({"upstream": "gpt-3.5-turbo-instruct",
+                      "scorer": {"tuned": {"path": "a", "gguf": "x"}, "untuned": {"path": "b"}}})
+    with pytest.raises(ConfigError, match=r"colour: unknown field"):
+        build_config({"upstream": "gpt-3.5-turbo-instruct", "colour": "blue"})
+
+
+def test_preset_refinement_and_unknown_preset() -> None:
+    cfg = build_config({"upstream": {"preset": "gpt-3.5-turbo-instruct", "base_url": "http://127.0.0.1:9/v1"},
+                        "search": "base"})
+    assert cfg.upstream.base_url == "http://127.0.0.1:9/v1" and cfg.upstream.model == "gpt-3.5-turbo-instruct"
+    with pytest.raises(ConfigError, match="unknown preset 'bon3'.*bon4"):
+        build_config({"upstream": "gpt-3.5-turbo-instruct", "search": "bon3"})
+
+
+def test_guided_search_needs_a_scorer() -> None:
+    with pytest.raises(ConfigError, match="needs a scorer"):
+        build_config({"upstream": "gpt-3.5-turbo-instruct", "search": "bon8"})
+
+
+def test_overrides_are_validated() -> None:
+    base = SearchConfig(w=2, k=2, l=30)
+    assert search_with(base, k=4).k == 4
+    with pytest.raises(ConfigError, match=r"^search\.k:"):
+        search_with(base, k=-1)
+    assert load_config("paper-bon4", seed=3).search.seed == 3
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstream: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_cli_reports_bad_config_and_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("upstream: gpt-3.5-turbo-instruct\nscorer: zephyr-7b-beta\nsearch: {w: 0}\n")
+    assert main(["generate", "--config", str(cfg), "hi"]) == 2
+    assert "search.w:" in capsys.readouterr().err
+    assert main(["generate", "--config", "paper-bon4", "--k", "0", "hi"]) == 2
+    assert "search.k:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--config", "paper-bon4", "--w", "two", "hi"])
+    assert e.value.code == 2

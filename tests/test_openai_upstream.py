@@ -1,0 +1,141 @@
+"""The completions upstream against a real HTTP server through the real openai SDK."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import SimpleNamespace
+
+import openai
+import pytest
+
+from proxy.config import SearchConfig
+from proxy.cost import count_tokens
+from proxy.loopback import LoopbackCompletionsServer
+from proxy.search import search
+from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
+from proxy.upstreams.retry import retry_after_seconds
+from tests.conftest import upstream_config
+from tests.doubles import FnScorer
+
+
+async def test_one_request_with_n_and_exact_token_counts(loopback: LoopbackCompletionsServer) -> None:
+    async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
+        res = await up.sample("Once upon a time", n=6, max_tokens=12, stop=["."], temperature=0.9, seed=5)
+    assert len(loopback.requests) == 1
+    body = loopback.requests[0]
+    assert (body["n"], body["max_tokens"], body["seed"], body["stop"], body["temperature"]) == (6, 12, 5, ["."], 0.9)
+    assert len(res.continuations) == 6 and res.calls == 1
+    for c in res.continuations:
+        if c.finish_reason == "length":
+            assert not c.finished and c.num_tokens == 12 == count_tokens(c.text)
+        else:
+            assert c.finished and c.num_tokens == count_tokens(c.text)
+    assert res.usage.prompt_tokens == count_tokens("Once upon a time")
+    assert res.usage.completion_tokens == sum(c.num_tokens for c in res.continuations)
+
+
+async def test_server_refusing_n_gets_parallel_single_requests() -> None:
+    async with LoopbackCompletionsServer(support_n=False) as server:
+        async with OpenAICompletionsUpstream(upstream_config(server)) as up:
+            first = await up.sample("P", n=4, max_tokens=5, seed=10)
+            assert [r["n"] for r in server.requests] == [4, 1, 1, 1, 1]
+            assert sorted(r.get("seed") for r in server.requests[1:]) == [10, 11, 12, 13]
+            second = await up.sample("P", n=3, max_tokens=5)
+            assert [r["n"] for r in server.requests[5:]] == [1, 1, 1]  # remembered: no second refusal
+    assert len(first.continuations) == 4 and first.calls == 4
+    assert len({c.text for c in first.continuations}) > 1
+    assert len(second.continuations) == 3
+
+
+async def test_transient_failures_are_retried_honouring_retry_after() -> None:
+    async with LoopbackCompletionsServer(failures=[429, 500, 503, 408], retry_after_s=0.05) as server:
+        async with OpenAICompletionsUpstream(upstream_config(server)) as up:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            res = await up.sample("P", n=2, max_tokens=3)
+            waited = loop.time() - t0
+    assert len(server.requests) == 5 and len(res.continuations) == 2
+    assert waited >= 4 * 0.05  # four server-requested waits, not the 10 ms backoff
+
+
+async def test_retries_give_up_with_the_upstream_error() -> None:
+    async with LoopbackCompletionsServer(failures=[502] * 10) as server:
+        async with OpenAICompletionsUpstream(upstream_config(server, max_attempts=3)) as up:
+            with pytest.raises(openai.InternalServerError):
+                await up.sample("P", n=1, max_tokens=3)
+    assert len(server.requests) == 3
+
+
+async def test_client_errors_are_not_retried(loopback: LoopbackCompletionsServer) -> None:
+    async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
+        with pytest.raises(openai.BadRequestError):
+            await up.sample("P", n=1, max_tokens=3, temperature=5.0)
+    assert len(loopback.requests) == 1
+
+
+async def test_concurrency_limit_bounds_requests_in_flight() -> None:
+    async with LoopbackCompletionsServer(latency_s=0.05) as server:
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, server.in_flight)
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        async with OpenAICompletionsUpstream(upstream_config(server, max_concurrency=2)) as up:
+            await asyncio.gather(*(up.sample("P", n=1, max_tokens=2) for _ in range(6)))
+        watcher.cancel()
+    assert peak == 2 and server.completed == 6
+
+
+async def test_context_window_caps_max_tokens(loopback: LoopbackCompletionsServer) -> None:
+    prompt = " the cat sat on the mat"  # 6 tokens
+    async with OpenAICompletionsUpstream(upstream_config(loopback, context_window=10)) as up:
+        await up.sample(prompt, n=1, max_tokens=50)
+        full = await up.sample(prompt * 2, n=2, max_tokens=50)
+    assert loopback.requests[0]["max_tokens"] == 4
+    assert len(loopback.requests) == 1 and full.calls == 0 and all(c.num_tokens == 0 for c in full.continuations)
+
+
+async def test_api_key_never_reaches_logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "sk-test-SECRET-123456"
+    monkeypatch.setenv("W2S_TEST_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    async with LoopbackCompletionsServer(failures=[500, 500]) as server:
+        async with OpenAICompletionsUpstream(upstream_config(server, api_key_env="W2S_TEST_KEY")) as up:
+            await up.sample("P", n=1, max_tokens=2)
+    assert "retrying" in caplog.text and secret not in caplog.text
+    assert secret not in repr(upstream_config(server, api_key_env="W2S_TEST_KEY"))
+
+
+def test_retry_after_parsing() -> None:
+    def err(headers: dict[str, str]) -> Exception:
+        e = Exception("slow down")
+        e.response = SimpleNamespace(headers=headers)  # type: ignore[attr-defined]
+        return e
+
+    assert retry_after_seconds(err({"retry-after": "2"})) == 2.0
+    assert retry_after_seconds(err({"retry-after-ms": "250", "retry-after": "9"})) == 0.25
+    assert retry_after_seconds(err({})) is None
+    assert 0 <= retry_after_seconds(err({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) < 1  # in the past
+
+
+async def test_cbs_over_http_sends_the_exact_requests(loopback: LoopbackCompletionsServer) -> None:
+    scorer = FnScorer(lambda text, finished: float(len(set(text.split()))))
+    cfg = SearchConfig(w=2, k=3, l=4, max_new_tokens=10, seed=7)
+    async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
+        r = await search("Instruction: tell a story\nOutput:", up, scorer, cfg)
+    per_step = [len(s.expanded) for s in r.steps]
+    assert len(loopback.requests) == sum(per_step) == r.calls
+    it = iter(loopback.requests)
+    for s in r.steps:
+        bodies = [next(it) for _ in s.expanded]
+        want = sorted(min(4, 10 - r.nodes[b].tokens) for b in s.expanded)
+        assert sorted(b["max_tokens"] for b in bodies) == want
+        assert all(b["n"] == 3 for b in bodies)
+        assert sorted(b["prompt"] for b in bodies) == sorted(
+            "Instruction: tell a story\nOutput:" + r.nodes[b].text for b in s.expanded)
+    assert r.usage.completion_tokens == sum(len(c.chunk.split()) for s in r.steps for c in s.candidates)
+    assert r.tokens == count_tokens(r.text)
