@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.config import AppConfig, ConfigError, load_config, search_with
+from proxy.config import AppConfig, ConfigError, load_config, require_scorer, search_with
 from proxy.prompts import render_chat
 from proxy.search import SearchResult, StepCallback, search
 from proxy.upstreams.base import Upstream
@@ -56,6 +56,7 @@ class GuidedClient:
         return self._scorer
 
     async def __aenter__(self) -> "GuidedClient":
+        require_scorer(self.config.search, self._scorer is not None or self.config.scorer is not None)
         if self._upstream is None:
             self._upstream = make_upstream(self.config.upstream)
         if self._scorer is None and self.config.scorer is not None:

@@ -118,11 +118,11 @@ class AppConfig(Strict):
     scorer: ScorerConfig | None = None
     search: SearchConfig = SearchConfig()
 
-    @model_validator(mode="after")
-    def _scorer_when_searching(self) -> "AppConfig":
-        if self.search.needs_scorer and self.scorer is None:
-            raise ValueError(f"search.{self.search.mode} needs a scorer (w*k > 1); add a `scorer:` section")
-        return self
+
+def require_scorer(search: SearchConfig, have_scorer: bool) -> None:
+    """Guided modes rank candidates, which needs a scorer; refuse before anything is loaded."""
+    if search.needs_scorer and not have_scorer:
+        raise ConfigError(f"search.{search.mode} needs a scorer (w*k > 1); add a `scorer:` section")
 
 
 _PARTS = {"upstream": "upstreams", "scorer": "scorers", "search": "search"}

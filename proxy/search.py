@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from proxy.config import ConfigError, SearchConfig
+from proxy.config import SearchConfig, require_scorer
 from proxy.upstreams.base import Continuation, Upstream, Usage
 from scorers.base import Scorer, ScorerPrompt, ScoringSession
 
@@ -228,8 +228,7 @@ async def search(
     messages, rendered by each model's own template); it defaults to `prompt` itself. Without
     a scorer only plain sampling (w = k = 1) is possible; with one, every candidate is scored.
     """
-    if scorer is None and cfg.needs_scorer:
-        raise ConfigError(f"search.{cfg.mode} needs a scorer (w*k > 1)")
+    require_scorer(cfg, scorer is not None)
     session = scorer.open(scorer_prompt if scorer_prompt is not None else prompt) if scorer else None
     try:
         return await _Search(prompt, upstream, session, cfg, on_step).run()

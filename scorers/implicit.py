@@ -125,7 +125,7 @@ class ScoringModel:
                 "(empty prompt and no BOS); cannot score the first response token"
             )
         if finished:
-            full.append(self._eos_id())
+            pass
         return ResponseTokens(full, boundary)
 
     def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:

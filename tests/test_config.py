@@ -80,9 +80,13 @@ def test_preset_refinement_and_unknown_preset() -> None:
         build_config({"upstream": "gpt-3.5-turbo-instruct", "search": "bon3"})
 
 
-def test_guided_search_needs_a_scorer() -> None:
-    with pytest.raises(ConfigError, match="needs a scorer"):
-        build_config({"upstream": "gpt-3.5-turbo-instruct", "search": "bon8"})
+async def test_guided_search_needs_a_scorer() -> None:
+    from proxy.client import GuidedClient
+
+    cfg = build_config({"upstream": "gpt-3.5-turbo-instruct", "search": "bon8"})
+    with pytest.raises(ConfigError, match="search.bon8 needs a scorer"):
+        async with GuidedClient(cfg):
+            pass
 
 
 def test_overrides_are_validated() -> None:
