@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import sys
@@ -69,6 +70,11 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each module adds its own subcommand(s) with `register(subparsers)`; its handler is an
+# `async def (args) -> int` stored as `func`. Modules must not import torch at import time.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="w2s", description="Weak-to-strong search over black-box LLM APIs")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -80,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_search_flags(gen)
     gen.set_defaults(func=_generate)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

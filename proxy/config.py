@@ -111,6 +111,8 @@ class ScorerConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(8, ge=1)
     max_batch_tokens: int = Field(16384, ge=1)
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """None = transformers' default (SDPA); "eager" is bit-identical across batch shapes."""
 
 
 class AppConfig(Strict):

@@ -125,7 +125,7 @@ class ScoringModel:
                 "(empty prompt and no BOS); cannot score the first response token"
             )
         if finished:
-            pass
+            full.append(self._eos_id())
         return ResponseTokens(full, boundary)
 
     def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -345,8 +345,14 @@ class ImplicitRewardScorer(Scorer):
     def from_config(cls, cfg: ScorerConfig) -> "ImplicitRewardScorer":
         """Load both models as the config says (blocking: call before serving, or off the loop)."""
         device, dtype = pick_device_dtype(cfg.device, cfg.dtype)
-        tuned = (*load_causal_lm(cfg.tuned, device, dtype), cfg.tuned)
-        untuned = (*load_causal_lm(cfg.untuned, device, dtype), cfg.untuned)
+        attn = cfg.attn_implementation
+        tuned = (*load_causal_lm(cfg.tuned, device, dtype, attn_implementation=attn), cfg.tuned)
+        weights = ("path", "gguf_file", "revision")
+        if cfg.tuned.model_dump(include=set(weights)) == cfg.untuned.model_dump(include=set(weights)):
+            # A prompt-contrast pair: one set of weights, two templates or system prompts.
+            untuned = (tuned[0], tuned[1], cfg.untuned)
+        else:
+            untuned = (*load_causal_lm(cfg.untuned, device, dtype, attn_implementation=attn), cfg.untuned)
         return cls.from_loaded(tuned, untuned, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens)
 
     @property

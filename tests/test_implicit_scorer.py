@@ -242,12 +242,14 @@ async def test_pair_with_different_tokenizers(mixed_pair):
     await scorer.aclose()
 
 
-async def test_sdpa_default_is_close(tiny_mixed_scorer_config: ScorerConfig, mixed_pair):
+@pytest.mark.parametrize("config_name, pair_name", [("tiny_scorer_config", "llama_pair"), ("tiny_mixed_scorer_config", "mixed_pair")])
+async def test_sdpa_default_is_close(request, config_name: str, pair_name: str):
     """from_config loads by path with transformers' default attention (SDPA): its fp32 kernels
     drift by ~1e-6 per token against eager, so the bound here is looser than TOL."""
-    scorer = ImplicitRewardScorer.from_config(tiny_mixed_scorer_config)
+    config: ScorerConfig = request.getfixturevalue(config_name)
+    scorer = ImplicitRewardScorer.from_config(config)
     assert scorer.tuned.model.config._attn_implementation == "sdpa"
-    reference = ImplicitRewardScorer.from_loaded(*mixed_pair)
+    reference = ImplicitRewardScorer.from_loaded(*request.getfixturevalue(pair_name))
     got = await _scores(scorer, "Hi", TEXTS, [True] * 5)
     want = await _scores(reference, "Hi", TEXTS, [True] * 5)
     assert max(abs(g - w) for g, w in zip(got, want)) < 2e-4

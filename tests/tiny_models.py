@@ -26,6 +26,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -100,7 +101,7 @@ def build_tokenizer_b() -> PreTrainedTokenizerFast:
     return _wrap(_train_bpe(TEXT_B, 300, use_regex=False), OPENCHAT)
 
 
-def _config(arch: Arch, tokenizer: PreTrainedTokenizerFast):
+def _config(arch: Arch, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
     """A few layers, hidden 32-64; a wide initializer so that next-token distributions are sharp
     and an off-by-one position shows up in the numbers."""
     common = dict(
