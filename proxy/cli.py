@@ -72,7 +72,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
 # Each module adds its own subcommand(s) with `register(subparsers)`; its handler is an
 # `async def (args) -> int` stored as `func`. Modules must not import torch at import time.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("proxy.demo", "proxy.local_server")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(os.environ.get("W2S_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
@@ -115,10 +115,82 @@ class ScorerConfig(Strict):
     """None = transformers' default (SDPA); "eager" is bit-identical across batch shapes."""
 
 
+class ServerCaps(Strict):
+    """Per-request limits, so that no client can order a search the operator did not budget for.
+
+    A search samples W*K continuations per step and makes about W * max_tokens / L upstream
+    calls in all: W*K bounds the breadth, a floor on L the number of steps (a small L is what
+    multiplies calls; L = null means one chunk), max_tokens the length.
+    """
+
+    max_w_times_k: int = Field(16, ge=1)
+    min_l: int = Field(8, ge=1)
+    max_tokens: int = Field(2048, ge=1)
+
+
+def _mode_problem(mode: SearchConfig, caps: ServerCaps) -> str | None:
+    if mode.w * mode.k > caps.max_w_times_k:
+        return f"w*k = {mode.w * mode.k} exceeds caps.max_w_times_k = {caps.max_w_times_k}"
+    if mode.l is not None and mode.l < caps.min_l:
+        return f"l = {mode.l} is below caps.min_l = {caps.min_l}"
+    return None
+
+
+class ServerConfig(Strict):
+    """`w2s serve`: the OpenAI-compatible guidance server.
+
+    Clients pick guidance by model name: the upstream's model alone is plain sampling, and
+    `<model>+<mode>` runs the search config `modes[<mode>]` (a preset name under
+    configs/search/, or a mapping, or `{preset: NAME, ...}`); by default every search preset
+    is a mode under its own name (those over the caps left out).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys_env: str | None = None
+    """Env var holding the proxy keys clients must send (comma-separated); None = no auth."""
+    modes: dict[str, SearchConfig] = Field(default_factory=dict)
+    caps: ServerCaps = ServerCaps()
+    max_concurrent_requests: int = Field(64, ge=1)
+    """Generation requests served at once; more are refused with 429 rather than queued."""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_modes(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "modes" in data:
+            return data
+        try:
+            caps = data.get("caps")
+            caps = caps if isinstance(caps, ServerCaps) else ServerCaps.model_validate(caps or {})
+        except ValidationError:
+            return data  # reported by the normal validation, naming the field
+        presets = {n: SearchConfig.model_validate(load_preset("search", n)) for n in preset_names("search")}
+        return {**data, "modes": {n: m for n, m in presets.items() if _mode_problem(m, caps) is None}}
+
+    @field_validator("modes", mode="before")
+    @classmethod
+    def _resolve_mode_presets(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {name: _resolve_part("search", spec) for name, spec in value.items()}
+
+    @model_validator(mode="after")
+    def _modes_fit_caps(self) -> "ServerConfig":
+        for name, mode in self.modes.items():
+            if not name or "+" in name or any(c.isspace() for c in name):
+                raise ValueError(f"modes: {name!r} is not a usable mode name (no '+' or spaces)")
+            problem = _mode_problem(mode, self.caps)
+            if problem is not None:
+                raise ValueError(f"modes.{name}: {problem}")
+        return self
+
+
 class AppConfig(Strict):
     upstream: UpstreamConfig
     scorer: ScorerConfig | None = None
     search: SearchConfig = SearchConfig()
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
 
 def require_scorer(search: SearchConfig, have_scorer: bool) -> None:
@@ -219,3 +291,19 @@ def upstream_api_key(cfg: UpstreamConfig) -> SecretStr:
             raise ConfigError(f"upstream: set {cfg.api_key_env} (or upstream.base_url for a keyless local server)")
         value = "no-key"
     return SecretStr(value)
+
+
+def server_api_keys(cfg: ServerConfig) -> list[SecretStr]:
+    """Proxy keys clients must present; an operator who named a variable but left it empty gets
+    an error rather than a server open to everyone."""
+    if cfg.api_keys_env is None:
+        return []
+    keys = [k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()]
+    if not keys:
+        raise ConfigError(f"server.api_keys_env: set {cfg.api_keys_env} to one or more comma-separated keys")
+    return [SecretStr(k) for k in keys]
+
+
+def cache_dir() -> Path:
+    """Where fetched models live: $W2S_CACHE_DIR, else ~/.cache/w2s-proxy."""
+    return Path(os.environ.get("W2S_CACHE_DIR") or Path.home() / ".cache" / "w2s-proxy")

@@ -39,14 +39,14 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import tiktoken
 from aiohttp import web
 
 from proxy.cost import get_encoding as load_encoding
 
-__all__ = ["DEFAULT_VOCAB", "LoopbackCompletionsServer", "ToyModel", "CompletionParams", "load_encoding", "main"]
+__all__ = ["DEFAULT_VOCAB", "Choice", "CompletionBackend", "LoopbackCompletionsServer", "ToyModel", "CompletionParams", "load_encoding", "main"]
 
 #: Common English words, most frequent first (the order sets a Zipf-like prior). Each, with its
 #: leading space, is one cl100k_base token; `check_vocab` verifies this at construction time.
@@ -187,6 +187,13 @@ class Choice:
     tokens: int
 
 
+class CompletionBackend(Protocol):
+    """A real model behind the same wire protocol (see `w2s serve-local`): it must run its
+    compute off the event loop and return the choices and the prompt's token count."""
+
+    async def complete(self, params: CompletionParams) -> tuple[list[Choice], int]: ...
+
+
 class ToyModel:
     """A second-order Markov chain over `vocab`, plus an end-of-sequence event.
 
@@ -310,7 +317,8 @@ class LoopbackCompletionsServer:
 
     def __init__(self, *, model: str = "toy-instruct", eos_prob: float = 0.08, latency_s: float = 0.0,
                  support_n: bool = True, failures: Sequence[int] = (), retry_after_s: float | None = None,
-                 encoding: str = "cl100k_base", vocab: Sequence[str] | None = None) -> None:
+                 encoding: str = "cl100k_base", vocab: Sequence[str] | None = None,
+                 backend: CompletionBackend | None = None) -> None:
         if not 0.0 <= eos_prob <= 1.0:
             raise ValueError(f"eos_prob must be in [0, 1], got {eos_prob}")
         if latency_s < 0:
@@ -324,6 +332,7 @@ class LoopbackCompletionsServer:
         vocab_t = tuple(DEFAULT_VOCAB if vocab is None else vocab)
         check_vocab(encoding, vocab_t)
         self.lm = ToyModel(vocab_t, eos_prob)
+        self.backend = backend
         self.base_url = ""
         self.requests: list[dict[str, Any]] = []
         self.completed = 0
@@ -404,16 +413,19 @@ class LoopbackCompletionsServer:
                     raise RequestError("n > 1 is not supported by this server", "n")
             except RequestError as e:
                 return e.response()
-            response = self._answer(params)
+            response = await self._answer(params)
             self.completed += 1
             return web.json_response(response)
         finally:
             self.in_flight -= 1
 
-    def _answer(self, params: CompletionParams) -> dict[str, Any]:
-        cache: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
-        choices = [self.lm.generate(params, i, self.encoding, cache) for i in range(params.n)]
-        prompt_tokens = len(self.encoding.encode_ordinary(params.prompt))
+    async def _answer(self, params: CompletionParams) -> dict[str, Any]:
+        if self.backend is not None:
+            choices, prompt_tokens = await self.backend.complete(params)
+        else:
+            cache: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+            choices = [self.lm.generate(params, i, self.encoding, cache) for i in range(params.n)]
+            prompt_tokens = len(self.encoding.encode_ordinary(params.prompt))
         completion_tokens = sum(c.tokens for c in choices)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",

@@ -1,0 +1,39 @@
+"""`w2s serve-local MODEL`: a transformers causal LM as an OpenAI completions server on 127.0.0.1.
+
+The wire protocol (validation, errors, usage) is the loopback server's; only the text comes
+from a real model. Point an upstream's `base_url` at it to guide a model you host yourself.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from proxy.config import ModelSpec
+from proxy.loopback import LoopbackCompletionsServer
+
+
+async def serve_local(args: argparse.Namespace) -> int:
+    from scorers.local_lm import LocalCausalLM  # torch: only when a model is really served
+
+    spec = ModelSpec(path=args.model, gguf_file=args.gguf_file)
+    lm = await asyncio.to_thread(LocalCausalLM.load, spec, args.device, args.dtype)
+    server = LoopbackCompletionsServer(model=args.name or args.model, backend=lm)
+    await server.start(args.port)
+    print(f"serving {args.model} at {server.base_url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+        lm.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve-local", help="serve a local causal LM as an OpenAI completions API on 127.0.0.1")
+    p.add_argument("model", help="hub id or local directory (with --gguf-file for a GGUF file inside it)")
+    p.add_argument("--gguf-file")
+    p.add_argument("--name", help="model name clients use (default: MODEL)")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=serve_local)
