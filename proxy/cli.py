@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from proxy.config import ConfigError, load_config
 from proxy.cost import cost_usd
@@ -57,6 +58,10 @@ async def _generate(args: argparse.Namespace) -> int:
         else:
             result = await client.instruct(args.prompt)
     info = summarize(result, cfg.upstream.prices)
+    if args.trace:
+        from proxy.trace_html import TracedSearch, render_trace
+
+        Path(args.trace).write_text(render_trace([TracedSearch(result.config.mode, args.prompt, result)]))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -72,7 +77,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
 # Each module adds its own subcommand(s) with `register(subparsers)`; its handler is an
 # `async def (args) -> int` stored as `func`. Modules must not import torch at import time.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("proxy.demo", "proxy.local_server")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("proxy.demo", "proxy.local_server", "proxy.server", "proxy.alpaca_eval.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is (no instruction template)")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
+    gen.add_argument("--trace", help="write the search tree to this HTML file")
     _add_search_flags(gen)
     gen.set_defaults(func=_generate)
     for module in SUBCOMMAND_MODULES:

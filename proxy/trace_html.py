@@ -42,6 +42,10 @@ class TracedSearch:
     result: SearchResult
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _score(c: Candidate) -> str:
     return "—" if c.score is None else f"{c.score:+.3f}"
 
@@ -73,10 +77,10 @@ def _search_section(t: TracedSearch) -> str:
         if carried:
             nodes += f'<div class="legend">carried, not expanded:</div>{carried}'
         cols.append(f'<div class="step"><h3>step {s.step} · {len(s.candidates)} new · '
-                    f'{s.calls} call{"s" if s.calls != 1 else ""}</h3>{nodes}</div>')
+                    f'{_plural(s.calls, "call")}</h3>{nodes}</div>')
     score = "n/a" if r.score is None else f"{r.score:+.3f}"
     meta = (f"mode {escape(r.config.mode)} · score {score} · {'finished' if r.finished else 'unfinished'} · "
-            f"{len(r.steps)} steps · {r.calls} upstream calls · {r.usage.prompt_tokens} prompt + "
+            f"{_plural(len(r.steps), 'step')} · {_plural(r.calls, 'upstream call')} · {r.usage.prompt_tokens} prompt + "
             f"{r.usage.completion_tokens} completion tokens · {r.wall_s:.2f}s")
     return (f'<section><h2>{escape(t.title)}</h2><div class="meta">{meta}</div>'
             f'<div class="prompt"><b>prompt</b>\n{escape(t.prompt)}</div>'

