@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/w2s demo
+	$(BIN)/w2s demo --trace demo-trace.html
 
 # Headless Chromium renders the search-trace page in a test; install it where we can (Debian, root).
 browser:

@@ -146,8 +146,10 @@ async def demo_command(args: argparse.Namespace) -> int:
     scorer = ImplicitRewardScorer.from_loaded((model, tok, upbeat), (model, tok, neutral))
     lm = LocalCausalLM(model, tok)
     async with LoopbackCompletionsServer(model="smollm2-135m-instruct", backend=lm) as server:
+        # One generation at a time: the local model has one worker, so more requests in flight
+        # would only wait inside the server and run into the HTTP timeout.
         cfg = UpstreamConfig(model="smollm2-135m-instruct", base_url=server.base_url, prompt_template=SMOL_TEMPLATE,
-                             max_concurrency=4)
+                             max_concurrency=1, timeout_s=600.0)
         async with OpenAICompletionsUpstream(cfg) as upstream:
             print(f"running {len(settings.prompts)} prompts x 3 methods against {server.base_url} ...",
                   file=sys.stderr)

@@ -1,0 +1,172 @@
+"""The guidance server's life: readiness while the scorer loads, a real (tiny) scorer loaded at
+startup off the event loop, /metrics against the traffic that produced it, and `w2s serve`."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yaml
+from tiny_models import TinyModelDirs, cpu_scorer_config, tiny_model_dirs  # noqa: F401
+
+from proxy.client import GuidedClient
+from proxy.config import AppConfig, ScorerConfig, SearchConfig, UpstreamConfig
+from proxy.loopback import LoopbackCompletionsServer
+from tests.conftest import upstream_config
+from tests.doubles import FnScorer
+from tests.test_server import MODEL, distinct_words, metric, root, served
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            return r.status, await (r.json() if r.content_type == "application/json" else r.text())
+
+
+def fake_scorer_config() -> ScorerConfig:
+    return ScorerConfig.model_validate({"tuned": {"path": "tuned"}, "untuned": {"path": "untuned"}})
+
+
+async def test_readiness_follows_the_scorer_load(loopback: LoopbackCompletionsServer,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    loaded = FnScorer(distinct_words)
+
+    def slow_load(cfg: ScorerConfig) -> FnScorer:  # runs on the worker thread, like the real loader
+        release.wait(10)
+        return loaded
+
+    monkeypatch.setattr("scorers.registry.load_scorer", slow_load)
+    cfg = AppConfig(upstream=upstream_config(loopback), scorer=fake_scorer_config())
+    async with served(cfg) as (srv, client):
+        alive = await get(root(srv) + "/health")
+        loading = await get(root(srv) + "/health/ready")
+        with pytest.raises(openai.APIStatusError) as e:
+            await client.completions.create(model=f"{MODEL}+bon4", prompt="x")
+        plain = await client.completions.create(model=MODEL, prompt="x", max_tokens=2)  # needs no scorer
+        release.set()
+        await srv.wait_ready()
+        ready = await get(root(srv) + "/health/ready")
+        guided = await client.completions.create(model=f"{MODEL}+bon4", prompt="x", max_tokens=3)
+    assert alive == (200, {"status": "alive"})
+    assert loading == (503, {"status": "not ready", "scorer": "loading", "upstream": "reachable"})
+    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "5"
+    assert e.value.body["message"] == "guided modes are unavailable: the scorer is still loading"
+    assert plain.choices and ready == (200, {"status": "ready", "scorer": "loaded", "upstream": "reachable"})
+    assert guided.model_extra["w2s"]["mode"] == "bon4" and len(loaded.calls) == 1
+
+
+async def test_a_failed_load_and_an_unreachable_upstream_are_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_load(cfg: ScorerConfig) -> None:
+        raise OSError("tuned: no such model directory")
+
+    monkeypatch.setattr("scorers.registry.load_scorer", broken_load)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    up = UpstreamConfig(model=MODEL, base_url=f"http://127.0.0.1:{port}/v1", max_attempts=1)
+    async with served(AppConfig(upstream=up, scorer=fake_scorer_config())) as (srv, client):
+        with pytest.raises(RuntimeError, match="no such model directory"):
+            await srv.wait_ready()
+        status, body = await get(root(srv) + "/health/ready")
+        with pytest.raises(openai.APIStatusError) as guided:
+            await client.completions.create(model=f"{MODEL}+bon4", prompt="x")
+        with pytest.raises(openai.APIStatusError) as plain:
+            await client.completions.create(model=MODEL, prompt="x")
+    assert status == 503 and body == {"status": "not ready", "upstream": "unreachable: APIConnectionError",
+                                      "scorer": "failed: OSError: tuned: no such model directory"}
+    assert guided.value.status_code == 503 and "failed: OSError" in guided.value.body["message"]
+    assert plain.value.status_code == 502
+    assert plain.value.body["message"] == "The upstream could not be reached (after retries)."
+
+
+async def test_real_tiny_scorer_loaded_at_startup_guides_the_answer(
+        loopback: LoopbackCompletionsServer, tiny_model_dirs: TinyModelDirs) -> None:  # noqa: F811
+    scorer_cfg = cpu_scorer_config(tiny_model_dirs.llama_tuned, tiny_model_dirs.llama_untuned,
+                                   attn_implementation="eager")
+    cfg = AppConfig(upstream=upstream_config(loopback), scorer=scorer_cfg, search=SearchConfig(max_new_tokens=12))
+    messages = [{"role": "user", "content": "Write about the sea."}]
+    async with served(cfg) as (srv, client):
+        await srv.wait_ready()
+        r = await client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                                 seed=21, extra_body={"w2s": {"w": 2, "k": 2, "l": 8}})
+    # independently: a freshly loaded scorer, the same search in-process
+    async with GuidedClient(cfg) as guided:
+        ref = await guided.chat(messages, w=2, k=2, l=8, seed=21)  # type: ignore[arg-type]
+        session = guided.scorer.open(messages)  # type: ignore[union-attr]
+        [rescored] = await session.score([ref.text], [ref.finished])
+        session.close()
+    w2s = r.model_extra["w2s"]
+    assert r.choices[0].message.content == ref.text.lstrip() and w2s["steps"] == len(ref.steps) >= 2
+    assert w2s["score"] == pytest.approx(ref.score, abs=1e-6) and rescored == pytest.approx(w2s["score"], abs=1e-4)
+
+
+async def test_metrics_add_up_to_the_traffic(loopback: LoopbackCompletionsServer) -> None:
+    scorer = FnScorer(distinct_words)
+    cfg = AppConfig(upstream=upstream_config(loopback, prices={"prompt": 1.5, "completion": 2.0}))
+    async with served(cfg, scorer=scorer) as (srv, client):
+        answers = [
+            await client.completions.create(model=MODEL, prompt="a", max_tokens=6, seed=1),
+            await client.completions.create(model=f"{MODEL}+cbs-w2k2l30", prompt="b", max_tokens=20, seed=2,
+                                            extra_body={"w2s": {"l": 8}}),
+            await client.chat.completions.create(model=f"{MODEL}+bon4", max_tokens=9, seed=3,
+                                                 messages=[{"role": "user", "content": "c"}]),
+        ]
+        for bad in ({"model": "nope"}, {"model": MODEL, "n": 3}):
+            with pytest.raises(openai.APIStatusError):
+                await client.completions.create(prompt="x", **bad)  # type: ignore[call-overload]
+        status, text = await get(root(srv) + "/metrics")
+    assert status == 200
+    info = [a.model_extra["w2s"] for a in answers]
+    prompt_tokens = sum(a.usage.prompt_tokens for a in answers)
+    completion_tokens = sum(a.usage.completion_tokens for a in answers)
+    scored = [t for call in scorer.calls for t in call.texts]
+    assert metric(text, "w2s_upstream_calls_total") == sum(i["upstream_calls"] for i in info) == loopback.completed
+    assert metric(text, "w2s_upstream_tokens_total", kind="prompt") == prompt_tokens
+    assert metric(text, "w2s_upstream_tokens_total", kind="completion") == completion_tokens
+    assert metric(text, "w2s_upstream_cost_usd_total") == pytest.approx(
+        (prompt_tokens * 1.5 + completion_tokens * 2.0) / 1e6)
+    assert metric(text, "w2s_search_steps_total") == sum(i["steps"] for i in info)
+    assert metric(text, "w2s_scored_candidates_total") == len(scored)
+    # every loopback word is one upstream token
+    assert metric(text, "w2s_scored_tokens_total") == sum(len(t.split()) for t in scored)
+    assert metric(text, "w2s_requests_total", endpoint="/v1/completions", status="200") == 2
+    assert metric(text, "w2s_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert metric(text, "w2s_requests_total", endpoint="/v1/completions", status="404") == 1
+    assert metric(text, "w2s_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert metric(text, "w2s_request_duration_seconds_count", endpoint="/v1/completions") == 4
+    finished = sum(1 for i in info if i["finished"])
+    assert metric(text, "w2s_searches_total", outcome="finished") == finished
+    assert metric(text, "w2s_step_scoring_seconds_count") == sum(i["steps"] for i in info[1:])
+    assert metric(text, "w2s_generations_in_flight") == 0
+
+
+async def test_w2s_serve_command(loopback: LoopbackCompletionsServer, tmp_path: Path) -> None:
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": loopback.base_url},
+                                   "server": {"modes": {"b2": "bon4"}}}))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", "0", cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("w2s: serving http://127.0.0.1:") and line.rstrip().endswith(f"models: {MODEL}")
+        base_url = line.split()[2]
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
+            r = await client.completions.create(model=MODEL, prompt="hello", max_tokens=3, seed=1)
+        assert r.choices and loopback.requests[-1]["prompt"] == "hello"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 130 and b"Traceback" not in err
