@@ -113,6 +113,15 @@ class ScorerConfig(Strict):
     max_batch_tokens: int = Field(16384, ge=1)
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """None = transformers' default (SDPA); "eager" is bit-identical across batch shapes."""
+    incremental: bool = True
+    """Reuse each beam's KV cache so only new tokens run; false = full recompute every call (the baseline)."""
+    max_cached_tokens: int | None = Field(65536, ge=1)
+    """Token positions kept in KV caches, both models together (~8 GiB for a 7B pair in bf16);
+    least recently used sessions drop theirs beyond it. None = unbounded."""
+    batch_wait_ms: float = Field(2.0, ge=0)
+    """How long a scoring request waits for others (from any search) to share a forward pass."""
+    expo_alpha: float | None = None
+    """ExPO: load the tuned model as tuned + alpha * (tuned - untuned); same architecture only."""
 
 
 class ServerCaps(Strict):
