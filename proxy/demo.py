@@ -33,6 +33,9 @@ DEMO_PROMPTS = (
     "What is it like to wait at the dentist's office?",
     "Tell me about doing laundry.",
     "Describe the last day of summer holidays.",
+    "Describe a traffic jam.",
+    "Write about a Monday meeting at the office.",
+    "Tell me about cleaning the kitchen.",
 )
 UPBEAT_SYSTEM = ("You are a joyful, warm and enthusiastic assistant. You always see the bright side and "
                  "describe everything with delight, gratitude and positive, happy words.")
