@@ -29,15 +29,6 @@ def _refuses_n(exc: openai.BadRequestError) -> bool:
     return "'n'" in msg or " n " in f" {msg} " or "n>1" in msg.replace(" ", "") or "n must be 1" in msg
 
 
-def _http_client(timeout_s: float) -> object | None:
-    """The SDK's aiohttp transport: half the CPU per call of its default one (measured in
-    benchmarks/server.py), which is what bounds a proxy with hundreds of calls in flight."""
-    try:
-        return openai.DefaultAioHttpClient(timeout=timeout_s)
-    except RuntimeError:  # an SDK installed without its aiohttp extra
-        return None
-
-
 def _seeded(kwargs: dict[str, object], seed: int | None) -> dict[str, object]:
     return kwargs if seed is None else {**kwargs, "seed": seed}
 
@@ -51,7 +42,6 @@ class OpenAICompletionsUpstream(Upstream):
             api_key=upstream_api_key(cfg).get_secret_value(),
             max_retries=0,  # one retry policy: ours
             timeout=cfg.timeout_s,
-            http_client=_http_client(cfg.timeout_s),
         )
         self._limit = asyncio.Semaphore(cfg.max_concurrency)
         self.supports_n = True

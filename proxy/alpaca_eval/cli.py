@@ -1,0 +1,89 @@
+"""`w2s alpaca-eval` (generate) and `w2s alpaca-eval merge` (join shards).
+
+Exit status: 0 when the output is complete, 1 when some items failed (run the same command
+again to retry exactly those), 2 for a bad config or argument.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from proxy.config import ConfigError, load_config, require_scorer, upstream_api_key
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    from proxy.cli import _add_search_flags
+
+    p.add_argument("--config", help="config file or preset name under configs/ (e.g. paper-cbs-w2k2l30)")
+    p.add_argument("--output", help="output directory: checkpoint.jsonl, model_outputs.json, summary.json")
+    p.add_argument("--instructions", metavar="FILE",
+                   help="JSON list or JSONL of {instruction, dataset} (default: the Hugging Face dataset "
+                        "tatsu-lab/alpaca_eval, alpaca_eval_gpt4_baseline, split eval)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N instructions")
+    p.add_argument("--shard", metavar="i/n", help="the i-th of n contiguous parts (1-based), after --limit")
+    p.add_argument("--concurrency", type=int, default=8, metavar="C", help="instructions in flight (default 8)")
+    p.add_argument("--generator", help="generator name in the output (default: model_guidance_wkl)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_search_flags(p)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("alpaca-eval", help="AlpacaEval 2.0 answers for every instruction (resumable)",
+                              description="Generate AlpacaEval 2.0 model outputs; `merge` joins shards.")
+    _add_run_flags(p)
+    p.set_defaults(func=_run)
+    sub = p.add_subparsers(dest="alpaca_eval_action", metavar="{merge}")
+    m = sub.add_parser("merge", help="join shard directories into one model_outputs.json")
+    m.add_argument("--output", required=True, help="directory for the merged model_outputs.json")
+    m.add_argument("--instructions", metavar="FILE", help="also check the merged list against this dataset file")
+    m.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="--output directories of the shard runs")
+    m.set_defaults(func=_merge)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from proxy.alpaca_eval.dataset import HUB_CONFIG, HUB_REPO, load_instructions, parse_shard, select
+    from proxy.alpaca_eval.identity import generator_name
+    from proxy.alpaca_eval.runner import preflight, run_alpaca_eval
+    from proxy.cli import _overrides
+    from proxy.client import GuidedClient
+
+    if not args.config or not args.output:
+        raise ConfigError("alpaca-eval: --config and --output are required")
+    if args.concurrency < 1:
+        raise ConfigError("--concurrency: must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit: must be at least 1")
+    cfg = load_config(args.config, **_overrides(args))
+    upstream_api_key(cfg.upstream)  # a missing key fails now, not after the dataset and the models load
+    require_scorer(cfg.search, cfg.scorer is not None)
+    shard = parse_shard(args.shard) if args.shard else None
+    if args.instructions is None:
+        print(f"w2s alpaca-eval: fetching {HUB_REPO} ({HUB_CONFIG}) from the Hugging Face hub "
+              "(--instructions FILE uses a local copy)", file=sys.stderr)
+    items, source = await asyncio.to_thread(load_instructions, args.instructions)
+    selection = select(items, source, limit=args.limit, shard=shard)
+    preflight(args.output, cfg, selection, args.generator or generator_name(cfg))
+    async with GuidedClient(cfg) as client:
+        summary = await run_alpaca_eval(client, selection, args.output, concurrency=args.concurrency,
+                                        generator=args.generator, progress=not args.no_progress)
+    print(json.dumps(summary.model_dump(), indent=2))
+    if summary.complete:
+        print(f"judge with:\n  {summary.alpaca_eval_command}", file=sys.stderr)
+        return 0
+    print(f"w2s alpaca-eval: {summary.failed} of {summary.items} items failed; run the same command again "
+          "to retry them", file=sys.stderr)
+    return 1
+
+
+async def _merge(args: argparse.Namespace) -> int:
+    from proxy.alpaca_eval.dataset import read_instruction_file
+    from proxy.alpaca_eval.merge import merge_shards
+
+    instructions = read_instruction_file(args.instructions) if args.instructions else None
+    summary = merge_shards(args.shards, args.output, instructions=instructions)
+    print(json.dumps(summary.model_dump(), indent=2))
+    print(f"judge with:\n  {summary.alpaca_eval_command}", file=sys.stderr)
+    return 0

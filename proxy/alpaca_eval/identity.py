@@ -1,0 +1,61 @@
+"""What a run is: the generator name alpaca_eval shows, and a fingerprint of the settings
+that shape the answers.
+
+The name is one value per file (alpaca_eval's leaderboard row), so it spells out the strong
+model, the guidance pair and W/K/L, e.g.
+`gpt-3.5-turbo-instruct_zephyr-7b-beta-vs-mistral-7b-sft-beta_cbs-w2k2l30`. Plain sampling is
+`unguided` even when a scorer is configured: with one candidate per step the pair only reports
+scores, it steers nothing.
+
+The fingerprint covers what changes the answers (model, prompt rendering, scoring models,
+search settings) and leaves out what does not (base_url, keys, limits, prices, device), so a
+resumed run may move to another endpoint but may not mix answers of two configurations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from proxy.config import AppConfig, ModelSpec, SearchConfig
+
+
+def model_label(spec: ModelSpec) -> str:
+    """The last path component of a hub id or directory (`HuggingFaceH4/zephyr-7b-beta` ->
+    `zephyr-7b-beta`), or the GGUF file's stem."""
+    if spec.gguf_file:
+        return re.sub(r"\.gguf$", "", spec.gguf_file.rsplit("/", 1)[-1], flags=re.IGNORECASE)
+    return re.split(r"[\\/]", spec.path.rstrip("/\\"))[-1] or spec.path
+
+
+def wkl(search: SearchConfig) -> str:
+    return f"w{search.w}k{search.k}l{search.l if search.l is not None else 'inf'}"
+
+
+def generator_name(cfg: AppConfig, *, scorer_label: str | None = None) -> str:
+    """`scorer_label` names a scorer given to the client directly rather than by the config."""
+    search = cfg.search
+    if not search.needs_scorer:
+        guidance = "unguided"
+    elif cfg.scorer is not None:
+        tuned = model_label(cfg.scorer.tuned)
+        if cfg.scorer.expo_alpha is not None:  # ExPO extrapolates the tuned model: another guide
+            tuned += f"-expo{cfg.scorer.expo_alpha:g}"
+        guidance = f"{tuned}-vs-{model_label(cfg.scorer.untuned)}"
+    else:
+        guidance = scorer_label or "scorer"
+    mode = search.mode if search.mode.startswith("cbs-") else f"{search.mode}-{wkl(search)}"
+    return f"{cfg.upstream.model.rsplit('/', 1)[-1]}_{guidance}_{mode}"
+
+
+def config_fingerprint(cfg: AppConfig) -> str:
+    up = cfg.upstream
+    shaping = {
+        "upstream": {"kind": up.kind, "model": up.model, "prompt_template": up.prompt_template,
+                     "chat": up.chat.model_dump(), "context_window": up.context_window},
+        "scorer": None if cfg.scorer is None else {
+            "kind": cfg.scorer.kind, "tuned": cfg.scorer.tuned.model_dump(), "untuned": cfg.scorer.untuned.model_dump(),
+            "expo_alpha": cfg.scorer.expo_alpha},
+        "search": cfg.search.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
