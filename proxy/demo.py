@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import textwrap
@@ -144,6 +145,12 @@ async def demo_command(args: argparse.Namespace) -> int:
     from scorers.local_lm import LocalCausalLM
 
     device, dtype = pick_device_dtype("auto", "auto")
+    if device.type == "cpu":
+        # Two workers share the cores (sampling and scoring); torch's default of one thread per
+        # core for each oversubscribes them: 128 s -> 70 s for three prompts on 2 cores.
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     model, tok = await asyncio.to_thread(load_causal_lm, spec, device, dtype)
     upbeat, neutral = contrast_specs(spec)
     scorer = ImplicitRewardScorer.from_loaded((model, tok, upbeat), (model, tok, neutral))
