@@ -187,6 +187,8 @@ class _Search:
             carried = [b for b in beams if not self.expandable(b) and b.id != 0]
             pool = self._distinct(carried + new)
             survivors = sorted(pool, key=self.rank_key, reverse=True)[: self.cfg.w]
+            if self.session is not None:  # losers' caches go now, not at the next step
+                self.session.keep([s.text for s in survivors if self.expandable(s)])
             kept = {s.id for s in survivors}
             for c in new:
                 c.survived = c.id in kept

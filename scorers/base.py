@@ -34,6 +34,9 @@ class ScoringSession(ABC):
     async def score(self, texts: Sequence[str], finished: Sequence[bool]) -> list[float]:
         """Full score of each whole response text so far (EOS included where finished)."""
 
+    def keep(self, texts: Sequence[str]) -> None:
+        """Only these responses will be extended (the survivors); a scorer may free the rest now."""
+
     @abstractmethod
     def close(self) -> None:
         """Free everything the session holds. Idempotent."""

@@ -82,6 +82,9 @@ class FnSession(ScoringSession):
         self.owner.calls.append(ScoreCall(list(texts), list(finished), time.perf_counter()))
         return [self.owner.fn(t, f) for t, f in zip(texts, finished)]
 
+    def keep(self, texts: Sequence[str]) -> None:
+        self.owner.kept.append(list(texts))
+
     def close(self) -> None:
         self.closed = True
         self.owner.open_sessions -= 1
@@ -92,6 +95,7 @@ class FnScorer(Scorer):
     fn: Callable[[str, bool], float]
     calls: list[ScoreCall] = field(default_factory=list)
     open_sessions: int = 0
+    kept: list[list[str]] = field(default_factory=list)
     prompts: list[ScorerPrompt] = field(default_factory=list)
 
     def open(self, prompt: ScorerPrompt) -> ScoringSession:

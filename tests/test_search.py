@@ -177,3 +177,16 @@ def test_concurrent_searches_share_nothing() -> None:
 
     texts = asyncio.run(main())
     assert len(set(texts)) == 1 and texts[0] == " s1t0 s1t1 s1t0 s1t1"
+
+
+async def test_scorer_is_told_which_beams_will_grow_after_each_selection() -> None:
+    def finish(call: Call, i: int) -> bool:
+        return call.prompt == "Q:" and i == 0
+
+    up = ScriptedUpstream(word_responder(finish))
+    scorer = FnScorer(lambda t, f: 100.0 if f else sample_sum(t, f))
+    r = await search("Q:", up, scorer, SearchConfig(w=2, k=3, l=2, max_new_tokens=4))
+    assert len(scorer.kept) == len(r.steps)
+    for step, kept in zip(r.steps, scorer.kept):
+        growing = [r.nodes[i].text for i in step.survivors if not r.nodes[i].finished and r.nodes[i].tokens < 4]
+        assert kept == growing  # the finished survivor's cache is not needed: it never grows
