@@ -7,7 +7,13 @@ import pytest
 
 from proxy.config import UpstreamConfig
 from proxy.loopback import LoopbackCompletionsServer
-from tiny_models import tiny_mixed_scorer_config, tiny_model_dirs, tiny_scorer_config  # noqa: F401  (fixtures)
+from tiny_models import (  # noqa: F401  (fixtures for every test module)
+    llama_pair,
+    mixed_pair,
+    tiny_mixed_scorer_config,
+    tiny_model_dirs,
+    tiny_scorer_config,
+)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from tiny_models import tiny_model_dirs, tiny_scorer_config  # noqa: F401
 
 from proxy.alpaca_eval.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from proxy.alpaca_eval.dataset import Instruction, Selection, Shard, read_instruction_file, select
@@ -149,8 +148,9 @@ async def test_shards_merged_equal_one_unsharded_run(tmp_path: Path) -> None:
         whole = await run(cfg, select(items, "test"), tmp_path / "whole")
         parts = [await run(cfg, select(items, "test", shard=Shard(i, 3)), tmp_path / f"s{i}", concurrency=2)
                  for i in (1, 2, 3)]
-        other = await run(app_config(server, temperature=1.0, seed=99), select(items, "test", shard=Shard(2, 3)),
-                          tmp_path / "other")
+        await run(  # a shard made with other settings, for the mixed-config refusal below
+            app_config(server, temperature=1.0, seed=99), select(items, "test", shard=Shard(2, 3)),
+            tmp_path / "other")
     assert [(p.selection.start, p.selection.stop) for p in parts] == [(0, 3), (3, 6), (6, 10)]
     shard_dirs = [tmp_path / f"s{i}" for i in (3, 1, 2)]  # any order
 

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import (  # noqa: F401
+from tiny_models import (
     TinyModelDirs,
     build_tiny_model,
     build_tokenizer_a,
     build_tokenizer_b,
     cpu_scorer_config,
-    tiny_model_dirs,
 )
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TinyModelDirs, tiny_mixed_scorer_config, tiny_model_dirs, tiny_scorer_config  # noqa: F401
+from tiny_models import Loaded
 
 from proxy.config import ModelSpec, ScorerConfig
 from scorers.implicit import ImplicitRewardScorer, ScoringModel, plan_batches
@@ -63,29 +62,7 @@ def slow_score(tuned, untuned, prompts: tuple[str, str], response: str, finished
     )
 
 
-# ---------------------------------------------------------------- fixtures
-
-
-Loaded = tuple[torch.nn.Module, object, ModelSpec]
-
-
-def _load(path: Path, **spec_fields: object) -> Loaded:
-    """Eager attention: bit-identical across padding and lengths, so 1e-5 is a real bound.
-    (SDPA's CPU kernels depend on sequence length; see test_sdpa_default_is_close.)"""
-    spec = ModelSpec(path=str(path), **spec_fields)
-    model, tokenizer = load_causal_lm(spec, CPU, FP32, attn_implementation="eager")
-    return model, tokenizer, spec
-
-
-@pytest.fixture(scope="module")
-def llama_pair(tiny_model_dirs: TinyModelDirs) -> tuple[Loaded, Loaded]:
-    return _load(tiny_model_dirs.llama_tuned), _load(tiny_model_dirs.llama_untuned)
-
-
-@pytest.fixture(scope="module")
-def mixed_pair(tiny_model_dirs: TinyModelDirs) -> tuple[Loaded, Loaded]:
-    """Tuned and untuned with different tokenizers (and architectures)."""
-    return _load(tiny_model_dirs.mistral), _load(tiny_model_dirs.gpt2)
+# ---------------------------------------------------------------- fixtures (shared ones: tests/tiny_models.py)
 
 
 def _with_spec(loaded: Loaded, **fields: object) -> Loaded:

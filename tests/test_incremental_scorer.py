@@ -13,43 +13,23 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import TinyModelDirs, tiny_model_dirs  # noqa: F401
+from tiny_models import Loaded
 
 from proxy.config import ModelSpec, ScorerConfig
 from scorers.batcher import MicroBatcher
 from scorers.implicit import ImplicitRewardScorer
 from scorers.kv_cache import CachePool, Prefix, SessionCache, chain_len
-from scorers.loading import load_causal_lm
 
 TOL = 1e-4
-Loaded = tuple[torch.nn.Module, object, ModelSpec]
 
 STORY = (
     "Once upon a time, a small fox lived at the edge of a forest.  Every morning it walked to the river\n\n"
     "to drink — café, naïve, 日本語, 🙂 and 👩\u200d💻; e\u0301 3.14159 #tags @home 100%!\tThe end."
 )
-
-
-def _load(path: Path, **spec_fields: object) -> Loaded:
-    spec = ModelSpec(path=str(path), **spec_fields)
-    model, tokenizer = load_causal_lm(spec, torch.device("cpu"), torch.float32, attn_implementation="eager")
-    return model, tokenizer, spec
-
-
-@pytest.fixture(scope="module")
-def llama_pair(tiny_model_dirs: TinyModelDirs) -> tuple[Loaded, Loaded]:
-    return _load(tiny_model_dirs.llama_tuned), _load(tiny_model_dirs.llama_untuned)
-
-
-@pytest.fixture(scope="module")
-def mixed_pair(tiny_model_dirs: TinyModelDirs) -> tuple[Loaded, Loaded]:
-    """Different tokenizers; tokenizer B merges across word boundaries, so seams move often."""
-    return _load(tiny_model_dirs.mistral), _load(tiny_model_dirs.gpt2)
 
 
 def _pairs(request: pytest.FixtureRequest, name: str) -> tuple[Loaded, Loaded]:

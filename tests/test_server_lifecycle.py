@@ -14,7 +14,7 @@ import aiohttp
 import openai
 import pytest
 import yaml
-from tiny_models import TinyModelDirs, cpu_scorer_config, tiny_model_dirs  # noqa: F401
+from tiny_models import TinyModelDirs, cpu_scorer_config
 
 from proxy.client import GuidedClient
 from proxy.config import AppConfig, ScorerConfig, SearchConfig, UpstreamConfig

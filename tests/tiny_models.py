@@ -191,3 +191,29 @@ def tiny_scorer_config(tiny_model_dirs: TinyModelDirs) -> ScorerConfig:
 @pytest.fixture(scope="session")
 def tiny_mixed_scorer_config(tiny_model_dirs: TinyModelDirs) -> ScorerConfig:
     return cpu_scorer_config(tiny_model_dirs.mistral, tiny_model_dirs.gpt2)
+
+
+Loaded = tuple[torch.nn.Module, object, ModelSpec]
+"""(model, tokenizer, spec): what ImplicitRewardScorer.from_loaded takes for each side."""
+
+
+def load_eager(path: Path, **spec_fields: object) -> Loaded:
+    """Eager attention: bit-identical across padding and lengths, so 1e-5 is a real bound.
+    (SDPA's CPU kernels depend on sequence length; see test_sdpa_default_is_close.)"""
+    from scorers.loading import load_causal_lm
+
+    spec = ModelSpec(path=str(path), **spec_fields)
+    model, tokenizer = load_causal_lm(spec, torch.device("cpu"), torch.float32, attn_implementation="eager")
+    return model, tokenizer, spec
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tiny_model_dirs: TinyModelDirs) -> tuple[Loaded, Loaded]:
+    """Same tokenizer, different weights."""
+    return load_eager(tiny_model_dirs.llama_tuned), load_eager(tiny_model_dirs.llama_untuned)
+
+
+@pytest.fixture(scope="module")
+def mixed_pair(tiny_model_dirs: TinyModelDirs) -> tuple[Loaded, Loaded]:
+    """Different tokenizers and architectures; tokenizer B merges across word boundaries, so seams move often."""
+    return load_eager(tiny_model_dirs.mistral), load_eager(tiny_model_dirs.gpt2)

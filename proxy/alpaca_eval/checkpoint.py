@@ -18,7 +18,6 @@ kernel drops it when the holder dies, so a killed run never blocks the next.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import time
