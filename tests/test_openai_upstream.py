@@ -139,3 +139,20 @@ async def test_cbs_over_http_sends_the_exact_requests(loopback: LoopbackCompleti
             "Instruction: tell a story\nOutput:" + r.nodes[b].text for b in s.expanded)
     assert r.usage.completion_tokens == sum(len(c.chunk.split()) for s in r.steps for c in s.candidates)
     assert r.tokens == count_tokens(r.text)
+
+
+async def test_connection_errors_and_timeouts_are_retried_then_raised(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="w2s.upstream")
+    async with LoopbackCompletionsServer() as closed:
+        dead_url = closed.base_url  # the port is free again once the server stops
+    cfg = upstream_config(closed, base_url=dead_url, max_attempts=3)
+    async with OpenAICompletionsUpstream(cfg) as up:
+        with pytest.raises(openai.APIConnectionError):
+            await up.sample("P", n=1, max_tokens=2)
+    assert caplog.text.count("APIConnectionError") == 2  # attempts 1 and 2 retried, the 3rd raised
+    async with LoopbackCompletionsServer(latency_s=1.0) as slow:
+        async with OpenAICompletionsUpstream(upstream_config(slow, timeout_s=0.1, max_attempts=3)) as up:
+            with pytest.raises(openai.APITimeoutError):
+                await up.sample("P", n=1, max_tokens=2)
+        await asyncio.sleep(0.05)
+        assert len(slow.requests) == 3 and slow.completed == 0
