@@ -154,5 +154,4 @@ async def test_connection_errors_and_timeouts_are_retried_then_raised(caplog: py
         async with OpenAICompletionsUpstream(upstream_config(slow, timeout_s=0.1, max_attempts=3)) as up:
             with pytest.raises(openai.APITimeoutError):
                 await up.sample("P", n=1, max_tokens=2)
-        await asyncio.sleep(0.05)
-        assert len(slow.requests) == 3 and slow.completed == 0
+    assert caplog.text.count("APITimeoutError") == 2 and slow.completed == 0
