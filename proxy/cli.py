@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, Prices, load_config
 from proxy.cost import cost_usd
 from proxy.search import SearchResult
 
@@ -31,7 +31,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def summarize(result: SearchResult, prices: object | None = None) -> dict[str, object]:
+def summarize(result: SearchResult, prices: Prices | None = None) -> dict[str, object]:
     out: dict[str, object] = {
         "text": result.text,
         "score": result.score,
@@ -44,7 +44,7 @@ def summarize(result: SearchResult, prices: object | None = None) -> dict[str, o
         "wall_s": round(result.wall_s, 3),
     }
     if prices is not None:
-        out["cost_usd"] = cost_usd(result.usage, prices)  # type: ignore[arg-type]
+        out["cost_usd"] = cost_usd(result.usage, prices)
     return out
 
 

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from proxy.config import ModelSpec
 from proxy.loopback import Choice, CompletionParams
 from scorers.loading import load_causal_lm, pick_device_dtype
+from scorers.scoring_model import needs_bos
 
 
 def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
@@ -44,9 +45,7 @@ class LocalCausalLM:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._generate, params)
 
     def _encode(self, text: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        add_special = not (bos is not None and text.startswith(bos))
-        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=needs_bos(self.tokenizer, text))["input_ids"])
 
     def _generate(self, params: CompletionParams) -> tuple[list[Choice], int]:
         tok = self.tokenizer

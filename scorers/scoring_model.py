@@ -51,6 +51,13 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def needs_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
+    """Whether tokenizing `text` should add special tokens: a text a template already opened
+    with the BOS token must not get a second one."""
+    bos = tokenizer.bos_token
+    return not (bos is not None and text.startswith(bos))
+
+
 def max_positions(model: PreTrainedModel) -> int | None:
     """The longest sequence the model can position, where its config says so."""
     cfg = model.config
@@ -114,8 +121,7 @@ class ScoringModel:
 
     def encode_prompt(self, prompt_text: str) -> PromptEncoding:
         """Tokenize the rendered prompt; a template that writes its own BOS must not get a second."""
-        bos = self.tokenizer.bos_token
-        add_special = not (bos is not None and prompt_text.startswith(bos))
+        add_special = needs_bos(self.tokenizer, prompt_text)
         return PromptEncoding(prompt_text, self._tokenize(prompt_text, add_special), add_special)
 
     def encode_response(self, prompt: PromptEncoding, text: str, finished: bool) -> ResponseTokens:
