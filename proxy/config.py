@@ -78,6 +78,8 @@ class UpstreamConfig(Strict):
     """tiktoken encoding used to count tokens of stop-finished continuations when n>1."""
     context_window: int | None = Field(None, ge=1)
     max_concurrency: int = Field(16, ge=1)
+    max_prompts_per_call: int = Field(16, ge=1)
+    """Beams of a step sent as one request (`prompt` as a list); 1: one request per beam."""
     timeout_s: float = Field(60.0, gt=0)
     max_attempts: int = Field(6, ge=1)
     backoff_initial_s: float = Field(0.5, ge=0)

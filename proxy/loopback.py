@@ -16,9 +16,11 @@ generated chunk give the same distribution: the chain behaves like a language mo
 chunked (beam) search.
 
 Knobs for tests: `failures` (a queue of HTTP statuses to answer first, to test retries, with
-`Retry-After` when `retry_after_s` is set), `latency_s` (to test timeouts and cancellation,
-see `in_flight`), `support_n=False` (a server that refuses n > 1, like some vLLM deployments
-and proxies).
+`Retry-After` when `retry_after_s` is set), `latency_s` (each answer leaves that long after
+its request arrived; to test timeouts and cancellation, see `in_flight`, and for benchmarks), `support_n=False` (a server that refuses n > 1, like some vLLM deployments
+and proxies), `support_prompt_lists=False` (one that refuses a list of several prompts).
+A list of prompts is answered as OpenAI does: n choices per prompt, prompt-major by `index`,
+each prompt sampled exactly as it would be alone with the same seed.
 
 Run `python -m proxy.loopback --port 0` to serve one by hand.
 """
@@ -58,6 +60,7 @@ DEFAULT_VOCAB: tuple[str, ...] = tuple(" " + w for w in (
 MAX_N = 128  # like OpenAI: bounds the work one request can ask for
 MAX_TOKENS_LIMIT = 65536
 MAX_STOP = 4
+MAX_PROMPTS = 64
 _SHUTDOWN_TIMEOUT_S = 0.5  # stop() waits this long for in-flight handlers, then cancels them
 _LOGIT_SCALE = 2.0  # std-dev of the context-dependent part of the logits
 
@@ -85,7 +88,7 @@ def check_vocab(encoding: str, vocab: tuple[str, ...]) -> None:
                 raise ValueError(f"vocab entries {a!r}{b!r} do not tokenize as two tokens")
 
 
-def _stable_int(*parts: object) -> int:
+def stable_int(*parts: object) -> int:
     """A 64-bit integer from `parts` that is the same in every process (unlike `hash`)."""
     digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
     return int.from_bytes(digest[:8], "big")
@@ -93,7 +96,7 @@ def _stable_int(*parts: object) -> int:
 
 def _stable_unit(*parts: object) -> float:
     """A deterministic number in [0, 1) from `parts`."""
-    return _stable_int(*parts) / 2.0**64
+    return stable_int(*parts) / 2.0**64
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,9 @@ def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def parse_params(body: object) -> CompletionParams:
+def parse_params(body: object) -> list[CompletionParams]:
     """Validate an OpenAI completions body; raise RequestError (400) naming the bad field.
+    One CompletionParams per prompt (`prompt` may be a string or a list of strings).
 
     Fields that do not change this server's output (logprobs, echo, user, suffix, best_of,
     penalties, logit_bias, stream=false ...) are accepted and ignored; stream=true is refused
@@ -144,10 +148,9 @@ def parse_params(body: object) -> CompletionParams:
     if not isinstance(model, str) or not model:
         raise RequestError("you must provide a model parameter", "model")
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise RequestError("prompt must be a string or a list holding one string", "prompt")
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    if not 1 <= len(prompts) <= MAX_PROMPTS or not all(isinstance(p, str) for p in prompts):
+        raise RequestError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings", "prompt")
     if body.get("stream"):
         raise RequestError("stream=true is not supported by this server", "stream")
 
@@ -173,9 +176,10 @@ def parse_params(body: object) -> CompletionParams:
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop):
         raise RequestError(f"stop must be a string or a list of at most {MAX_STOP} strings", "stop")
-    return CompletionParams(model=model, prompt=prompt, n=n, max_tokens=max_tokens,
-                            stop=tuple(s for s in stop if s),  # empty stop strings are ignored
-                            temperature=float(temperature), top_p=float(top_p), seed=seed)
+    return [CompletionParams(model=model, prompt=p, n=n, max_tokens=max_tokens,
+                             stop=tuple(s for s in stop if s),  # empty stop strings are ignored
+                             temperature=float(temperature), top_p=float(top_p), seed=seed)
+            for p in prompts]
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,7 @@ class ToyModel:
         if cached is None:
             if len(self._logits) > 100_000:  # prompts bring arbitrary words: bound the cache
                 self._logits.clear()
-            rng = random.Random(_stable_int("logits", *context))
+            rng = random.Random(stable_int("logits", *context))
             cached = [p + rng.gauss(0.0, _LOGIT_SCALE) for p in self._prior]
             last = self._index.get(context[1])
             if last is not None:  # no immediate repeats: greedy text would stick at "is is is"
@@ -258,7 +262,7 @@ class ToyModel:
         """
         greedy = params.temperature == 0
         if params.seed is not None:
-            rng = random.Random(_stable_int("sample", params.prompt, params.seed, index))
+            rng = random.Random(stable_int("sample", params.prompt, params.seed, index))
         else:
             rng = random.Random(secrets.randbits(64))
         cache = {} if cache is None else cache
@@ -316,7 +320,7 @@ class LoopbackCompletionsServer:
     """
 
     def __init__(self, *, model: str = "toy-instruct", eos_prob: float = 0.08, latency_s: float = 0.0,
-                 support_n: bool = True, failures: Sequence[int] = (), retry_after_s: float | None = None,
+                 support_n: bool = True, support_prompt_lists: bool = True, failures: Sequence[int] = (), retry_after_s: float | None = None,
                  encoding: str = "cl100k_base", vocab: Sequence[str] | None = None,
                  backend: CompletionBackend | None = None) -> None:
         if not 0.0 <= eos_prob <= 1.0:
@@ -326,6 +330,7 @@ class LoopbackCompletionsServer:
         self.model = model
         self.latency_s = latency_s
         self.support_n = support_n
+        self.support_prompt_lists = support_prompt_lists
         self.failures: deque[int] = deque(failures)
         self.retry_after_s = retry_after_s
         self.encoding = load_encoding(encoding)
@@ -393,6 +398,7 @@ class LoopbackCompletionsServer:
     async def _completions(self, request: web.Request) -> web.Response:
         self.in_flight += 1
         try:
+            arrived = time.perf_counter()
             raw = await request.read()
             try:
                 body: object = json.loads(raw)
@@ -401,23 +407,32 @@ class LoopbackCompletionsServer:
             if isinstance(body, dict):
                 self.requests.append(body)
             failure = self.failures.popleft() if self.failures else None  # popped on arrival
+            response = await self._respond(body, failure)
+            # The answer goes out latency_s after arrival, its work done meanwhile: like an API
+            # that serves requests in parallel, many requests in flight do not queue behind
+            # each other's sampling (which is serial here).
             if self.latency_s:
-                await asyncio.sleep(self.latency_s)
-            if failure is not None:
-                return self._failure(failure)
-            if body is None:
-                return RequestError("We could not parse the JSON body of your request.").response()
-            try:
-                params = parse_params(body)
-                if params.n > 1 and not self.support_n:
-                    raise RequestError("n > 1 is not supported by this server", "n")
-            except RequestError as e:
-                return e.response()
-            response = await self._answer(params)
-            self.completed += 1
-            return web.json_response(response)
+                await asyncio.sleep(max(0.0, self.latency_s - (time.perf_counter() - arrived)))
+            if response.status == 200:
+                self.completed += 1
+            return response
         finally:
             self.in_flight -= 1
+
+    async def _respond(self, body: object, failure: int | None) -> web.Response:
+        if failure is not None:
+            return self._failure(failure)
+        if body is None:
+            return RequestError("We could not parse the JSON body of your request.").response()
+        try:
+            batch = parse_params(body)
+            if batch[0].n > 1 and not self.support_n:
+                raise RequestError("n > 1 is not supported by this server", "n")
+            if len(batch) > 1 and not self.support_prompt_lists:
+                raise RequestError("prompt must be a single string on this server", "prompt")
+            return web.json_response(_merged([await self._answer(params) for params in batch]))
+        except RequestError as e:  # from the checks above, or a backend refusing one prompt
+            return e.response()
 
     async def _answer(self, params: CompletionParams) -> dict[str, Any]:
         if self.backend is not None:
@@ -439,9 +454,18 @@ class LoopbackCompletionsServer:
         }
 
 
+def _merged(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One response for a list of prompts: choices prompt-major, usage summed."""
+    if len(answers) == 1:
+        return answers[0]
+    choices = [dict(c, index=i) for i, c in enumerate(c for a in answers for c in a["choices"])]
+    usage = {k: sum(a["usage"][k] for a in answers) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {**answers[0], "choices": choices, "usage": usage}
+
+
 async def _serve(args: argparse.Namespace) -> None:
     server = LoopbackCompletionsServer(model=args.model, eos_prob=args.eos_prob, latency_s=args.latency_s,
-                                       support_n=not args.no_n)
+                                       support_n=not args.no_n, support_prompt_lists=not args.no_prompt_lists)
     await server.start(args.port)
     try:
         print(server.base_url, flush=True)
@@ -458,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eos-prob", type=float, default=0.08)
     parser.add_argument("--latency-s", type=float, default=0.0)
     parser.add_argument("--no-n", action="store_true", help="refuse n > 1 with a 400")
+    parser.add_argument("--no-prompt-lists", action="store_true", help="refuse a list of several prompts with a 400")
     args = parser.parse_args(argv)
     try:
         asyncio.run(_serve(args))

@@ -1,7 +1,8 @@
 """Chunk-level beam search (CBS), the one loop behind base sampling, best-of-N and CBS.
 
-Each step asks the upstream for K continuations of every live beam (all requests of a step
-in flight at once), scores each beam's candidates as soon as its request returns, and keeps
+Each step asks the upstream for K continuations of every live beam (the beams go together in
+as few requests as the upstream allows, see `Upstream.max_prompts_per_call`, all requests of
+a step in flight at once), scores each request's candidates as soon as it returns, and keeps
 the W best of the new candidates plus the finished beams carried from earlier steps. A
 finished beam keeps its score, is never expanded again and occupies one slot at most. A
 beam that ran out of token budget unfinished ranks below all others (see `rank_key`), and
@@ -55,7 +56,7 @@ class StepTrace:
     upstream_s: float
     """Slowest upstream request of the step."""
     scoring_s: float
-    """Scoring time summed over the step's beams."""
+    """Scoring time summed over the step's requests."""
     wall_s: float
 
 
@@ -147,16 +148,32 @@ class _Search:
         self.nodes[node.id] = node
         return node
 
-    async def _expand(self, beam: Candidate, index: int, step: int) -> tuple[list[Candidate], Usage, int, float, float]:
+    def _requests(self, live: list[Candidate]) -> list[list[tuple[int, Candidate]]]:
+        """Live beams (with their index) grouped into upstream requests: same token budget, at
+        most `max_prompts_per_call` each."""
+        per_call = max(1, self.upstream.max_prompts_per_call)
+        by_budget: dict[int, list[tuple[int, Candidate]]] = {}
+        for i, b in enumerate(live):
+            by_budget.setdefault(self._budget(b), []).append((i, b))
+        return [group[j:j + per_call] for group in by_budget.values() for j in range(0, len(group), per_call)]
+
+    def _budget(self, beam: Candidate) -> int:
+        left = self.cfg.max_new_tokens - beam.tokens
+        return min(self.cfg.l or left, left)
+
+    async def _expand(self, request: list[tuple[int, Candidate]], step: int
+                      ) -> tuple[list[Candidate], Usage, int, float, float]:
         cfg = self.cfg
-        left = cfg.max_new_tokens - beam.tokens
+        beams = [b for _, b in request]
         t0 = time.perf_counter()
-        res = await self.upstream.sample(
-            self.prompt + beam.text, n=cfg.k, max_tokens=min(cfg.l or left, left), stop=cfg.stop or None,
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=derive_seed(cfg.seed, step, index),
+        res = await self.upstream.sample_batch(
+            [self.prompt + b.text for b in beams], n=cfg.k, max_tokens=self._budget(beams[0]),
+            stop=cfg.stop or None, temperature=cfg.temperature, top_p=cfg.top_p,
+            seeds=[derive_seed(cfg.seed, step, i) for i, _ in request],
         )
         t1 = time.perf_counter()
-        cands = [self._new_node(beam, step, c) for c in res.continuations]
+        conts = res.continuations
+        cands = [self._new_node(b, step, c) for j, b in enumerate(beams) for c in conts[j * cfg.k:(j + 1) * cfg.k]]
         if self.session is not None:
             scores = await self.session.score([c.text for c in cands], [c.finished for c in cands])
             for c, s in zip(cands, scores):
@@ -182,7 +199,7 @@ class _Search:
         while live := [b for b in beams if self.expandable(b)]:
             step += 1
             t0 = time.perf_counter()
-            outs = await asyncio.gather(*(self._expand(b, i, step) for i, b in enumerate(live)))
+            outs = await asyncio.gather(*(self._expand(r, step) for r in self._requests(live)))
             new = [c for out in outs for c in out[0]]
             carried = [b for b in beams if not self.expandable(b) and b.id != 0]
             pool = self._distinct(carried + new)

@@ -407,6 +407,8 @@ class GuidanceServer:
                            code="upstream_error") from None
         except openai.APIConnectionError:
             raise ApiError(502, "The upstream could not be reached (after retries).", code="upstream_error") from None
+        except openai.APIResponseValidationError:
+            raise ApiError(502, "The upstream answered with a malformed completion.", code="upstream_error") from None
         finally:
             self.metrics.searches.inc(outcome=outcome)
 

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from proxy.config import ModelSpec
-from proxy.loopback import Choice, CompletionParams
+from proxy.loopback import Choice, CompletionParams, stable_int
 from scorers.loading import load_causal_lm, pick_device_dtype
 from scorers.scoring_model import needs_bos
 
@@ -56,7 +56,9 @@ class LocalCausalLM:
         if params.temperature > 0:
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
         if params.seed is not None:
-            torch.manual_seed(params.seed)
+            # Seeded per (seed, prompt): the prompts of one request share its seed, and must not
+            # share their random draws (the beams of a step would sample in lockstep).
+            torch.manual_seed(stable_int("sample", params.seed, params.prompt) % 2**63)
         else:
             torch.seed()
         ids = torch.tensor([prompt_ids], device=self.model.device)

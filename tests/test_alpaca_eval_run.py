@@ -88,12 +88,13 @@ async def test_thirty_instructions_guided_by_the_tiny_scorer(tmp_path: Path, tin
 
     # Every item was started exactly once: one first-step request per instruction.
     template = "Instruction: {}\nOutput:"
-    first = [r["prompt"] for r in server.requests if r["prompt"] in {template.format(it.instruction) for it in items}]
+    sent = [p for r in server.requests for p in (r["prompt"] if isinstance(r["prompt"], list) else [r["prompt"]])]
+    first = [p for p in sent if p in {template.format(it.instruction) for it in items}]
     assert sorted(first) == sorted(template.format(it.instruction) for it in items)
     # What the server billed is what the summary reports.
     prompt_tokens = sum(b["prompt_tokens"] for b in server.billed)
     completion_tokens = sum(b["completion_tokens"] for b in server.billed)
-    assert prompt_tokens == sum(count_tokens(r["prompt"]) for r in server.requests)
+    assert prompt_tokens == sum(count_tokens(p) for p in sent)
     assert (summary.stats.prompt_tokens, summary.stats.completion_tokens) == (prompt_tokens, completion_tokens)
     assert summary.stats.upstream_calls == len(server.requests)
     assert summary.stats.cost_usd == pytest.approx((prompt_tokens * 1.5 + completion_tokens * 2.0) / 1e6, rel=1e-12)

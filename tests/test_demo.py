@@ -42,8 +42,10 @@ async def test_demo_pipeline_on_two_prompts(loopback: LoopbackCompletionsServer,
         await scorer.aclose()
     assert [(r.prompt_index, r.method) for r in rows] == [
         (i, m) for i in (0, 1) for m in ("base", "best-of-4", "cbs w2k2l4")]
-    assert [(r.result.text, r.result.score, r.judge) for r in rows] == \
-           [(r.result.text, r.result.score, r.judge) for r in again]  # seeded: a rerun prints the same
+    # Seeded: a rerun prints the same. Scores agree to fp32 noise only: the scorer's micro-batches
+    # (and so its padded shapes) depend on which requests happen to arrive together.
+    assert [(r.result.text, r.judge) for r in rows] == [(r.result.text, r.judge) for r in again]
+    assert [r.result.score for r in rows] == pytest.approx([r.result.score for r in again], abs=1e-4)
     for r in rows:
         assert r.result.score is not None and r.judge == positivity(r.result.text)
         assert r.result.tokens <= 8

@@ -4,14 +4,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import SimpleNamespace
+from typing import Any
 
 import openai
 import pytest
 
 from proxy.config import SearchConfig
 from proxy.cost import count_tokens
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.loopback import CompletionParams, LoopbackCompletionsServer, RequestError
 from proxy.search import search
+from proxy.upstreams.base import SampleResult
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from proxy.upstreams.retry import retry_after_seconds
 from tests.conftest import upstream_config
@@ -32,6 +34,97 @@ async def test_one_request_with_n_and_exact_token_counts(loopback: LoopbackCompl
             assert c.finished and c.num_tokens == count_tokens(c.text)
     assert res.usage.prompt_tokens == count_tokens("Once upon a time")
     assert res.usage.completion_tokens == sum(c.num_tokens for c in res.continuations)
+
+
+PROMPTS = ["Once upon a time", "The rain fell on", "A small dog and"]
+
+
+async def alone(server: LoopbackCompletionsServer, prompt: str, seed: int) -> list[tuple[str, str | None, int]]:
+    """What `prompt` gets in a request of its own, from a fresh server with the same sampler."""
+    async with LoopbackCompletionsServer(eos_prob=server.lm.eos_prob) as fresh:
+        async with OpenAICompletionsUpstream(upstream_config(fresh)) as up:
+            res = await up.sample(prompt, n=3, max_tokens=6, stop=["."], seed=seed)
+    return [(c.text, c.finish_reason, c.num_tokens) for c in res.continuations]
+
+
+def triples(res: SampleResult) -> list[tuple[str, str | None, int]]:
+    return [(c.text, c.finish_reason, c.num_tokens) for c in res.continuations]
+
+
+async def test_a_list_of_prompts_is_one_request_answered_prompt_major(loopback: LoopbackCompletionsServer) -> None:
+    async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
+        assert up.max_prompts_per_call == 16
+        res = await up.sample_batch(PROMPTS, n=3, max_tokens=6, stop=["."], seeds=[7, 8, 9])
+    assert len(loopback.requests) == 1 and res.calls == 1
+    body = loopback.requests[0]
+    assert (body["prompt"], body["n"], body["seed"]) == (PROMPTS, 3, 7)  # one seed per request: the first
+    # Each prompt's three continuations are exactly what it gets alone with that seed.
+    assert triples(res) == [t for p in PROMPTS for t in await alone(loopback, p, 7)]
+    assert res.usage.prompt_tokens == sum(count_tokens(p) for p in PROMPTS)
+    assert res.usage.completion_tokens == sum(c.num_tokens for c in res.continuations)
+
+
+async def test_a_server_refusing_prompt_lists_gets_one_prompt_per_request() -> None:
+    async with LoopbackCompletionsServer(support_prompt_lists=False) as server:
+        async with OpenAICompletionsUpstream(upstream_config(server)) as up:
+            res = await up.sample_batch(PROMPTS, n=3, max_tokens=6, stop=["."], seeds=[7, 8, 9])
+            assert up.max_prompts_per_call == 1  # remembered
+            assert len(server.requests) == 4 and server.completed == 3 and res.calls == 3
+            again = await up.sample_batch(PROMPTS[:2], n=3, max_tokens=6, stop=["."], seeds=[7, 8])
+            assert len(server.requests) == 6  # no list tried again
+    assert triples(res) == [t for p, seed in zip(PROMPTS, [7, 8, 9]) for t in await alone(server, p, seed)]
+    assert triples(again) == triples(res)[:6]
+
+
+async def test_a_list_over_the_servers_limit_falls_back_to_one_prompt_per_request() -> None:
+    async with LoopbackCompletionsServer() as server:
+        async with OpenAICompletionsUpstream(upstream_config(server, max_prompts_per_call=100)) as up:
+            res = await up.sample_batch([f"P{i}" for i in range(65)], n=1, max_tokens=2)  # the server takes 64
+            assert up.max_prompts_per_call == 1
+    assert len(server.requests) == 66 and server.completed == 65 and res.calls == 65
+    assert len(res.continuations) == 65
+
+
+class RefusesBad(LoopbackCompletionsServer):
+    """Refuses the prompt "BAD" wherever it is, as an API refuses a prompt over its context window."""
+
+    async def _answer(self, params: CompletionParams) -> dict[str, Any]:
+        if params.prompt == "BAD":
+            raise RequestError("this prompt is too long", "prompt")
+        return await super()._answer(params)
+
+
+async def test_a_bad_prompt_in_a_list_raises_and_lists_stay_on() -> None:
+    async with RefusesBad() as server:
+        async with OpenAICompletionsUpstream(upstream_config(server)) as up:
+            with pytest.raises(openai.BadRequestError):
+                await up.sample_batch(["fine", "BAD"], n=2, max_tokens=3)
+            assert up.max_prompts_per_call == 16  # alone it failed too: the prompt was bad, not the list
+            await up.sample_batch(["fine", "also fine"], n=2, max_tokens=3)
+    assert isinstance(server.requests[-1]["prompt"], list)
+
+
+class FirstPromptOnly(LoopbackCompletionsServer):
+    """Answers a list of prompts as if it held only its first one (a server that mishandles lists)."""
+
+    async def _answer(self, params: CompletionParams) -> dict[str, Any]:
+        body = await super()._answer(params)
+        sent = self.requests[-1]["prompt"]
+        if isinstance(sent, list) and params.prompt != sent[0]:
+            return {**body, "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+        return body
+
+
+async def test_a_list_answered_with_missing_choices_is_redone_one_by_one_and_billed() -> None:
+    async with FirstPromptOnly() as server:
+        async with OpenAICompletionsUpstream(upstream_config(server)) as up:
+            res = await up.sample_batch(PROMPTS, n=3, max_tokens=6, stop=["."], seeds=[7, 8, 9])
+            assert up.max_prompts_per_call == 1
+    assert len(server.requests) == 4 and res.calls == 4
+    assert triples(res) == [t for p, seed in zip(PROMPTS, [7, 8, 9]) for t in await alone(server, p, seed)]
+    wasted = count_tokens(PROMPTS[0])  # the list request billed its first prompt and its choices
+    assert res.usage.prompt_tokens == wasted + sum(count_tokens(p) for p in PROMPTS)
+    assert res.usage == up.usage
 
 
 async def test_server_refusing_n_gets_parallel_single_requests() -> None:
@@ -122,21 +215,21 @@ def test_retry_after_parsing() -> None:
     assert 0 <= retry_after_seconds(err({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) < 1  # in the past
 
 
-async def test_cbs_over_http_sends_the_exact_requests(loopback: LoopbackCompletionsServer) -> None:
+@pytest.mark.parametrize("per_call", [1, 16])
+async def test_cbs_over_http_sends_the_exact_requests(loopback: LoopbackCompletionsServer, per_call: int) -> None:
     scorer = FnScorer(lambda text, finished: float(len(set(text.split()))))
     cfg = SearchConfig(w=2, k=3, l=4, max_new_tokens=10, seed=7)
-    async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
+    async with OpenAICompletionsUpstream(upstream_config(loopback, max_prompts_per_call=per_call)) as up:
         r = await search("Instruction: tell a story\nOutput:", up, scorer, cfg)
     per_step = [len(s.expanded) for s in r.steps]
-    assert len(loopback.requests) == sum(per_step) == r.calls
+    assert len(loopback.requests) == r.calls == (sum(per_step) if per_call == 1 else len(r.steps))
     it = iter(loopback.requests)
     for s in r.steps:
-        bodies = [next(it) for _ in s.expanded]
-        want = sorted(min(4, 10 - r.nodes[b].tokens) for b in s.expanded)
-        assert sorted(b["max_tokens"] for b in bodies) == want
+        bodies = [next(it) for _ in range(s.calls)]
+        sent = sorted(p for b in bodies for p in (b["prompt"] if isinstance(b["prompt"], list) else [b["prompt"]]))
+        assert sent == sorted("Instruction: tell a story\nOutput:" + r.nodes[b].text for b in s.expanded)
+        assert {b["max_tokens"] for b in bodies} == {min(4, 10 - r.nodes[b].tokens) for b in s.expanded}
         assert all(b["n"] == 3 for b in bodies)
-        assert sorted(b["prompt"] for b in bodies) == sorted(
-            "Instruction: tell a story\nOutput:" + r.nodes[b].text for b in s.expanded)
     assert r.usage.completion_tokens == sum(len(c.chunk.split()) for s in r.steps for c in s.candidates)
     assert r.tokens == count_tokens(r.text)
 

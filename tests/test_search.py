@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
 
 import pytest
 
@@ -190,3 +191,42 @@ async def test_scorer_is_told_which_beams_will_grow_after_each_selection() -> No
     for step, kept in zip(r.steps, scorer.kept):
         growing = [r.nodes[i].text for i in step.survivors if not r.nodes[i].finished and r.nodes[i].tokens < 4]
         assert kept == growing  # the finished survivor's cache is not needed: it never grows
+
+
+class BatchingUpstream(ScriptedUpstream):
+    """Takes up to `per_call` prompts per request, like a completions API given a prompt list."""
+
+    def __init__(self, per_call: int, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.max_prompts_per_call = per_call
+        self.batches: list[tuple[int, int, list[int | None]]] = []
+
+    async def sample_batch(self, prompts, *, n, max_tokens, seeds=None, **kw):  # type: ignore[no-untyped-def]
+        self.batches.append((len(prompts), max_tokens, list(seeds or [])))
+        return await super().sample_batch(prompts, n=n, max_tokens=max_tokens, seeds=seeds, **kw)
+
+
+@pytest.mark.parametrize("per_call", [1, 2, 16])
+async def test_the_beams_of_a_step_share_requests_of_equal_budget(per_call: int) -> None:
+    # Sample 0 of step 1 finishes short of a chunk (2 tokens, unfinished "length"): its beam has
+    # a different budget left from then on, so it never shares a request with the others.
+    def respond(call: Call, i: int) -> Continuation:
+        if call.prompt == "Q:" and i == 0:
+            return Continuation(" a b", False, 2, "length")
+        return word_responder()(call, i)
+
+    up = BatchingUpstream(per_call, respond=respond)
+    cfg = SearchConfig(w=3, k=3, l=4, max_new_tokens=6, seed=3)
+    r = await search("Q:", up, FnScorer(lambda t, f: float(len(t))), cfg)
+    same_result = await search("Q:", ScriptedUpstream(respond), FnScorer(lambda t, f: float(len(t))), cfg)
+    assert r.text == same_result.text and [s.survivors for s in r.steps] == [s.survivors for s in same_result.steps]
+    batches = iter(up.batches)
+    for step in r.steps:
+        by_budget = Counter(min(4, 6 - r.nodes[b].tokens) for b in step.expanded)
+        want = sorted((min(per_call, count - j), budget) for budget, count in by_budget.items()
+                      for j in range(0, count, per_call))
+        got = [next(batches) for _ in want]
+        assert sorted((size, budget) for size, budget, _ in got) == want
+        assert all(len(seeds) == size for size, _, seeds in got)
+    assert next(batches, None) is None
+    assert len({min(4, 6 - r.nodes[b].tokens) for b in r.steps[1].expanded}) == 2  # the case was exercised

@@ -6,6 +6,7 @@ spent (so the per-beam budget is honest), plus what the API billed.
 """
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Continuation:
 @dataclass(frozen=True)
 class SampleResult:
     continuations: list[Continuation]
+    """n per prompt; for several prompts (`sample_batch`) prompt-major: prompt i's are [i*n, (i+1)*n)."""
     usage: Usage
     calls: int
     """HTTP calls that succeeded for this sample (K when the server refused n>1)."""
@@ -51,6 +53,8 @@ class Upstream(ABC):
     """A model reachable only through its API."""
 
     name: str = "upstream"
+    max_prompts_per_call: int = 1
+    """How many prompts `sample_batch` sends in one request; 1: one request per prompt."""
 
     @abstractmethod
     async def sample(
@@ -65,6 +69,27 @@ class Upstream(ABC):
         seed: int | None = None,
     ) -> SampleResult:
         """n continuations of `prompt`, each at most `max_tokens` tokens."""
+
+    async def sample_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int,
+        max_tokens: int,
+        stop: Sequence[str] | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seeds: Sequence[int | None] | None = None,
+    ) -> SampleResult:
+        """n continuations of each prompt, prompt-major. This default sends one `sample` per
+        prompt, all at once; an upstream whose API takes several prompts per request overrides
+        it (and `max_prompts_per_call`), since fewer requests cost less CPU and rate limit."""
+        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+        results = await asyncio.gather(*(
+            self.sample(p, n=n, max_tokens=max_tokens, stop=stop, temperature=temperature, top_p=top_p, seed=s)
+            for p, s in zip(prompts, seeds, strict=True)))
+        return SampleResult([c for r in results for c in r.continuations],
+                            sum((r.usage for r in results), Usage()), sum(r.calls for r in results))
 
     async def aclose(self) -> None:
         """Close connections."""
