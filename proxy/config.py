@@ -124,6 +124,9 @@ class ScorerConfig(Strict):
     """How long a scoring request waits for others (from any search) to share a forward pass."""
     expo_alpha: float | None = None
     """ExPO: load the tuned model as tuned + alpha * (tuned - untuned); same architecture only."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch's CPU thread pool (process-wide), set when the scorer loads; None = torch's default.
+    On a CPU-only box that also samples (serve-local), half the cores each avoids oversubscription."""
 
 
 class ServerCaps(Strict):

@@ -7,6 +7,10 @@ from scorers.base import Scorer
 
 def load_scorer(cfg: ScorerConfig) -> Scorer:
     """Loads model weights: slow, call it off the event loop."""
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     if cfg.kind == "implicit":
         from scorers.implicit import ImplicitRewardScorer
 
