@@ -124,3 +124,22 @@ async def test_one_transport_serves_successive_event_loops() -> None:
         assert await asyncio.to_thread(call) == 200
         assert await asyncio.to_thread(call) == 200  # the first loop is closed by now
         await transport.aclose()
+
+
+async def test_http_proxy_from_the_environment_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As with the SDK's default transport: HTTP(S)_PROXY is honoured (here a proxy on 127.0.0.1
+    answers itself; the upstream's own name is never resolved)."""
+    seen: list[str] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        seen.append(str(request.url))
+        return web.json_response(COMPLETION)
+
+    async with raw_server(proxy) as proxy_url:
+        for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy_url.removesuffix("/v1"))
+        async with upstream_at("http://upstream.invalid/v1") as up:
+            res = await up.sample("P", n=1, max_tokens=5)
+    assert seen == ["http://upstream.invalid/v1/completions"]
+    assert res.continuations[0].text == " naïve café 🙂"

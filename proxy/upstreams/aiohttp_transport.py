@@ -38,14 +38,18 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
     def __init__(self, max_connections: int = 0, keepalive_s: float = 30.0) -> None:
         self.max_connections = max_connections
         self.keepalive_s = keepalive_s
+        # The trust the SDK's own transport would use (system store, SSL_CERT_FILE / _DIR).
+        self._ssl = httpx2.create_ssl_context()
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _session_for_loop(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=self.keepalive_s)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=self.keepalive_s,
+                                             ssl=self._ssl)
+            # trust_env: HTTP(S)_PROXY / NO_PROXY are honoured, as by the SDK's default transport.
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=True,
                                                   skip_auto_headers=("User-Agent", "Accept-Encoding"))
             self._loop = loop
         return self._session
