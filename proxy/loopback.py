@@ -17,8 +17,9 @@ chunked (beam) search.
 
 Knobs for tests: `failures` (a queue of HTTP statuses to answer first, to test retries, with
 `Retry-After` when `retry_after_s` is set), `latency_s` (each answer leaves that long after
-its request arrived; to test timeouts and cancellation, see `in_flight`, and for benchmarks), `support_n=False` (a server that refuses n > 1, like some vLLM deployments
-and proxies), `support_prompt_lists=False` (one that refuses a list of several prompts).
+its request arrived; to test timeouts and cancellation, see `in_flight`, and for benchmarks),
+`support_n=False` (a server that refuses n > 1, like some vLLM deployments and proxies),
+`support_prompt_lists=False` (one that refuses a list of several prompts).
 A list of prompts is answered as OpenAI does: n choices per prompt, prompt-major by `index`,
 each prompt sampled exactly as it would be alone with the same seed.
 
@@ -320,7 +321,8 @@ class LoopbackCompletionsServer:
     """
 
     def __init__(self, *, model: str = "toy-instruct", eos_prob: float = 0.08, latency_s: float = 0.0,
-                 support_n: bool = True, support_prompt_lists: bool = True, failures: Sequence[int] = (), retry_after_s: float | None = None,
+                 support_n: bool = True, support_prompt_lists: bool = True, failures: Sequence[int] = (),
+                 retry_after_s: float | None = None,
                  encoding: str = "cl100k_base", vocab: Sequence[str] | None = None,
                  backend: CompletionBackend | None = None) -> None:
         if not 0.0 <= eos_prob <= 1.0:
