@@ -143,3 +143,16 @@ async def test_http_proxy_from_the_environment_is_used(monkeypatch: pytest.Monke
             res = await up.sample("P", n=1, max_tokens=5)
     assert seen == ["http://upstream.invalid/v1/completions"]
     assert res.continuations[0].text == " naïve café 🙂"
+
+
+def test_proxy_settings_are_read_once_and_no_proxy_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://user:pw@127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", "direct.example")
+    transport = AiohttpTransport()
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # later changes do not reach a made transport
+    proxy, auth = transport._proxy_for(httpx2.URL("http://api.example/v1/completions"))
+    assert proxy == "http://user:pw@127.0.0.1:3128" and auth is not None and (auth.login, auth.password) == ("user", "pw")
+    assert transport._proxy_for(httpx2.URL("http://direct.example/v1")) == (None, None)
+    assert transport._proxy_for(httpx2.URL("https://api.example/v1")) == (None, None)  # no HTTPS_PROXY set

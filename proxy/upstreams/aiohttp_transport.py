@@ -14,9 +14,11 @@ before the response is handed back; aiohttp leaves the encoding to httpx2, which
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 
 import aiohttp
 import httpx2
+import yarl
 
 
 def _mapped(exc: aiohttp.ClientError | asyncio.TimeoutError) -> httpx2.TransportError:
@@ -40,6 +42,11 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         self.keepalive_s = keepalive_s
         # The trust the SDK's own transport would use (system store, SSL_CERT_FILE / _DIR).
         self._ssl = httpx2.create_ssl_context()
+        # HTTP(S)_PROXY / NO_PROXY are honoured, as by the SDK's default transport, but read once
+        # here and decided once per host: aiohttp's trust_env re-reads them (and ~/.netrc) on
+        # every request, which cost about 0.5 ms of CPU per upstream call.
+        self._env_proxies = urllib.request.getproxies()
+        self._proxies: dict[tuple[str, str], tuple[str | None, aiohttp.BasicAuth | None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -48,20 +55,30 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         if self._session is None or self._session.closed or self._loop is not loop:
             connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=self.keepalive_s,
                                              ssl=self._ssl)
-            # trust_env: HTTP(S)_PROXY / NO_PROXY are honoured, as by the SDK's default transport.
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=True,
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                                   skip_auto_headers=("User-Agent", "Accept-Encoding"))
             self._loop = loop
         return self._session
 
+    def _proxy_for(self, url: httpx2.URL) -> tuple[str | None, aiohttp.BasicAuth | None]:
+        key = (url.scheme, url.host)
+        if key not in self._proxies:
+            proxy = self._env_proxies.get(url.scheme)
+            if proxy is None or urllib.request.proxy_bypass(url.host):
+                self._proxies[key] = (None, None)
+            else:  # credentials in the proxy URL become its auth, as aiohttp's trust_env does
+                self._proxies[key] = (proxy, aiohttp.BasicAuth.from_url(yarl.URL(proxy)))
+        return self._proxies[key]
+
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         timeout = request.extensions.get("timeout", {})
         session = self._session_for_loop()
+        proxy, proxy_auth = self._proxy_for(request.url)
         body = await request.aread()
         try:
             async with session.request(
                 request.method, str(request.url), headers=list(request.headers.multi_items()),
-                data=body or None, allow_redirects=False, compress=False,
+                data=body or None, allow_redirects=False, compress=False, proxy=proxy, proxy_auth=proxy_auth,
                 timeout=aiohttp.ClientTimeout(connect=timeout.get("pool"), sock_connect=timeout.get("connect"),
                                               sock_read=timeout.get("read")),
             ) as resp:
