@@ -72,20 +72,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 @dataclass
-class Upstream:
+class UpstreamProcess:
     url: str
     pid: int
 
 
 @asynccontextmanager
-async def loopback_process(latency_s: float, eos_prob: float) -> AsyncIterator[Upstream]:
+async def loopback_process(latency_s: float, eos_prob: float) -> AsyncIterator[UpstreamProcess]:
     """The toy upstream in its own process, so its work does not share the server's event loop."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy.loopback", "--port", "0", "--latency-s", str(latency_s),
         "--eos-prob", str(eos_prob), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
-        yield Upstream((await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip(), proc.pid)
+        yield UpstreamProcess((await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip(), proc.pid)
     finally:
         proc.terminate()
         await proc.wait()
@@ -94,12 +94,6 @@ async def loopback_process(latency_s: float, eos_prob: float) -> AsyncIterator[U
 def config(base_url: str) -> AppConfig:
     upstream = UpstreamConfig(model=MODEL, base_url=base_url, max_concurrency=512, timeout_s=30)
     return AppConfig(upstream=upstream, server=ServerConfig(max_concurrent_requests=256))
-
-
-@asynccontextmanager
-async def guidance_server(cfg: AppConfig, scorer: Scorer | None = None) -> AsyncIterator[GuidanceServer]:
-    async with GuidanceServer(cfg, scorer=scorer) as server:
-        yield server
 
 
 class LagMonitor:
@@ -168,7 +162,7 @@ class LoadClient:
 async def overhead(n: int) -> None:
     async with loopback_process(0.0, 0.08) as upstream, LoadClient() as client:
         upstream_url = upstream.url
-        async with guidance_server(config(upstream_url)) as server:
+        async with GuidanceServer(config(upstream_url)) as server:
             c0 = time.process_time()
             r = await client.run(op="overhead", model=MODEL, n=n, warmup=20, direct=upstream_url + "/completions",
                                  proxied=server.base_url + "/completions")
@@ -201,7 +195,7 @@ async def throughput(scorer_name: str, concurrencies: list[int], repeats: int) -
                           else await asyncio.to_thread(tiny_scorer, Path(tmp)))
         rows = []
         async with loopback_process(LATENCY_S, 0.0) as upstream, LoadClient() as client:
-            async with guidance_server(config(upstream.url), scorer) as server:
+            async with GuidanceServer(config(upstream.url), scorer=scorer) as server:
                 body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell story {i}."}],
                         "max_tokens": MAX_TOKENS, "w2s": GUIDED}
                 burst = functools.partial(client.run, op="burst", url=server.base_url + "/chat/completions",

@@ -43,8 +43,7 @@ async def alone(server: LoopbackCompletionsServer, prompt: str, seed: int) -> li
     """What `prompt` gets in a request of its own, from a fresh server with the same sampler."""
     async with LoopbackCompletionsServer(eos_prob=server.lm.eos_prob) as fresh:
         async with OpenAICompletionsUpstream(upstream_config(fresh)) as up:
-            res = await up.sample(prompt, n=3, max_tokens=6, stop=["."], seed=seed)
-    return [(c.text, c.finish_reason, c.num_tokens) for c in res.continuations]
+            return triples(await up.sample(prompt, n=3, max_tokens=6, stop=["."], seed=seed))
 
 
 def triples(res: SampleResult) -> list[tuple[str, str | None, int]]:

@@ -16,6 +16,7 @@ the whole guidance server spends on a request, and a server under 64-way load fe
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -170,10 +171,11 @@ class OpenAICompletionsUpstream(Upstream):
     ) -> SampleResult:
         """All prompts in one request, seeded with the first seed (the API takes one per request)."""
         seeds = list(seeds) if seeds is not None else [None] * len(prompts)
-        args = dict(n=n, max_tokens=max_tokens, stop=stop, temperature=temperature, top_p=top_p)
+        one_by_one = functools.partial(super().sample_batch, prompts, n=n, max_tokens=max_tokens, stop=stop,
+                                       temperature=temperature, top_p=top_p, seeds=seeds)
         budgets = {self._prompt_budget(p, max_tokens) for p in prompts}
         if len(prompts) == 1 or self.max_prompts_per_call == 1 or len(budgets) > 1 or min(budgets) < 1:
-            return await super().sample_batch(prompts, seeds=seeds, **args)  # type: ignore[arg-type]
+            return await one_by_one()
         common: dict[str, object] = dict(model=self.cfg.model, prompt=list(prompts), n=n, max_tokens=max_tokens,
                                          temperature=temperature, top_p=top_p)
         if stop:
@@ -186,11 +188,11 @@ class OpenAICompletionsUpstream(Upstream):
                 self.supports_n = False
             elif not _about_prompt(e):
                 raise
-            one_by_one = await super().sample_batch(prompts, seeds=seeds, **args)  # type: ignore[arg-type]
+            alone = await one_by_one()
             if self.supports_n and self.supports_prompt_lists:  # each prompt alone was fine: the list was not
                 log.info("upstream %s refused a list of prompts; sending one prompt per request", self.name)
                 self.supports_prompt_lists = False
-            return one_by_one
+            return alone
         expected = n * len(prompts)
         answered = self._collect([resp], expected, max_tokens)
         if _all_choices(resp, expected):
@@ -198,7 +200,7 @@ class OpenAICompletionsUpstream(Upstream):
         log.info("upstream %s answered %d prompts with %d choices (expected %d); sending one prompt per request",
                  self.name, len(prompts), len(resp.choices), expected)
         self.supports_prompt_lists = False
-        rest = await super().sample_batch(prompts, seeds=seeds, **args)  # type: ignore[arg-type]
+        rest = await one_by_one()
         return SampleResult(rest.continuations, rest.usage + answered.usage, rest.calls + answered.calls)
 
     def _collect(self, responses: list[Completion], n: int, max_tokens: int) -> SampleResult:
