@@ -22,7 +22,7 @@ class _Request(BaseModel):
 
 
 class W2SOptions(_Request):
-    """Per-request guidance: a mode by name and/or the search's W, K, L.
+    """Per-request guidance: a mode by name and/or the search's W, K, L and selection rule.
 
     `l: null` sent explicitly means an unbounded chunk (best-of-N style); left out, the mode's
     own L applies.
@@ -32,6 +32,9 @@ class W2SOptions(_Request):
     w: int | None = Field(None, ge=1)
     k: int | None = Field(None, ge=1)
     l: int | None = Field(None, ge=1)
+    prefer_finished: bool | None = None
+    """True: answer with the best finished beam when there is one (default: the paper's rule,
+    the top-scored beam)."""
 
     def search_overrides(self) -> dict[str, Any]:
         """Only the fields the client sent, so an explicit `l: null` survives."""

@@ -24,10 +24,12 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
+    g.add_argument("--prefer-finished", action="store_const", const=True, default=None,
+                   help="answer with the best finished beam when there is one (default: the top-scored beam)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    keys = ("w", "k", "l", "max_new_tokens", "temperature", "top_p", "seed")
+    keys = ("w", "k", "l", "max_new_tokens", "temperature", "top_p", "seed", "prefer_finished")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 

@@ -36,6 +36,11 @@ class SearchConfig(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=4)
+    prefer_finished: bool = False
+    """Off (the paper's rule): beams are ranked by score alone, survivors and answer alike, and
+    finishing counts only through the EOS term of the score. On: a beam that ran out of budget
+    unfinished ranks below every finished or growing one, and the answer is the best finished
+    beam when there is one (best-of-N then means "best complete answer")."""
 
     @property
     def needs_scorer(self) -> bool:
@@ -103,6 +108,10 @@ class ModelSpec(Strict):
     system_prompt: str | None = ""
     """System turn prepended when the messages have none; None = no system turn."""
     revision: str | None = None
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory, merged into the weights at load: how a guide tuned the
+    paper's way (a small delta on its untuned parent) ships without a second full checkpoint.
+    Part of the model's identity: `path` with and without an adapter are different weights."""
 
 
 class ScorerConfig(Strict):

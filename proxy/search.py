@@ -3,10 +3,16 @@
 Each step asks the upstream for K continuations of every live beam (the beams go together in
 as few requests as the upstream allows, see `Upstream.max_prompts_per_call`, all requests of
 a step in flight at once), scores each request's candidates as soon as it returns, and keeps
-the W best of the new candidates plus the finished beams carried from earlier steps. A
-finished beam keeps its score, is never expanded again and occupies one slot at most. A
-beam that ran out of token budget unfinished ranks below all others (see `rank_key`), and
-the answer is the best finished beam, else the best beam.
+the W best of the new candidates plus the beams carried from earlier steps (finished, or
+out of budget). A carried beam keeps its score, is never expanded again and occupies one slot
+at most.
+
+Selection follows the paper (Zhou et al. 2024, and its reference code): the top W by score
+alone, and the answer is the top-scored beam, finished or not. Finishing counts only through
+the EOS term the scorer adds to a finished response. Ranking finished answers first instead
+makes best-of-N return whichever sample happened to end inside the budget (often a short
+refusal) whatever its score, which an independent judge scored below plain sampling; it is
+kept as the opt-in `SearchConfig.prefer_finished`.
 """
 from __future__ import annotations
 
@@ -132,10 +138,10 @@ class _Search:
         return not b.finished and not b.stalled and b.tokens < self.cfg.max_new_tokens
 
     def rank_key(self, c: Candidate) -> tuple[bool, float]:
-        """Score order, except that a dead end (out of budget, unfinished) ranks below every
-        answer that is complete or can still grow: it is kept only when nothing else is left.
-        That makes best-of-N pick the best finished sample, as its definition says."""
-        return (c.finished or self.expandable(c), _score(c))
+        """Score order. With `prefer_finished`, a dead end (out of budget, unfinished) ranks
+        below every answer that is complete or can still grow, kept only when nothing else is."""
+        alive = c.finished or self.expandable(c) if self.cfg.prefer_finished else True
+        return (alive, _score(c))
 
     def _new_node(self, parent: Candidate, step: int, c: Continuation) -> Candidate:
         chunk, hit_stop = cut_at_stop(parent.text, c.text, self.cfg.stop)
@@ -222,7 +228,7 @@ class _Search:
                 if maybe is not None:
                     await maybe
             beams = survivors
-        finished = [b for b in beams if b.finished]
+        finished = [b for b in beams if b.finished] if self.cfg.prefer_finished else []
         best = max(finished or beams, key=_score)
         r = self.result
         r.text, r.score, r.finished, r.tokens, r.chosen = best.text, best.score, best.finished, best.tokens, best.id

@@ -87,20 +87,58 @@ async def test_base_is_one_plain_request() -> None:
     assert r.text == " s0t0 s0t1 s0t2 s0t3 s0t4 s0t5 s0t6" and r.score is None and len(r.steps) == 1
 
 
-async def test_best_of_n_is_one_request_and_the_best_finished_sample() -> None:
-    scores = {0: 3.0, 1: 9.0, 2: 1.0, 3: 7.0}
-
+def _bon_upstream() -> ScriptedUpstream:
+    """Four samples; sample 1 runs to the 50-token budget unfinished, the others finish early."""
     def respond(call: Call, i: int) -> Continuation:
-        if i == 1:  # ran to the budget: 50 tokens
+        if i == 1:
             return Continuation(" answer1", False, call.max_tokens, "length")
         return Continuation(f" answer{i}", True, 2, "stop")
 
-    up = ScriptedUpstream(respond)
-    scorer = FnScorer(lambda t, f: scores[int(t[-1])])
+    return ScriptedUpstream(respond)
+
+
+BON_SCORES = {0: 3.0, 1: 9.0, 2: 1.0, 3: 7.0}
+
+
+async def test_best_of_n_is_one_request_and_the_top_scored_sample_finished_or_not() -> None:
+    up = _bon_upstream()
+    scorer = FnScorer(lambda t, f: BON_SCORES[int(t[-1])])
     r = await search("Q:", up, scorer, SearchConfig(w=1, k=4, l=None, max_new_tokens=50))
     assert [(c.n, c.max_tokens) for c in up.calls] == [(4, 50)]
-    # sample 1 scores best but hit the length limit: the answer is the best *finished* one
+    # The paper's rule: the unfinished sample 1 scores best, so it is the answer.
+    assert r.text == " answer1" and not r.finished and r.score == 9.0
+
+
+async def test_prefer_finished_makes_best_of_n_the_best_finished_sample() -> None:
+    scorer = FnScorer(lambda t, f: BON_SCORES[int(t[-1])])
+    cfg = SearchConfig(w=1, k=4, l=None, max_new_tokens=50, prefer_finished=True)
+    r = await search("Q:", _bon_upstream(), scorer, cfg)
     assert r.text == " answer3" and r.finished and r.score == 7.0
+
+
+def _early_finisher() -> ScriptedUpstream:
+    """Step 1: sample 0 finishes at once; the others grow a word per token until the budget."""
+    return ScriptedUpstream(word_responder(lambda call, i: call.prompt == "Q:" and i == 0))
+
+
+def _low_finished(text: str, finished: bool) -> float:
+    """A finished answer scores 1; an unfinished one scores by its length (grows past 1)."""
+    return 1.0 if finished else float(len(text.split()))
+
+
+@pytest.mark.parametrize("prefer_finished", [False, True])
+async def test_a_finished_low_score_beam_loses_to_an_unfinished_high_score_one(prefer_finished: bool) -> None:
+    cfg = SearchConfig(w=2, k=2, l=2, max_new_tokens=4, prefer_finished=prefer_finished)
+    r = await search("Q:", _early_finisher(), FnScorer(_low_finished), cfg)
+    fin = next(c for c in r.nodes.values() if c.finished)
+    assert fin.score == 1.0 and fin.step == 1
+    assert fin.id in r.steps[0].survivors  # step 1: two slots, both kept
+    last = r.steps[-1]
+    if prefer_finished:  # the 4-token beams are out of budget unfinished: they rank below it
+        assert last.survivors[0] == fin.id and r.text == fin.text and r.finished
+    else:  # by score alone the two 4-token beams push the finished one out
+        assert fin.id not in last.survivors and [r.nodes[i].score for i in last.survivors] == [4.0, 4.0]
+        assert not r.finished and r.score == 4.0 and r.tokens == 4
 
 
 async def test_all_requests_of_a_step_fly_together_and_score_on_arrival() -> None:

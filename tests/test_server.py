@@ -160,7 +160,11 @@ async def test_without_a_scorer_only_plain_sampling_is_served(loopback: Loopback
             await client.completions.create(model=f"{MODEL}+bon4", prompt="x")
         with pytest.raises(openai.BadRequestError) as e:
             await client.completions.create(model=MODEL, prompt="x", extra_body={"w2s": {"k": 2}})
-        r = await client.completions.create(model=MODEL, prompt="x", max_tokens=3, extra_body={"w2s": {"l": 8}})
+        r = await client.completions.create(model=MODEL, prompt="x", max_tokens=3,
+                                            extra_body={"w2s": {"l": 8, "prefer_finished": True}})
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.completions.create(model=MODEL, prompt="x", extra_body={"w2s": {"prefer_finished": "maybe"}})
+    assert bad.value.body["param"] == "w2s.prefer_finished"
     assert e.value.body["param"] == "w2s" and "needs a scorer" in e.value.body["message"]
     assert r.model_extra["w2s"]["mode"] == "cbs-w1k1l8"
 

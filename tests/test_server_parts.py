@@ -99,6 +99,9 @@ def test_openai_fields_then_w2s_field_override_the_alias() -> None:
     assert modes().resolve("m+cbs").search == SearchConfig(w=2, k=2, l=10, max_new_tokens=100, temperature=0.5,
                                                            stop=["\n"])
     assert modes().resolve("m+cbs", w2s={"mode": "bon4"}).mode == "bon4"
+    # the selection rule: the paper's unless the request asks for finished answers first
+    assert not modes().resolve("m+cbs").search.prefer_finished
+    assert modes().resolve("m+cbs", w2s={"prefer_finished": True}).search.prefer_finished
 
 
 def test_default_budget_is_capped_and_explicit_budget_over_the_cap_refused() -> None:
