@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from proxy.alpaca_eval.dataset import load_instructions, select  # noqa: E402
 from proxy.alpaca_eval.runner import OUTPUTS_NAME, RunSummary, run_alpaca_eval  # noqa: E402
 from proxy.client import GuidedClient  # noqa: E402
-from proxy.config import AppConfig, Prices, SearchConfig, UpstreamConfig, load_preset, search_with  # noqa: E402
+from proxy.config import AppConfig, Prices, SearchConfig, UpstreamConfig, search_with  # noqa: E402
+from proxy.presets import load_preset  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "alpaca_eval" / "alpaca_eval_gpt4_baseline.json"
 

@@ -22,7 +22,7 @@ also give the server process's CPU time per request and the ratio one free core 
 at best with it (ideal makespan / (concurrency x CPU per request), capped at 1; the lag
 ticker's own CPU, measured alone first, is left out): when that ceiling is below the target,
 the cost is CPU per request, not waiting. The heap is frozen after start-up as
-`w2s serve` does (proxy.server.freeze_heap).
+`w2s serve` does (proxy.serving.command.freeze_heap).
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from proxy.config import AppConfig, ServerConfig, UpstreamConfig  # noqa: E402
-from proxy.server import GuidanceServer, freeze_heap  # noqa: E402
+from proxy.serving.app import GuidanceServer  # noqa: E402
+from proxy.serving.command import freeze_heap  # noqa: E402
 from scorers.base import Scorer  # noqa: E402
 
 MODEL = "toy-instruct"

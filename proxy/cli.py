@@ -10,8 +10,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy.config import ConfigError, Prices, load_config
+from proxy.config import ConfigError, Prices
 from proxy.cost import cost_usd
+from proxy.presets import load_config
 from proxy.search import SearchResult
 
 
@@ -79,7 +80,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
 # Each module adds its own subcommand(s) with `register(subparsers)`; its handler is an
 # `async def (args) -> int` stored as `func`. Modules must not import torch at import time.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("proxy.demo", "proxy.local_server", "proxy.server", "proxy.alpaca_eval.cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("proxy.demo", "proxy.local_server", "proxy.serving.command", "proxy.alpaca_eval.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

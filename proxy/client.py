@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.config import AppConfig, ConfigError, load_config, require_scorer, search_with
+from proxy.config import AppConfig, ConfigError, require_scorer, search_with
+from proxy.presets import load_config
 from proxy.prompts import render_chat
 from proxy.search import SearchResult, StepCallback, search
 from proxy.upstreams.base import Upstream

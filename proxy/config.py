@@ -1,9 +1,10 @@
-"""Every setting, validated by pydantic, and the only place that reads files or env vars for them.
+"""Every setting, validated by pydantic; the only place that reads env vars for them.
 
-A config file has three parts: `upstream`, `scorer` and `search`. Each is either a mapping or
-the name of a preset under configs/<part>/ (e.g. `search: cbs-w4k4l30`); a preset can be
-refined with `{preset: NAME, ...fields}`. Unknown keys and impossible values are refused with
-a message that names the field, before any model is loaded or any API is called.
+A config has three parts: `upstream`, `scorer` and `search` (plus `server` for `w2s serve`).
+Unknown keys and impossible values are refused with a message that names the field, before any
+model is loaded or any API is called. These models never read a file: preset names
+(`search: cbs-w4k4l30`, `{preset: NAME, ...}`) and config files are resolved to plain mappings
+by proxy.presets before validation.
 """
 from __future__ import annotations
 
@@ -11,10 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-
-CONFIG_DIR = Path(os.environ.get("W2S_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -151,7 +149,7 @@ class ServerCaps(Strict):
     max_tokens: int = Field(2048, ge=1)
 
 
-def _mode_problem(mode: SearchConfig, caps: ServerCaps) -> str | None:
+def mode_problem(mode: SearchConfig, caps: ServerCaps) -> str | None:
     if mode.w * mode.k > caps.max_w_times_k:
         return f"w*k = {mode.w * mode.k} exceeds caps.max_w_times_k = {caps.max_w_times_k}"
     if mode.l is not None and mode.l < caps.min_l:
@@ -163,47 +161,28 @@ class ServerConfig(Strict):
     """`w2s serve`: the OpenAI-compatible guidance server.
 
     Clients pick guidance by model name: the upstream's model alone is plain sampling, and
-    `<model>+<mode>` runs the search config `modes[<mode>]` (a preset name under
-    configs/search/, or a mapping, or `{preset: NAME, ...}`); by default every search preset
-    is a mode under its own name (those over the caps left out).
+    `<model>+<mode>` runs the search config `modes[<mode>]` (in a config file: a search preset
+    name, a mapping or `{preset: NAME, ...}`, resolved by proxy.presets before validation).
     """
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys_env: str | None = None
     """Env var holding the proxy keys clients must send (comma-separated); None = no auth."""
-    modes: dict[str, SearchConfig] = Field(default_factory=dict)
+    modes: dict[str, SearchConfig] | None = None
+    """None: every search preset is a mode under its own name, those over the caps left out
+    (proxy.presets.server_modes resolves it when the server starts)."""
     caps: ServerCaps = ServerCaps()
     max_concurrent_requests: int = Field(64, ge=1)
     """Generation requests served at once; more are refused with 429 rather than queued."""
     max_body_bytes: int = Field(1 << 20, ge=1024)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_modes(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or "modes" in data:
-            return data
-        try:
-            caps = data.get("caps")
-            caps = caps if isinstance(caps, ServerCaps) else ServerCaps.model_validate(caps or {})
-        except ValidationError:
-            return data  # reported by the normal validation, naming the field
-        presets = {n: SearchConfig.model_validate(load_preset("search", n)) for n in preset_names("search")}
-        return {**data, "modes": {n: m for n, m in presets.items() if _mode_problem(m, caps) is None}}
-
-    @field_validator("modes", mode="before")
-    @classmethod
-    def _resolve_mode_presets(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        return {name: _resolve_part("search", spec) for name, spec in value.items()}
-
     @model_validator(mode="after")
     def _modes_fit_caps(self) -> "ServerConfig":
-        for name, mode in self.modes.items():
+        for name, mode in (self.modes or {}).items():
             if not name or "+" in name or any(c.isspace() for c in name):
                 raise ValueError(f"modes: {name!r} is not a usable mode name (no '+' or spaces)")
-            problem = _mode_problem(mode, self.caps)
+            problem = mode_problem(mode, self.caps)
             if problem is not None:
                 raise ValueError(f"modes.{name}: {problem}")
         return self
@@ -222,9 +201,6 @@ def require_scorer(search: SearchConfig, have_scorer: bool) -> None:
         raise ConfigError(f"search.{search.mode} needs a scorer (w*k > 1); add a `scorer:` section")
 
 
-_PARTS = {"upstream": "upstreams", "scorer": "scorers", "search": "search"}
-
-
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     """One line per problem, each naming the dotted field, e.g. `search.w: ...`."""
     lines = []
@@ -235,65 +211,6 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = "unknown field"
         lines.append(f"{loc or '<config>'}: {msg}")
     return "; ".join(lines)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
-
-
-def preset_names(part: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / _PARTS[part]).glob("*.yaml"))
-
-
-def load_preset(part: str, name: str) -> dict[str, Any]:
-    path = CONFIG_DIR / _PARTS[part] / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(preset_names(part)) or "none"
-        raise ConfigError(f"{part}: unknown preset {name!r} (known: {known})")
-    return _read_yaml(path)
-
-
-def _resolve_part(part: str, value: Any) -> Any:
-    if isinstance(value, str):
-        return load_preset(part, value)
-    if isinstance(value, dict) and "preset" in value:
-        merged = dict(load_preset(part, str(value["preset"])))
-        merged.update({k: v for k, v in value.items() if k != "preset"})
-        return merged
-    return value
-
-
-def build_config(data: dict[str, Any], **search_overrides: Any) -> AppConfig:
-    """Resolve presets, apply search overrides, validate."""
-    if not isinstance(data, dict):
-        raise ConfigError("config: expected a mapping")
-    resolved = {k: _resolve_part(k, v) if k in _PARTS else v for k, v in data.items()}
-    if search_overrides:
-        search = dict(resolved.get("search") or {})
-        search.update({k: v for k, v in search_overrides.items() if v is not None})
-        resolved["search"] = search
-    try:
-        return AppConfig.model_validate(resolved)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
-
-
-def load_config(path: str | Path, **search_overrides: Any) -> AppConfig:
-    """Load a config file, or a top-level preset name under configs/ (e.g. `paper-cbs-w4k4l30`)."""
-    p = Path(path)
-    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").is_file():
-        p = CONFIG_DIR / f"{path}.yaml"
-    return build_config(_read_yaml(p), **search_overrides)
 
 
 def search_with(base: SearchConfig, **overrides: Any) -> SearchConfig:

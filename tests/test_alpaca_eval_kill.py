@@ -16,8 +16,8 @@ from proxy.alpaca_eval.checkpoint import CHECKPOINT_NAME
 from proxy.alpaca_eval.dataset import read_instruction_file, select
 from proxy.alpaca_eval.runner import OUTPUTS_NAME, run_alpaca_eval
 from proxy.client import GuidedClient
-from proxy.config import load_config
 from proxy.loopback import LoopbackCompletionsServer
+from proxy.presets import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 ODD = ["  leading and trailing spaces  ", "line one\r\nline two\n", "naïve café — 東京 🙂", ""]

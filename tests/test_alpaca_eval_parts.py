@@ -25,7 +25,8 @@ from proxy.alpaca_eval.dataset import (
 )
 from proxy.alpaca_eval.identity import config_fingerprint, generator_name
 from proxy.alpaca_eval.progress import ProgressBar, format_duration
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError
+from proxy.presets import load_config
 
 # Strings alpaca_eval must get back unchanged: whitespace at both ends, CRLF, tabs, non-ASCII.
 ODD = ["  leading and trailing spaces  ", "line one\r\nline two\n", "tab\there", "naïve café — 東京 🙂",

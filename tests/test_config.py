@@ -8,17 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.cli import main
-from proxy.config import (
-    CONFIG_DIR,
-    AppConfig,
-    ConfigError,
-    ScorerConfig,
-    SearchConfig,
-    build_config,
-    load_config,
-    preset_names,
-    search_with,
-)
+from proxy.config import AppConfig, ConfigError, ScorerConfig, SearchConfig, ServerConfig, search_with
+from proxy.presets import build_config, load_config, preset_names, presets_dir
 
 PAPER = ["base", "bon4", "bon8", "bon16", "cbs-w2k2l30", "cbs-w4k4l30"]
 
@@ -43,8 +34,10 @@ def test_all_presets_validate() -> None:
     for part in ("scorer", "search", "upstream"):
         for name in preset_names(part):
             build_config({"upstream": "gpt-3.5-turbo-instruct", "scorer": "zephyr-7b-beta", part: name})
-    for path in CONFIG_DIR.glob("*.yaml"):
-        assert isinstance(load_config(path), AppConfig)
+    assert {f"paper-{name}" for name in PAPER} <= set(preset_names())
+    for name in preset_names():
+        assert isinstance(load_config(name), AppConfig)
+        assert load_config(Path(str(presets_dir().joinpath(f"{name}.yaml")))) == load_config(name)
 
 
 @pytest.mark.parametrize(
@@ -101,8 +94,12 @@ def test_overrides_are_validated() -> None:
 
 
 def test_bad_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml \(presets, given by name: .*paper-bon4"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"no file and no preset named 'paper-bon5' \(presets: paper-base, .*paper-bon4"):
+        load_config("paper-bon5")
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstream: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -139,3 +136,23 @@ def test_torch_threads_is_set_when_the_scorer_loads(tiny_scorer_config: ScorerCo
         torch.set_num_threads(before)
     with pytest.raises(ValidationError, match="torch_threads"):
         ScorerConfig.model_validate({**tiny_scorer_config.model_dump(), "torch_threads": 0})
+
+
+def test_presets_are_package_data_and_the_models_read_no_file(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import w2s_presets
+
+    assert Path(str(presets_dir())) == Path(w2s_presets.__file__).parent
+    # the pydantic models never look for presets: with none to be found they validate as before
+    monkeypatch.setenv("W2S_CONFIG_DIR", str(tmp_path))
+    assert preset_names("search") == [] and preset_names() == []
+    assert AppConfig.model_validate({"upstream": {"model": "m"}}).server.modes is None
+    assert ServerConfig.model_validate({"modes": {"b": {"k": 4}}}).modes == {"b": SearchConfig(k=4)}
+    with pytest.raises(ConfigError, match=r"search: unknown preset 'bon4' \(known: none\)"):
+        build_config({"upstream": {"model": "m"}, "search": "bon4"})
+    # W2S_CONFIG_DIR: another folder of the same layout
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "mine.yaml").write_text("w: 2\nk: 3\nl: 9\n")
+    (tmp_path / "mine.yaml").write_text("upstream: {model: m}\nsearch: mine\n")
+    assert preset_names("search") == ["mine"] and preset_names() == ["mine"]
+    assert load_config("mine").search.mode == "cbs-w2k3l9"

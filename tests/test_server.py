@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,12 +15,14 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.client import GuidedClient
 from proxy.config import AppConfig, ConfigError, SearchConfig, ServerConfig
 from proxy.loopback import LoopbackCompletionsServer
+from proxy.presets import resolve_server
 from proxy.search import derive_seed, search
-from proxy.server import GuidanceServer
+from proxy.serving.app import GuidanceServer
 from proxy.upstreams.base import SampleResult, Upstream
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from tests.conftest import upstream_config
@@ -37,7 +38,7 @@ def distinct_words(text: str, finished: bool) -> float:
 def app_config(loopback: LoopbackCompletionsServer, *, search: dict[str, Any] | None = None,
                server: dict[str, Any] | None = None, **upstream: Any) -> AppConfig:
     return AppConfig(upstream=upstream_config(loopback, **upstream), search=SearchConfig(**(search or {})),
-                     server=ServerConfig.model_validate(server or {}))
+                     server=ServerConfig.model_validate(resolve_server(server or {})))
 
 
 @asynccontextmanager
@@ -56,11 +57,12 @@ def root(server: GuidanceServer) -> str:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)$"
-    values = [float(m.group(1)) for line in text.splitlines() if (m := re.match(pattern, line))]
-    assert len(values) == 1, f"{name}{labels} not exported exactly once"
-    return values[0]
+    """The sum of the samples `name` whose labels include `labels` (so leaving out `mode` sums over
+    the modes), read with prometheus_client's own parser; the sample must be exported."""
+    values = [s.value for family in text_string_to_metric_families(text) for s in family.samples
+              if s.name == name and labels.items() <= s.labels.items()]
+    assert values, f"{name}{labels} not exported"
+    return sum(values)
 
 
 async def wait_for(predicate: Any, what: str, limit_s: float = 5.0) -> None:
@@ -265,7 +267,7 @@ async def test_upstream_failure_mid_stream_is_reported_in_band(loopback: Loopbac
         stream = await client.completions.create(model=MODEL, prompt="x", stream=True, max_tokens=5)
         with pytest.raises(openai.APIError) as e:
             await collect(stream)
-        text = srv.metrics.render()
+        text = srv.metrics.render()[0].decode()
     assert e.value.body == {"message": "The upstream failed with HTTP 500 (after retries).", "type": "upstream_error",
                             "param": None, "code": "upstream_error"}
     assert metric(text, "w2s_requests_total", endpoint="/v1/completions", status="502") == 1
@@ -423,7 +425,7 @@ async def test_a_scorer_failure_is_a_500_whole_or_streamed(loopback: LoopbackCom
         stream = await client.completions.create(model=f"{MODEL}+bon4", prompt="x", max_tokens=3, stream=True)
         with pytest.raises(openai.APIError) as streamed:
             await collect(stream)
-        text = srv.metrics.render()
+        text = srv.metrics.render()[0].decode()
     expected = {"message": "internal server error", "type": "server_error", "param": None, "code": None}
     assert whole.value.body == streamed.value.body == expected
     assert metric(text, "w2s_requests_total", endpoint="/v1/completions", status="500") == 2
@@ -447,8 +449,8 @@ async def test_client_disconnect_cancels_the_search_and_its_upstream_calls(strea
             await wait_for(lambda: slow.in_flight == 1, "the search's first upstream call")
             task.cancel()  # the client gives up: its connection closes
             await wait_for(lambda: slow.in_flight == 0, "the upstream call to be cancelled")
-            await wait_for(lambda: srv.metrics.searches.value(outcome="cancelled") == 1, "the search to end")
+            await wait_for(lambda: srv.metrics.total("w2s_searches_total", outcome="cancelled") == 1, "the search to end")
             await asyncio.sleep(0.8)  # past the upstream's latency: a live search would have asked again
             assert len(slow.requests) == 1 and slow.completed == 0
-            assert srv.metrics.in_flight.value() == 0 and scorer.open_sessions == 0
+            assert srv.metrics.total("w2s_generations_in_flight") == 0 and scorer.open_sessions == 0
             assert scorer.calls == []

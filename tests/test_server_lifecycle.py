@@ -14,6 +14,8 @@ import aiohttp
 import openai
 import pytest
 import yaml
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import TinyModelDirs, cpu_scorer_config
 
 from proxy.client import GuidedClient
@@ -148,6 +150,49 @@ async def test_metrics_add_up_to_the_traffic(loopback: LoopbackCompletionsServer
     assert metric(text, "w2s_searches_total", outcome="finished") == finished
     assert metric(text, "w2s_step_scoring_seconds_count") == sum(i["steps"] for i in info[1:])
     assert metric(text, "w2s_generations_in_flight") == 0
+    # by mode: plain sampling, a served mode, and one whose L the request changed ("custom")
+    for answer, mode in zip(answers, ("base", "custom", "bon4")):
+        assert answer.usage is not None
+        assert metric(text, "w2s_upstream_tokens_total", mode=mode, kind="prompt") == answer.usage.prompt_tokens
+        assert metric(text, "w2s_upstream_cost_usd_total", mode=mode) == pytest.approx(
+            (answer.usage.prompt_tokens * 1.5 + answer.usage.completion_tokens * 2.0) / 1e6)
+        assert metric(text, "w2s_searches_total", mode=mode) == 1
+
+
+async def test_metrics_count_upstream_retries_and_failures_by_kind(loopback: LoopbackCompletionsServer) -> None:
+    cfg = AppConfig(upstream=upstream_config(loopback, max_attempts=2, prices={"prompt": 1.5, "completion": 2.0}))
+    async with served(cfg, scorer=FnScorer(distinct_words)) as (srv, client):
+        loopback.failures.extend([429, 503, 500])  # gives up after 429, 503; then 500 once, retried
+        with pytest.raises(openai.APIStatusError) as e:
+            await client.completions.create(model=MODEL, prompt="a", max_tokens=4)
+        answer = await client.completions.create(model=f"{MODEL}+bon4", prompt="b", max_tokens=4, seed=1)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(root(srv) + "/metrics") as r:
+                content_type, text = r.headers["Content-Type"], await r.text()
+            async with s.get(root(srv) + "/metrics",
+                             headers={"Accept": "application/openmetrics-text; version=1.0.0"}) as r:
+                openmetrics_type, openmetrics_text = r.headers["Content-Type"], await r.text()
+    assert e.value.status_code == 502 and answer.choices and len(loopback.requests) == 4
+    assert content_type.startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # what a Prometheus server reads
+    assert {"w2s_upstream_retries", "w2s_upstream_errors", "w2s_searches", "w2s_upstream_cost_usd"} <= families.keys()
+    assert metric(text, "w2s_upstream_retries_total", kind="http_429") == 1
+    assert metric(text, "w2s_upstream_retries_total", kind="http_500") == 1
+    assert metric(text, "w2s_upstream_retries_total") == 2
+    assert metric(text, "w2s_upstream_errors_total", kind="http_503") == 1
+    assert metric(text, "w2s_upstream_errors_total") == 1
+    assert metric(text, "w2s_searches_total", mode="base", outcome="error") == 1
+    assert metric(text, "w2s_searches_total", mode="bon4", outcome="error") == 0
+    assert metric(text, "w2s_searches_total", mode="bon4") == 1
+    assert answer.usage is not None
+    assert metric(text, "w2s_upstream_tokens_total", mode="bon4", kind="completion") == answer.usage.completion_tokens
+    assert metric(text, "w2s_upstream_tokens_total", mode="base") == 0  # the failed search was billed nothing
+    assert metric(text, "w2s_upstream_cost_usd_total", mode="bon4") == pytest.approx(
+        (answer.usage.prompt_tokens * 1.5 + answer.usage.completion_tokens * 2.0) / 1e6)
+    assert openmetrics_type.startswith("application/openmetrics-text") and openmetrics_text.endswith("# EOF\n")
+    om = {f.name: f for f in openmetrics_families(openmetrics_text)}
+    assert [s.value for s in om["w2s_upstream_errors"].samples
+            if s.name == "w2s_upstream_errors_total" and s.labels == {"kind": "http_503"}] == [1]
 
 
 async def test_w2s_serve_command(loopback: LoopbackCompletionsServer, tmp_path: Path) -> None:

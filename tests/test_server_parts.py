@@ -1,59 +1,73 @@
-"""The server's pure parts: the Prometheus registry, the settled-prefix tracker, mode resolution,
+"""The server's pure parts: its metrics, the settled-prefix tracker, mode resolution,
 and the `server:` config section."""
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
+import httpx2
+import openai
 import pytest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import AppConfig, ConfigError, SearchConfig, ServerCaps, ServerConfig, build_config
-from proxy.guidance import GuidanceError, GuidanceModes
-from proxy.metrics import Registry, format_value
-from proxy.streaming import SettledText, common_prefix
+from proxy.config import AppConfig, ConfigError, SearchConfig, ServerCaps, ServerConfig
+from proxy.serving.guidance import GuidanceError, GuidanceModes
+from proxy.serving.metrics import ServerMetrics
+from proxy.presets import build_config, server_modes
+from proxy.serving.streaming import SettledText, common_prefix
 
 # ------------------------------------------------------------------------------ metrics
 
 
-def test_registry_renders_the_prometheus_text_format_exactly() -> None:
-    r = Registry()
-    c = r.counter("x_requests_total", "Requests.", ("endpoint", "status"))
-    g = r.gauge("x_in_flight", "In flight.")
-    h = r.histogram("x_seconds", "Latency.", buckets=(0.1, 1.0))
-    c.inc(endpoint="/a", status="200")
-    c.inc(2, endpoint='/b"\\\n', status="500")
-    g.inc()
-    g.inc()
-    g.dec()
-    for v in (0.05, 0.1, 0.5, 3.0):
-        h.observe(v)
-    assert r.render() == (
-        "# HELP x_requests_total Requests.\n"
-        "# TYPE x_requests_total counter\n"
-        'x_requests_total{endpoint="/a",status="200"} 1\n'
-        'x_requests_total{endpoint="/b\\"\\\\\\n",status="500"} 2\n'
-        "# HELP x_in_flight In flight.\n"
-        "# TYPE x_in_flight gauge\n"
-        "x_in_flight 1\n"
-        "# HELP x_seconds Latency.\n"
-        "# TYPE x_seconds histogram\n"
-        'x_seconds_bucket{le="0.1"} 2\n'  # le is inclusive: 0.1 counts
-        'x_seconds_bucket{le="1"} 3\n'
-        'x_seconds_bucket{le="+Inf"} 4\n'
-        "x_seconds_sum 3.65\n"
-        "x_seconds_count 4\n"
-    )
+def families(text: str | bytes, openmetrics: bool = False) -> dict[str, Metric]:
+    parse = openmetrics_families if openmetrics else text_string_to_metric_families
+    return {f.name: f for f in parse(text.decode() if isinstance(text, bytes) else text)}
 
 
-def test_metric_misuse_is_refused() -> None:
-    r = Registry()
-    c = r.counter("a_total", "A.", ("kind",))
-    with pytest.raises(ValueError, match="cannot decrease"):
-        c.inc(-1, kind="x")
-    with pytest.raises(ValueError, match="expected labels"):
-        c.inc(other="x")
-    with pytest.raises(ValueError, match="already registered"):
-        r.gauge("a_total", "again")
-    assert [format_value(v) for v in (3.0, 0.25, math.inf, -math.inf)] == ["3", "0.25", "+Inf", "-Inf"]
+def value(fams: dict[str, Metric], family: str, sample: str, **labels: str) -> float:
+    [v] = [s.value for s in fams[family].samples if s.name == sample and s.labels == labels]
+    return v
+
+
+def test_metrics_start_zeroed_for_every_known_label_and_negotiate_the_format() -> None:
+    m = ServerMetrics(["bon4"])
+    body, content_type = m.render()
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    fams = families(body)
+    for mode in ("base", "bon4", "custom"):  # served modes, plain sampling, and requests that set W/K/L
+        assert value(fams, "w2s_upstream_tokens", "w2s_upstream_tokens_total", mode=mode, kind="prompt") == 0
+        assert value(fams, "w2s_upstream_cost_usd", "w2s_upstream_cost_usd_total", mode=mode) == 0
+        for outcome in ("finished", "length", "error", "cancelled"):
+            assert value(fams, "w2s_searches", "w2s_searches_total", mode=mode, outcome=outcome) == 0
+    assert value(fams, "w2s_step_upstream_seconds", "w2s_step_upstream_seconds_bucket", le="+Inf") == 0
+    if Path("/proc/self/stat").exists():  # the process collector, where the platform has one
+        assert value(fams, "process_cpu_seconds", "process_cpu_seconds_total") > 0
+    body, content_type = m.render("application/openmetrics-text; version=1.0.0,text/plain;q=0.5")
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0") and body.endswith(b"# EOF\n")
+    assert value(families(body, openmetrics=True), "w2s_searches", "w2s_searches_total", mode="base",
+                 outcome="finished") == 0
+    assert ServerMetrics(process=False).total("process_cpu_seconds_total") == 0  # each server its own registry
+
+
+def test_metrics_label_modes_and_upstream_failure_kinds() -> None:
+    m = ServerMetrics(["bon4"])
+    m.search_done("bon4", "finished")
+    m.search_done("cbs-w3k3l9", "length")  # not a served mode: "custom", so the label set stays bounded
+    request = httpx2.Request("POST", "http://upstream/v1/completions")
+    m.upstream_retried(openai.APIStatusError("busy", response=httpx2.Response(429, request=request), body=None))
+    m.upstream_retried(openai.APITimeoutError(request=request))
+    m.upstream_failed(openai.APIConnectionError(request=request))
+    m.request_done("/v1/completions", 200, 0.002)
+    fams = families(m.render()[0])
+    assert value(fams, "w2s_searches", "w2s_searches_total", mode="bon4", outcome="finished") == 1
+    assert value(fams, "w2s_searches", "w2s_searches_total", mode="custom", outcome="length") == 1
+    assert value(fams, "w2s_upstream_retries", "w2s_upstream_retries_total", kind="http_429") == 1
+    assert value(fams, "w2s_upstream_retries", "w2s_upstream_retries_total", kind="timeout") == 1
+    assert value(fams, "w2s_upstream_errors", "w2s_upstream_errors_total", kind="connection") == 1
+    assert value(fams, "w2s_request_duration_seconds", "w2s_request_duration_seconds_bucket",
+                 endpoint="/v1/completions", le="0.0025") == 1
+    assert m.total("w2s_searches_total") == 2 and m.total("w2s_searches_total", mode="bon4") == 1
 
 
 # ------------------------------------------------------------------------------ streaming
@@ -147,11 +161,13 @@ def test_without_a_scorer_no_mode_is_offered() -> None:
 def test_server_section_defaults_and_refusals() -> None:
     cfg = AppConfig.model_validate({"upstream": {"model": "m"}})
     assert (cfg.server.host, cfg.server.port, cfg.server.api_keys_env) == ("127.0.0.1", 8000, None)
-    assert sorted(cfg.server.modes) == ["base", "bon16", "bon4", "bon8", "cbs-w2k2l30", "cbs-w4k4l30"]
-    assert cfg.server.modes["cbs-w4k4l30"] == SearchConfig(w=4, k=4, l=30, max_new_tokens=2048, temperature=0.7)
+    assert cfg.server.modes is None  # the default, resolved when the server starts
+    modes = server_modes(cfg.server)
+    assert sorted(modes) == ["base", "bon16", "bon4", "bon8", "cbs-w2k2l30", "cbs-w4k4l30"]
+    assert modes["cbs-w4k4l30"] == SearchConfig(w=4, k=4, l=30, max_new_tokens=2048, temperature=0.7)
     custom = build_config({"upstream": {"model": "m"},
                            "server": {"modes": {"quick": {"preset": "cbs-w2k2l30", "l": 12}, "b": "bon4"}}})
-    assert custom.server.modes == {"quick": SearchConfig(w=2, k=2, l=12, max_new_tokens=2048, temperature=0.7),
+    assert server_modes(custom.server) == custom.server.modes == {"quick": SearchConfig(w=2, k=2, l=12, max_new_tokens=2048, temperature=0.7),
                                    "b": SearchConfig(w=1, k=4, max_new_tokens=2048, temperature=0.7)}
     for server, message in [
         ({"modes": {"x": "nope"}}, "search: unknown preset 'nope'"),
@@ -166,4 +182,4 @@ def test_server_section_defaults_and_refusals() -> None:
             build_config({"upstream": {"model": "m"}, "server": server})
     # default modes over a lowered cap are left out, not an error
     small = ServerConfig.model_validate({"caps": {"max_w_times_k": 4}})
-    assert sorted(small.modes) == ["base", "bon4", "cbs-w2k2l30"]
+    assert sorted(server_modes(small)) == ["base", "bon4", "cbs-w2k2l30"]

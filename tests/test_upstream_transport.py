@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.config import AppConfig, SearchConfig
 from proxy.loopback import LoopbackCompletionsServer
-from proxy.server import GuidanceServer
+from proxy.serving.app import GuidanceServer
 from proxy.upstreams.aiohttp_transport import AiohttpTransport, _mapped
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from tests.conftest import upstream_config

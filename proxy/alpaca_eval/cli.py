@@ -11,7 +11,8 @@ import json
 import sys
 from typing import Any
 
-from proxy.config import ConfigError, load_config, require_scorer, upstream_api_key
+from proxy.config import ConfigError, require_scorer, upstream_api_key
+from proxy.presets import load_config
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:

@@ -4,12 +4,20 @@ Transient failures (rate limits, timeouts, lock conflicts, server errors, droppe
 connections) are retried with exponential backoff and full jitter; a server that says how
 long to wait (Retry-After / retry-after-ms) is believed, up to the backoff ceiling times two.
 Everything else (bad request, auth, not found) fails at once: retrying cannot fix it.
+
+Whoever makes a call can hear about its retries through `retry_listener`, a context variable
+rather than a constructor argument: one upstream serves many callers (every request of a
+server, a client, a runner), and the retries belong to the caller whose context made the call.
+This module imports nothing of its callers; the server counts retries this way for /metrics.
 """
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import openai
@@ -19,6 +27,34 @@ from tenacity.wait import wait_base, wait_exponential_jitter
 log = logging.getLogger("w2s.upstream")
 
 RETRY_STATUSES = frozenset({408, 409, 429})
+
+RetryListener = Callable[[BaseException], None]
+#: Called with the failure before each retry's wait, in the context of the call being retried.
+retry_listener: ContextVar[RetryListener | None] = ContextVar("w2s_retry_listener", default=None)
+
+
+@contextlib.contextmanager
+def retries_reported_to(listener: RetryListener) -> Iterator[None]:
+    """Report the retries of every upstream call made inside this block (and tasks it starts)."""
+    token = retry_listener.set(listener)
+    try:
+        yield
+    finally:
+        retry_listener.reset(token)
+
+
+def failure_kind(exc: BaseException) -> str:
+    """A short, bounded name for an upstream failure (a metrics label): timeout, connection,
+    http_<status>, malformed, or the exception's class name."""
+    if isinstance(exc, openai.APITimeoutError):  # before its base class, APIConnectionError
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    if isinstance(exc, openai.APIStatusError):
+        return f"http_{exc.status_code}"
+    if isinstance(exc, openai.APIResponseValidationError):
+        return "malformed"
+    return type(exc).__name__
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -72,6 +108,12 @@ def _log_retry(state: RetryCallState) -> None:
     status = getattr(exc, "status_code", None)
     log.warning("upstream call failed (%s%s), attempt %d, retrying",
                 type(exc).__name__, f" {status}" if status else "", state.attempt_number)
+    listener = retry_listener.get()
+    if listener is not None and exc is not None:
+        try:
+            listener(exc)
+        except Exception:  # noqa: BLE001 - a broken listener must not stop the retry
+            log.exception("retry listener failed")
 
 
 def retrying(max_attempts: int, initial_s: float, max_s: float) -> AsyncRetrying:

@@ -1,0 +1,63 @@
+"""`w2s serve`: the guidance server as a process, until interrupted.
+
+    w2s serve --config configs/paper-cbs-w4k4l30.yaml
+
+Apart from proxy.serving.app because owning the process is a different job from serving: only
+the process owner may freeze the heap (below) or wait forever; tests and benchmarks embed the
+GuidanceServer itself.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+from typing import Any
+
+from proxy.presets import load_config
+from proxy.serving.app import GuidanceServer
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve", help="OpenAI-compatible server: guided answers for any OpenAI client")
+    p.add_argument("--config", required=True, help="config file or preset name under configs/")
+    p.add_argument("--host", help="default: server.host (127.0.0.1)")
+    p.add_argument("--port", type=int, help="default: server.port (8000); 0 picks a free port")
+    p.set_defaults(func=serve)
+
+
+def freeze_heap() -> None:
+    """Exempt everything alive now (modules, schemas, model objects) from the cyclic GC.
+
+    A full collection walks every tracked object, and with openai's types and torch loaded a
+    walk stalls the event loop for tens to hundreds of milliseconds; objects made at startup
+    live for the whole process anyway. Only the process owner (`w2s serve`) may do this.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    server = GuidanceServer(cfg, access_log=bool(getattr(args, "verbose", False)))
+    await server.start(args.host, args.port)
+    freeze_heap()
+    loaded: asyncio.Task[None] | None = None
+    try:
+        print(f"w2s: serving {server.base_url}  models: {', '.join(server.modes.model_ids())}", flush=True)
+        if server.scorer_state == "loading":
+            print("w2s: loading the scorer; GET /health/ready says when guided modes are available", flush=True)
+
+            async def freeze_when_loaded() -> None:
+                with contextlib.suppress(RuntimeError):
+                    await server.wait_ready()
+                freeze_heap()
+
+            loaded = asyncio.create_task(freeze_when_loaded())
+        await asyncio.Event().wait()
+    finally:
+        if loaded is not None:
+            loaded.cancel()
+        await server.stop()
+    return 0

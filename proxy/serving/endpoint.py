@@ -1,0 +1,79 @@
+"""What one generation route adds to the shared core: how its request becomes a prompt, and how
+its answers and stream chunks look.
+
+/v1/completions and /v1/chat/completions run the same search under the same limits and errors
+(proxy.serving.generation) and stream the same way (proxy.serving.streaming); they differ only
+in the few methods below. A new generation route is one more subclass, registered in
+proxy.serving.app; nothing else needs to know which route it is.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from proxy.config import Prices
+from proxy.cost import cost_usd
+from proxy.search import SearchResult
+from proxy.serving.guidance import Plan
+from proxy.serving.protocol import SamplingRequest, SearchSummary, UsageInfo
+from scorers.base import ScorerPrompt
+
+Req = TypeVar("Req", bound=SamplingRequest)
+FinishReason = Literal["stop", "length"]
+
+
+class Endpoint(ABC, Generic[Req]):
+    path: ClassVar[str]
+    """The route, e.g. "/v1/completions"."""
+    request_type: type[Req]
+    """The wire model the body is parsed into (strictly: a bad field is a 400)."""
+    id_prefix: ClassVar[str]
+    """Of response ids: "cmpl", "chatcmpl"."""
+
+    @abstractmethod
+    def max_tokens(self, req: Req) -> int | None:
+        """The client's token limit, under whichever field name this route uses."""
+
+    @abstractmethod
+    def prompts(self, req: Req) -> tuple[str, ScorerPrompt]:
+        """The upstream's prompt and what the scorer conditions on; ApiError if it cannot be built."""
+
+    def display(self, text: str) -> str:
+        """The answer so far as the client sees it; must keep prefixes as prefixes (streaming)."""
+        return text
+
+    @abstractmethod
+    def answer(self, req: Req, text: str, reason: FinishReason, usage: UsageInfo,
+               summary: SearchSummary) -> BaseModel:
+        """The whole response body of a request that did not stream."""
+
+    def opening(self, rid: str, created: int, req: Req) -> list[BaseModel]:
+        """Chunks sent before the search's first step (none by default)."""
+        return []
+
+    @abstractmethod
+    def chunk(self, rid: str, created: int, req: Req, text: str | None, reason: FinishReason | None = None, *,
+              usage: UsageInfo | None = None, summary: SearchSummary | None = None,
+              empty: bool = False) -> BaseModel:
+        """One stream chunk: a text delta, the final one (`reason`, `summary`; `text` None), or,
+        with `empty`, one with no choices that carries the usage."""
+
+
+def usage_info(result: SearchResult) -> UsageInfo:
+    """Every token billed upstream for the whole search, not only the answer's."""
+    u = result.usage
+    return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                     total_tokens=u.total_tokens)
+
+
+def search_summary(plan: Plan, result: SearchResult, prices: Prices) -> SearchSummary:
+    """The `w2s` field of a response: what the search did."""
+    return SearchSummary(mode=plan.mode, steps=len(result.steps), upstream_calls=result.calls, score=result.score,
+                         finished=result.finished, tokens=result.tokens, cost_usd=cost_usd(result.usage, prices),
+                         wall_s=round(result.wall_s, 4))
+
+
+def finish_reason(result: SearchResult) -> FinishReason:
+    return "stop" if result.finished else "length"

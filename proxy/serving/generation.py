@@ -1,0 +1,134 @@
+"""The core every generation route shares: parse, plan, admit, search, answer.
+
+A route (proxy.serving.completions, proxy.serving.chat) only says how its request becomes a
+prompt and how its responses look; this module does the rest the same way for each: the body
+parsed strictly within the size limit, the model alias and fields resolved to a search
+(proxy.serving.guidance), the scorer and concurrency checks, the search with its metrics and
+its upstream failures translated (proxy.serving.errors), and the answer whole or streamed
+(proxy.serving.streaming).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import openai
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from proxy.config import AppConfig
+from proxy.cost import cost_usd
+from proxy.search import Candidate, SearchResult, StepCallback, StepTrace, search
+from proxy.serving.endpoint import Endpoint, finish_reason, search_summary, usage_info
+from proxy.serving.errors import ApiError, upstream_error, validation_error
+from proxy.serving.guidance import GuidanceError, GuidanceModes, Plan
+from proxy.serving.metrics import ServerMetrics
+from proxy.serving.protocol import SamplingRequest
+from proxy.serving.streaming import StepHook, stream_search
+from proxy.upstreams.base import Upstream
+from proxy.upstreams.retry import retries_reported_to
+from scorers.base import Scorer, ScorerPrompt
+
+_Req = TypeVar("_Req", bound=BaseModel)
+
+
+def json_response(model: BaseModel) -> web.Response:
+    return web.Response(text=model.model_dump_json(), content_type="application/json")
+
+
+def too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"The request body exceeds {max_bytes} bytes.", code="request_too_large")
+
+
+async def parse_body(request: web.Request, model: type[_Req], max_bytes: int) -> _Req:
+    """The body as `model`, or a 400 naming the bad field (413 past `max_bytes`)."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large(max_bytes)
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+class Generation:
+    """Serves generation routes against one upstream and (maybe) one scorer, shared by all requests.
+
+    `upstream` returns the server's upstream; `scorer_for` returns the scorer a plan needs (None
+    for plain sampling) or raises the ApiError that says why it cannot be had.
+    """
+
+    def __init__(self, config: AppConfig, modes: GuidanceModes, metrics: ServerMetrics,
+                 upstream: Callable[[], Upstream], scorer_for: Callable[[Plan], Scorer | None]) -> None:
+        self.config = config
+        self.modes = modes
+        self.metrics = metrics
+        self._upstream = upstream
+        self._scorer_for = scorer_for
+        self.active = 0
+
+    async def handle(self, request: web.Request, endpoint: Endpoint[Any]) -> web.StreamResponse:
+        limits = self.config.server
+        req: SamplingRequest = await parse_body(request, endpoint.request_type, limits.max_body_bytes)
+        plan = self._plan(req, endpoint.max_tokens(req))
+        prompt, scorer_prompt = endpoint.prompts(req)
+        scorer = self._scorer_for(plan)
+        if self.active >= limits.max_concurrent_requests:
+            raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
+                           "requests; retry shortly.", code="concurrency_limit", headers={"Retry-After": "1"})
+        self.active += 1
+        self.metrics.in_flight.inc()
+        try:
+            run = partial(self._search, plan, prompt, scorer, scorer_prompt)
+            summarize = partial(search_summary, plan, prices=self.config.upstream.prices)
+            if req.stream:
+                return await stream_search(request, endpoint, req, run, summarize)
+            result = await run(None)
+            return json_response(endpoint.answer(req, result.text, finish_reason(result), usage_info(result),
+                                                 summarize(result)))
+        finally:
+            self.active -= 1
+            self.metrics.in_flight.dec()
+
+    def _plan(self, req: SamplingRequest, max_tokens: int | None) -> Plan:
+        try:
+            return self.modes.resolve(req.model, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                      seed=req.seed, stop=req.stop_list,
+                                      w2s=req.w2s.model_dump(include=req.w2s.model_fields_set) if req.w2s else None)
+        except GuidanceError as e:
+            raise ApiError(e.status, e.message, param=e.param, code=e.code) from None
+
+    async def _search(self, plan: Plan, prompt: str, scorer: Scorer | None, scorer_prompt: ScorerPrompt,
+                      hook: StepHook | None) -> SearchResult:
+        """The search, counted in the metrics step by step (so a cancelled or failed search counts
+        what it spent), its retries too; upstream failures after retries raised as 502 / 504."""
+        prices = self.config.upstream.prices
+
+        def observe(trace: StepTrace, survivors: list[Candidate]) -> None:
+            self.metrics.observe_step(trace, cost_usd(trace.usage, prices), plan.mode)
+
+        async def observe_then_hook(trace: StepTrace, survivors: list[Candidate]) -> None:
+            observe(trace, survivors)
+            await hook(trace, survivors)  # type: ignore[misc]
+
+        on_step: StepCallback = observe if hook is None else observe_then_hook
+        outcome = "error"
+        try:
+            with retries_reported_to(self.metrics.upstream_retried):
+                result = await search(prompt, self._upstream(), scorer, plan.search, scorer_prompt=scorer_prompt,
+                                      on_step=on_step)
+            outcome = "finished" if result.finished else "length"
+            return result
+        except (asyncio.CancelledError, ConnectionResetError):  # the client went away
+            outcome = "cancelled"
+            raise
+        except openai.APIError as e:
+            error = upstream_error(e)
+            if error is None:
+                raise
+            self.metrics.upstream_failed(e)
+            raise error from None
+        finally:
+            self.metrics.search_done(plan.mode, outcome)

@@ -1,0 +1,105 @@
+"""Streaming a search as server-sent events: text as soon as it can no longer change.
+
+The search keeps W beams after every step, and every later beam, and so the answer, extends
+one of them: a child is its parent's text plus a chunk, and a finished beam is carried as it
+is. So the common prefix of all survivors of a step is final; anything past it can still be
+replaced by a sibling's text. `SettledText` turns that growing prefix into deltas, and
+`stream_search` sends them in the endpoint's chunk format, then the rest of the answer when the
+search ends, then `[DONE]`. A failure after the 200 went out is reported in-band, as OpenAI does.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from proxy.search import Candidate, SearchResult, StepTrace
+from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
+from proxy.serving.errors import ApiError, internal_error
+from proxy.serving.protocol import SamplingRequest, SearchSummary, new_id, now
+
+log = logging.getLogger("w2s.server")
+
+#: The status of a stream that failed after its 200 went out, for the request metrics.
+STREAM_STATUS = web.RequestKey("w2s_stream_status", int)
+
+StepHook = Callable[[StepTrace, list[Candidate]], Awaitable[None]]
+#: Runs the search, awaiting the hook after every step; upstream failures raised as ApiError.
+SearchRun = Callable[[StepHook], Awaitable[SearchResult]]
+
+
+def common_prefix(texts: Sequence[str]) -> str:
+    """Longest string every text starts with ("" for no texts)."""
+    if not texts:
+        return ""
+    return os.path.commonprefix(list(texts))
+
+
+class SettledText:
+    """Tracks what was sent and returns only the new part of each settled prefix.
+
+    `display` maps the answer so far to what the client sees (e.g. dropping leading spaces for
+    chat); it must keep prefixes as prefixes, which `str.lstrip` does.
+    """
+
+    def __init__(self, display: Callable[[str], str] = lambda s: s) -> None:
+        self._display = display
+        self.sent = ""
+
+    def advance(self, settled: str) -> str:
+        """The delta to send now that `settled` can no longer change."""
+        shown = self._display(settled)
+        if not shown.startswith(self.sent):
+            # The search's invariant was broken; sending more would corrupt the client's text.
+            raise RuntimeError("settled text was contradicted by a later step")
+        delta = shown[len(self.sent):]
+        self.sent = shown
+        return delta
+
+
+def sse(model: BaseModel) -> bytes:
+    return b"data: " + model.model_dump_json().encode() + b"\n\n"
+
+
+async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: SamplingRequest, run: SearchRun,
+                        summarize: Callable[[SearchResult], SearchSummary]) -> web.StreamResponse:
+    """SSE: text as soon as every surviving beam agrees on it, the rest at the end, then [DONE]."""
+    rid, created = new_id(endpoint.id_prefix), now()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    for opening in endpoint.opening(rid, created, req):
+        await response.write(sse(opening))
+    settled = SettledText(endpoint.display)
+
+    async def on_step(trace: StepTrace, survivors: list[Candidate]) -> None:
+        delta = settled.advance(common_prefix([s.text for s in survivors]))
+        if delta:
+            await response.write(sse(endpoint.chunk(rid, created, req, delta)))
+
+    try:
+        result = await run(on_step)
+    except ConnectionResetError:
+        raise
+    except Exception as e:  # the status line is gone: report in-band, as OpenAI does
+        if not isinstance(e, ApiError):
+            log.exception("unhandled error in a streamed search")
+        error = e if isinstance(e, ApiError) else internal_error()
+        request[STREAM_STATUS] = error.status
+        await response.write(error.sse())
+        await response.write_eof()
+        return response
+    rest = settled.advance(result.text)
+    if rest:
+        await response.write(sse(endpoint.chunk(rid, created, req, rest)))
+    await response.write(sse(endpoint.chunk(rid, created, req, None, finish_reason(result),
+                                            summary=summarize(result))))
+    if req.include_usage:
+        await response.write(sse(endpoint.chunk(rid, created, req, None, usage=usage_info(result), empty=True)))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
