@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from proxy.alpaca_eval.dataset import load_instructions, select  # noqa: E402
-from proxy.alpaca_eval.runner import OUTPUTS_NAME, RunSummary, run_alpaca_eval  # noqa: E402
+from proxy.alpaca_eval.outputs import OUTPUTS_NAME, RunSummary  # noqa: E402
+from proxy.alpaca_eval.runner import run_alpaca_eval  # noqa: E402
 from proxy.client import GuidedClient  # noqa: E402
 from proxy.config import AppConfig, Prices, SearchConfig, UpstreamConfig, search_with  # noqa: E402
 from proxy.presets import load_preset  # noqa: E402
@@ -86,10 +87,6 @@ async def main() -> None:
                          "on a small shared CPU)")
     args = ap.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.torch_threads)
-
     from tiny_models import cpu_scorer_config
 
     items, source = load_instructions(args.instructions)
@@ -102,7 +99,7 @@ async def main() -> None:
         cfg = AppConfig(
             upstream=UpstreamConfig(model="toy-instruct", base_url=url, max_concurrency=4096,
                                     prices=Prices(prompt=1.5, completion=2.0)),
-            scorer=cpu_scorer_config(tuned, untuned),
+            scorer=cpu_scorer_config(tuned, untuned).model_copy(update={"torch_threads": args.torch_threads}),
             search=search,
         )
         print(f"{len(selection)} instructions from {source}; search {search.mode} (max_new_tokens "

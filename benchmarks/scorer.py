@@ -36,7 +36,8 @@ from pydantic import BaseModel, ConfigDict  # noqa: E402
 from proxy.config import ModelSpec, SearchConfig  # noqa: E402
 from proxy.cost import get_encoding  # noqa: E402
 from proxy.search import search  # noqa: E402
-from proxy.upstreams.base import Continuation, SampleResult, Upstream, Usage  # noqa: E402
+from proxy.types import Continuation, SampleResult, SamplingParams, Usage  # noqa: E402
+from proxy.upstreams.base import Upstream  # noqa: E402
 from scorers.base import Scorer, ScorerPrompt, ScoringSession  # noqa: E402
 from scorers.implicit import ImplicitRewardScorer  # noqa: E402
 from scorers.loading import load_causal_lm, pick_device_dtype  # noqa: E402
@@ -97,16 +98,17 @@ class CorpusUpstream(Upstream):
         self.answers = [self.enc.encode(a) for a in answers]
         self.base_prompt = base_prompt
 
-    async def sample(self, prompt: str, *, n: int, max_tokens: int, stop=None, temperature: float = 1.0,
-                     top_p: float = 1.0, seed: int | None = None) -> SampleResult:
+    async def sample(self, prompt: str, params: SamplingParams) -> SampleResult:
         offset = len(self.enc.encode(prompt[len(self.base_prompt):]))
-        rng = random.Random(seed)
+        rng = random.Random(params.seed)
         outs = []
-        for _ in range(n):
+        for _ in range(params.n):
             toks = rng.choice(self.answers)
-            window = [toks[(offset + j) % len(toks)] for j in range(max_tokens)]
-            outs.append(Continuation(self.enc.decode(window), False, max_tokens, "length"))
-        return SampleResult(outs, Usage(offset, n * max_tokens), 1)
+            window = [toks[(offset + j) % len(toks)] for j in range(params.max_tokens)]
+            outs.append(Continuation(self.enc.decode(window), False, params.max_tokens, "length"))
+        usage = Usage(offset, params.n * params.max_tokens)
+        self.record(usage)
+        return SampleResult(outs, usage, 1)
 
 
 @dataclass

@@ -253,9 +253,9 @@ async def main() -> None:
     p.add_argument("--torch-threads", type=int, help="torch.set_num_threads for the tiny scorer (default: torch's)")
     args = p.parse_args()
     if args.torch_threads:
-        import torch
+        from scorers.registry import set_torch_threads
 
-        torch.set_num_threads(args.torch_threads)
+        set_torch_threads(args.torch_threads)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     await overhead(args.requests)
     for name in (["fn", "tiny"] if args.scorer == "both" else [args.scorer]):

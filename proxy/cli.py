@@ -8,12 +8,11 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-from proxy.config import ConfigError, Prices
-from proxy.cost import cost_usd
+from proxy.config import ConfigError
 from proxy.presets import load_config
-from proxy.search import SearchResult
 
 
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
@@ -34,23 +33,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def summarize(result: SearchResult, prices: Prices | None = None) -> dict[str, object]:
-    out: dict[str, object] = {
-        "text": result.text,
-        "score": result.score,
-        "finished": result.finished,
-        "mode": result.config.mode,
-        "steps": len(result.steps),
-        "upstream_calls": result.calls,
-        "prompt_tokens": result.usage.prompt_tokens,
-        "completion_tokens": result.usage.completion_tokens,
-        "wall_s": round(result.wall_s, 3),
-    }
-    if prices is not None:
-        out["cost_usd"] = cost_usd(result.usage, prices)
-    return out
-
-
 async def _generate(args: argparse.Namespace) -> int:
     from proxy.client import GuidedClient
 
@@ -60,21 +42,21 @@ async def _generate(args: argparse.Namespace) -> int:
             result = await client.complete(args.prompt)
         else:
             result = await client.instruct(args.prompt)
-    info = summarize(result, cfg.upstream.prices)
+    summary = client.summarize(result)
     if args.trace:
         from proxy.trace_html import TracedSearch, render_trace
 
         Path(args.trace).write_text(render_trace([TracedSearch(result.config.mode, args.prompt, result)]))
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({"text": result.text, **asdict(summary)}, indent=2))
         return 0
-    score = "n/a" if result.score is None else f"{result.score:.4f}"
+    score = "n/a" if summary.score is None else f"{summary.score:.4f}"
     print(result.text.strip())
     print()
-    print(f"mode {info['mode']}  score {score}  finished {'yes' if result.finished else 'no'}  "
-          f"steps {info['steps']}  upstream calls {info['upstream_calls']}  "
-          f"upstream tokens {info['prompt_tokens']} prompt + {info['completion_tokens']} completion  "
-          f"cost ${info['cost_usd']:.6f}  wall {info['wall_s']}s")
+    print(f"mode {summary.mode}  score {score}  finished {'yes' if summary.finished else 'no'}  "
+          f"steps {summary.steps}  upstream calls {summary.upstream_calls}  "
+          f"upstream tokens {summary.prompt_tokens} prompt + {summary.completion_tokens} completion  "
+          f"cost ${summary.cost_usd:.6f}  wall {summary.wall_s}s")
     return 0
 
 

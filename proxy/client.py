@@ -4,8 +4,10 @@
         result = await client.chat([{"role": "user", "content": "Write a haiku about rain."}])
         print(result.text)
 
-The client owns one upstream (its connection pool, retry policy and concurrency limit) and one
-scorer (its models and worker thread) and shares them across every call.
+A thin adapter over proxy.engine.Engine, which owns the upstream (its connection pool, retry
+policy and concurrency limit) and the scorer (its models and worker thread) and shares them
+across every call; this class adds prompt rendering, per-call overrides and `generate_many`.
+Several clients (or a client and a server) can share one engine: `GuidedClient(cfg, engine=e)`.
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config import AppConfig, ConfigError, require_scorer, search_with
+from proxy.engine import Engine, ResultSummary, Spend
 from proxy.presets import load_config
 from proxy.prompts import render_chat
-from proxy.search import SearchResult, StepCallback, search
+from proxy.search import SearchResult, StepCallback
+from proxy.types import ChatMessage
 from proxy.upstreams.base import Upstream
-from proxy.upstreams.registry import make_upstream
-from scorers.base import ChatMessage, Scorer
+from scorers.base import Scorer
 
 
 @dataclass
@@ -35,59 +38,69 @@ class Generated:
 
 
 class GuidedClient:
-    def __init__(self, config: AppConfig, *, upstream: Upstream | None = None, scorer: Scorer | None = None) -> None:
+    def __init__(self, config: AppConfig, *, upstream: Upstream | None = None, scorer: Scorer | None = None,
+                 engine: Engine | None = None) -> None:
+        """`upstream` / `scorer` handed in are used as they are and not closed; an `engine` handed
+        in is started if need be and left open (its owner closes it). `config.search` is the
+        default search of every call."""
+        if engine is not None and (upstream is not None or scorer is not None):
+            raise ValueError("GuidedClient: pass an engine, or an upstream and/or a scorer, not both")
         self.config = config
-        self._upstream = upstream
-        self._scorer = scorer
-        self._owns_upstream = upstream is None
-        self._owns_scorer = scorer is None
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else Engine(config, upstream=upstream, scorer=scorer)
 
     @classmethod
     def from_config(cls, path: str | Path, **search_overrides: Any) -> "GuidedClient":
         return cls(load_config(path, **search_overrides))
 
+    def _require_open(self) -> None:
+        if not self.engine.started:
+            raise RuntimeError("GuidedClient is not open: use `async with GuidedClient(...) as client`")
+
     @property
     def upstream(self) -> Upstream:
-        if self._upstream is None:
-            raise RuntimeError("GuidedClient is not open: use `async with GuidedClient(...) as client`")
-        return self._upstream
+        self._require_open()
+        return self.engine.upstream
 
     @property
     def scorer(self) -> Scorer | None:
-        return self._scorer
+        return self.engine.scorer
+
+    @property
+    def usage(self) -> Spend:
+        """What the upstream was billed so far (failed searches included)."""
+        return self.engine.usage
+
+    def summarize(self, result: SearchResult) -> ResultSummary:
+        return self.engine.summarize(result)
 
     async def __aenter__(self) -> "GuidedClient":
-        require_scorer(self.config.search, self._scorer is not None or self.config.scorer is not None)
-        if self._upstream is None:
-            self._upstream = make_upstream(self.config.upstream)
-        if self._scorer is None and self.config.scorer is not None:
-            from scorers.registry import load_scorer
-
-            self._scorer = await asyncio.to_thread(load_scorer, self.config.scorer)
+        require_scorer(self.config.search, self.engine.guided)
+        await self.engine.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._owns_upstream and self._upstream is not None:
-            await self._upstream.aclose()
-            self._upstream = None
-        if self._owns_scorer and self._scorer is not None:
-            await self._scorer.aclose()
-            self._scorer = None
+        if self._owns_engine:
+            await self.engine.aclose()
+
+    async def _search(self, prompt: str, scorer_prompt: Any, on_step: StepCallback | None,
+                      overrides: dict[str, Any]) -> SearchResult:
+        self._require_open()
+        cfg = search_with(self.config.search, **overrides)
+        return await self.engine.search(prompt, cfg, scorer_prompt=scorer_prompt, on_step=on_step)
 
     async def complete(self, prompt: str, *, on_step: StepCallback | None = None, **overrides: Any) -> SearchResult:
         """Continue a raw completion prompt; the scorer sees the prompt as one user turn."""
-        cfg = search_with(self.config.search, **overrides)
-        return await search(prompt, self.upstream, self.scorer, cfg, on_step=on_step)
+        return await self._search(prompt, None, on_step, overrides)
 
     async def chat(self, messages: Sequence[ChatMessage], *, on_step: StepCallback | None = None,
                    **overrides: Any) -> SearchResult:
         """Answer the last user turn; the upstream sees the messages rendered by its template."""
-        cfg = search_with(self.config.search, **overrides)
-        prompt = render_chat(messages, self.config.upstream)
-        return await search(prompt, self.upstream, self.scorer, cfg, scorer_prompt=list(messages), on_step=on_step)
+        prompt = render_chat(messages, self.engine.config.upstream)
+        return await self._search(prompt, list(messages), on_step, overrides)
 
     async def instruct(self, instruction: str, **overrides: Any) -> SearchResult:
         """Answer one instruction (the AlpacaEval setting)."""

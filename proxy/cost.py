@@ -11,7 +11,7 @@ from functools import lru_cache
 import tiktoken
 
 from proxy.config import Prices
-from proxy.upstreams.base import Usage
+from proxy.types import Usage
 
 
 @lru_cache(maxsize=8)

@@ -14,7 +14,9 @@ from proxy.loopback import LoopbackCompletionsServer
 
 async def serve_local(args: argparse.Namespace) -> int:
     from scorers.local_lm import LocalCausalLM  # torch: only when a model is really served
+    from scorers.registry import set_torch_threads
 
+    set_torch_threads(args.torch_threads)
     spec = ModelSpec(path=args.model, gguf_file=args.gguf_file)
     lm = await asyncio.to_thread(LocalCausalLM.load, spec, args.device, args.dtype)
     server = LoopbackCompletionsServer(model=args.name or args.model, backend=lm)
@@ -36,4 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--torch-threads", type=int, metavar="N",
+                   help="torch's CPU threads (default: torch's, one per core); on a CPU box that also "
+                        "scores, give each process half the cores")
     p.set_defaults(func=serve_local)

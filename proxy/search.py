@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from proxy.config import SearchConfig, require_scorer
-from proxy.upstreams.base import Continuation, Upstream, Usage
+from proxy.types import Continuation, SamplingParams, Usage, derive_seed
+from proxy.upstreams.base import Upstream
 from scorers.base import Scorer, ScorerPrompt, ScoringSession
 
 
@@ -94,13 +95,6 @@ class SearchResult:
 StepCallback = Callable[[StepTrace, list[Candidate]], Awaitable[None] | None]
 
 
-def derive_seed(seed: int | None, step: int, beam: int) -> int | None:
-    """A distinct, reproducible seed per request, so beams do not sample identical chunks."""
-    if seed is None:
-        return None
-    return (seed * 1_000_003 + step * 8_191 + beam) % (2**31 - 1)
-
-
 def cut_at_stop(prev: str, chunk: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut `chunk` at a stop sequence that straddles the chunk seam (the upstream cannot see it)."""
     if not stop:
@@ -160,23 +154,27 @@ class _Search:
         per_call = max(1, self.upstream.max_prompts_per_call)
         by_budget: dict[int, list[tuple[int, Candidate]]] = {}
         for i, b in enumerate(live):
-            by_budget.setdefault(self._budget(b), []).append((i, b))
+            by_budget.setdefault(self._max_tokens(b), []).append((i, b))
         return [group[j:j + per_call] for group in by_budget.values() for j in range(0, len(group), per_call)]
 
-    def _budget(self, beam: Candidate) -> int:
+    def _max_tokens(self, beam: Candidate) -> int:
+        """The next chunk's limit: L, or what is left of the beam's budget if less."""
         left = self.cfg.max_new_tokens - beam.tokens
         return min(self.cfg.l or left, left)
+
+    def _params(self, max_tokens: int) -> SamplingParams:
+        cfg = self.cfg
+        return SamplingParams(n=cfg.k, max_tokens=max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              stop=tuple(cfg.stop))
 
     async def _expand(self, request: list[tuple[int, Candidate]], step: int
                       ) -> tuple[list[Candidate], Usage, int, float, float]:
         cfg = self.cfg
         beams = [b for _, b in request]
         t0 = time.perf_counter()
-        res = await self.upstream.sample_batch(
-            [self.prompt + b.text for b in beams], n=cfg.k, max_tokens=self._budget(beams[0]),
-            stop=cfg.stop or None, temperature=cfg.temperature, top_p=cfg.top_p,
-            seeds=[derive_seed(cfg.seed, step, i) for i, _ in request],
-        )
+        res = await self.upstream.sample_batch([self.prompt + b.text for b in beams],
+                                               self._params(self._max_tokens(beams[0])),
+                                               seeds=[derive_seed(cfg.seed, step, i) for i, _ in request])
         t1 = time.perf_counter()
         conts = res.continuations
         cands = [self._new_node(b, step, c) for j, b in enumerate(beams) for c in conts[j * cfg.k:(j + 1) * cfg.k]]

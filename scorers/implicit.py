@@ -167,7 +167,7 @@ class ImplicitRewardScorer(Scorer):
         device, dtype = pick_device_dtype(cfg.device, cfg.dtype)
         attn = cfg.attn_implementation
         tuned = (*load_causal_lm(cfg.tuned, device, dtype, attn_implementation=attn), cfg.tuned)
-        weights = ("path", "gguf_file", "revision")
+        weights = ("path", "gguf_file", "revision", "adapter")  # base and base+adapter differ
         if cfg.tuned.model_dump(include=set(weights)) == cfg.untuned.model_dump(include=set(weights)):
             # A prompt-contrast pair: one set of weights, two templates or system prompts.
             untuned = (tuned[0], tuned[1], cfg.untuned)

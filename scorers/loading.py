@@ -35,6 +35,22 @@ def _where(spec: ModelSpec) -> str:
     return f"{spec.path} (gguf_file={spec.gguf_file})" if spec.gguf_file else spec.path
 
 
+def apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
+    """`model` with the PEFT adapter in directory `adapter` merged into its weights.
+
+    Merged, not wrapped: the scorer, its KV caches and ExPO then see a plain transformers model
+    (the parent plus the learned delta), and a forward pass costs what the parent's does. peft is
+    imported here only, so a scorer without an adapter never needs it.
+    """
+    try:
+        from peft import PeftModel
+
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except Exception as e:  # chained; the message names which adapter it was
+        raise ValueError(f"cannot apply adapter {adapter} to the model: {e}") from e
+    return merged  # type: ignore[return-value]
+
+
 def load_causal_lm(
     spec: ModelSpec,
     device: torch.device,
@@ -49,8 +65,9 @@ def load_causal_lm(
     batch and a lone prefix); "eager" gives results that are bit-identical across batching,
     which exactness tests want.
 
-    Any failure (missing directory, no hub access, unreadable GGUF, missing weights) becomes a
-    ValueError that names the path, since the underlying errors rarely say which model it was.
+    Any failure (missing directory, no hub access, unreadable GGUF, missing weights, an adapter
+    that does not fit) becomes a ValueError that names the path, since the underlying errors
+    rarely say which model it was.
     """
     kwargs: dict[str, object] = {}
     if spec.gguf_file:
@@ -65,6 +82,8 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **model_kwargs)
     except Exception as e:  # chained, so nothing is lost; only the path is added
         raise ValueError(f"cannot load scorer model {_where(spec)}: {e}") from e
+    if spec.adapter:
+        model = apply_adapter(model, spec.adapter)
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -6,13 +6,21 @@ from scorers.base import Scorer
 
 
 def load_scorer(cfg: ScorerConfig) -> Scorer:
-    """Loads model weights: slow, call it off the event loop."""
-    if cfg.torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(cfg.torch_threads)
+    """Loads model weights: slow, call it off the event loop. Changes nothing process-wide
+    (torch's thread pool is the process owner's: proxy.engine, serve-local, the benchmarks)."""
     if cfg.kind == "implicit":
         from scorers.implicit import ImplicitRewardScorer
 
         return ImplicitRewardScorer.from_config(cfg)
     raise ValueError(f"scorer.kind: unknown kind {cfg.kind!r}")
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """torch's CPU thread pool for the whole process (None: leave torch's default). Only whoever
+    owns the process's models calls this, once, before loading them."""
+    if threads is None:
+        return
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

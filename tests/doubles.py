@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from proxy.upstreams.base import Continuation, SampleResult, Upstream, Usage
+from proxy.types import Continuation, SampleResult, SamplingParams, Usage
+from proxy.upstreams.base import Upstream
 from scorers.base import Scorer, ScorerPrompt, ScoringSession
 
 
@@ -20,7 +21,7 @@ class Call:
     n: int
     max_tokens: int
     seed: int | None
-    stop: Sequence[str] | None
+    stop: tuple[str, ...]
     started: float = 0.0
 
 
@@ -51,9 +52,8 @@ class ScriptedUpstream(Upstream):
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def sample(self, prompt: str, *, n: int, max_tokens: int, stop: Sequence[str] | None = None,
-                     temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> SampleResult:
-        call = Call(prompt, n, max_tokens, seed, stop, time.perf_counter())
+    async def sample(self, prompt: str, params: SamplingParams) -> SampleResult:
+        call = Call(prompt, params.n, params.max_tokens, params.seed, params.stop, time.perf_counter())
         self.calls.append(call)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -61,8 +61,10 @@ class ScriptedUpstream(Upstream):
             await asyncio.sleep(self.delay(call))
         finally:
             self.in_flight -= 1
-        conts = [self.respond(call, i) for i in range(n)]
-        return SampleResult(conts, Usage(len(prompt), sum(c.num_tokens for c in conts)), 1)
+        conts = [self.respond(call, i) for i in range(params.n)]
+        usage = Usage(len(prompt), sum(c.num_tokens for c in conts))
+        self.record(usage)
+        return SampleResult(conts, usage, 1)
 
 
 @dataclass

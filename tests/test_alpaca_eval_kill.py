@@ -14,7 +14,8 @@ import yaml
 
 from proxy.alpaca_eval.checkpoint import CHECKPOINT_NAME
 from proxy.alpaca_eval.dataset import read_instruction_file, select
-from proxy.alpaca_eval.runner import OUTPUTS_NAME, run_alpaca_eval
+from proxy.alpaca_eval.outputs import OUTPUTS_NAME
+from proxy.alpaca_eval.runner import run_alpaca_eval
 from proxy.client import GuidedClient
 from proxy.loopback import LoopbackCompletionsServer
 from proxy.presets import load_config

@@ -14,7 +14,8 @@ import pytest
 from proxy.alpaca_eval.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from proxy.alpaca_eval.dataset import Instruction, Selection, Shard, read_instruction_file, select
 from proxy.alpaca_eval.merge import merge_shards
-from proxy.alpaca_eval.runner import OUTPUTS_NAME, SUMMARY_NAME, RunSummary, run_alpaca_eval
+from proxy.alpaca_eval.outputs import OUTPUTS_NAME, SUMMARY_NAME, RunSummary
+from proxy.alpaca_eval.runner import run_alpaca_eval
 from proxy.cli import build_parser
 from proxy.client import GuidedClient
 from proxy.config import AppConfig, ConfigError, ScorerConfig, SearchConfig

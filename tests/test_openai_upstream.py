@@ -8,12 +8,13 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 
 from proxy.config import SearchConfig
 from proxy.cost import count_tokens
 from proxy.loopback import CompletionParams, LoopbackCompletionsServer, RequestError
 from proxy.search import search
-from proxy.upstreams.base import SampleResult
+from proxy.types import Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from proxy.upstreams.retry import retry_after_seconds
 from tests.conftest import upstream_config
@@ -22,7 +23,8 @@ from tests.doubles import FnScorer
 
 async def test_one_request_with_n_and_exact_token_counts(loopback: LoopbackCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
-        res = await up.sample("Once upon a time", n=6, max_tokens=12, stop=["."], temperature=0.9, seed=5)
+        res = await up.sample("Once upon a time",
+                              SamplingParams(n=6, max_tokens=12, stop=["."], temperature=0.9, seed=5))
     assert len(loopback.requests) == 1
     body = loopback.requests[0]
     assert (body["n"], body["max_tokens"], body["seed"], body["stop"], body["temperature"]) == (6, 12, 5, ["."], 0.9)
@@ -43,7 +45,7 @@ async def alone(server: LoopbackCompletionsServer, prompt: str, seed: int) -> li
     """What `prompt` gets in a request of its own, from a fresh server with the same sampler."""
     async with LoopbackCompletionsServer(eos_prob=server.lm.eos_prob) as fresh:
         async with OpenAICompletionsUpstream(upstream_config(fresh)) as up:
-            return triples(await up.sample(prompt, n=3, max_tokens=6, stop=["."], seed=seed))
+            return triples(await up.sample(prompt, SamplingParams(n=3, max_tokens=6, stop=["."], seed=seed)))
 
 
 def triples(res: SampleResult) -> list[tuple[str, str | None, int]]:
@@ -53,12 +55,13 @@ def triples(res: SampleResult) -> list[tuple[str, str | None, int]]:
 async def test_a_list_of_prompts_is_one_request_answered_prompt_major(loopback: LoopbackCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
         assert up.max_prompts_per_call == 16
-        res = await up.sample_batch(PROMPTS, n=3, max_tokens=6, stop=["."], seeds=[7, 8, 9])
+        res = await up.sample_batch(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
     assert len(loopback.requests) == 1 and res.calls == 1
     body = loopback.requests[0]
-    assert (body["prompt"], body["n"], body["seed"]) == (PROMPTS, 3, 7)  # one seed per request: the first
+    seed = request_seed([7, 8, 9])  # one seed per request, from all three
+    assert (body["prompt"], body["n"], body["seed"]) == (PROMPTS, 3, seed) and seed not in (7, 8, 9)
     # Each prompt's three continuations are exactly what it gets alone with that seed.
-    assert triples(res) == [t for p in PROMPTS for t in await alone(loopback, p, 7)]
+    assert triples(res) == [t for p in PROMPTS for t in await alone(loopback, p, seed)]
     assert res.usage.prompt_tokens == sum(count_tokens(p) for p in PROMPTS)
     assert res.usage.completion_tokens == sum(c.num_tokens for c in res.continuations)
 
@@ -66,10 +69,10 @@ async def test_a_list_of_prompts_is_one_request_answered_prompt_major(loopback: 
 async def test_a_server_refusing_prompt_lists_gets_one_prompt_per_request() -> None:
     async with LoopbackCompletionsServer(support_prompt_lists=False) as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
-            res = await up.sample_batch(PROMPTS, n=3, max_tokens=6, stop=["."], seeds=[7, 8, 9])
+            res = await up.sample_batch(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
             assert up.max_prompts_per_call == 1  # remembered
             assert len(server.requests) == 4 and server.completed == 3 and res.calls == 3
-            again = await up.sample_batch(PROMPTS[:2], n=3, max_tokens=6, stop=["."], seeds=[7, 8])
+            again = await up.sample_batch(PROMPTS[:2], SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8])
             assert len(server.requests) == 6  # no list tried again
     assert triples(res) == [t for p, seed in zip(PROMPTS, [7, 8, 9]) for t in await alone(server, p, seed)]
     assert triples(again) == triples(res)[:6]
@@ -78,7 +81,7 @@ async def test_a_server_refusing_prompt_lists_gets_one_prompt_per_request() -> N
 async def test_a_list_over_the_servers_limit_falls_back_to_one_prompt_per_request() -> None:
     async with LoopbackCompletionsServer() as server:
         async with OpenAICompletionsUpstream(upstream_config(server, max_prompts_per_call=100)) as up:
-            res = await up.sample_batch([f"P{i}" for i in range(65)], n=1, max_tokens=2)  # the server takes 64
+            res = await up.sample_batch([f"P{i}" for i in range(65)], SamplingParams(n=1, max_tokens=2))  # the server takes 64
             assert up.max_prompts_per_call == 1
     assert len(server.requests) == 66 and server.completed == 65 and res.calls == 65
     assert len(res.continuations) == 65
@@ -97,9 +100,9 @@ async def test_a_bad_prompt_in_a_list_raises_and_lists_stay_on() -> None:
     async with RefusesBad() as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
             with pytest.raises(openai.BadRequestError):
-                await up.sample_batch(["fine", "BAD"], n=2, max_tokens=3)
+                await up.sample_batch(["fine", "BAD"], SamplingParams(n=2, max_tokens=3))
             assert up.max_prompts_per_call == 16  # alone it failed too: the prompt was bad, not the list
-            await up.sample_batch(["fine", "also fine"], n=2, max_tokens=3)
+            await up.sample_batch(["fine", "also fine"], SamplingParams(n=2, max_tokens=3))
     assert isinstance(server.requests[-1]["prompt"], list)
 
 
@@ -117,7 +120,7 @@ class FirstPromptOnly(LoopbackCompletionsServer):
 async def test_a_list_answered_with_missing_choices_is_redone_one_by_one_and_billed() -> None:
     async with FirstPromptOnly() as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
-            res = await up.sample_batch(PROMPTS, n=3, max_tokens=6, stop=["."], seeds=[7, 8, 9])
+            res = await up.sample_batch(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
             assert up.max_prompts_per_call == 1
     assert len(server.requests) == 4 and res.calls == 4
     assert triples(res) == [t for p, seed in zip(PROMPTS, [7, 8, 9]) for t in await alone(server, p, seed)]
@@ -129,10 +132,11 @@ async def test_a_list_answered_with_missing_choices_is_redone_one_by_one_and_bil
 async def test_server_refusing_n_gets_parallel_single_requests() -> None:
     async with LoopbackCompletionsServer(support_n=False) as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
-            first = await up.sample("P", n=4, max_tokens=5, seed=10)
+            first = await up.sample("P", SamplingParams(n=4, max_tokens=5, seed=10))
             assert [r["n"] for r in server.requests] == [4, 1, 1, 1, 1]
-            assert sorted(r.get("seed") for r in server.requests[1:]) == [10, 11, 12, 13]
-            second = await up.sample("P", n=3, max_tokens=5)
+            assert sorted(r.get("seed") for r in server.requests[1:]) == sorted(sample_seed(10, i) for i in range(4))
+            assert server.requests[1]["seed"] == 10  # sample 0 keeps the request's seed
+            second = await up.sample("P", SamplingParams(n=3, max_tokens=5))
             assert [r["n"] for r in server.requests[5:]] == [1, 1, 1]  # remembered: no second refusal
     assert len(first.continuations) == 4 and first.calls == 4
     assert len({c.text for c in first.continuations}) > 1
@@ -144,7 +148,7 @@ async def test_transient_failures_are_retried_honouring_retry_after() -> None:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            res = await up.sample("P", n=2, max_tokens=3)
+            res = await up.sample("P", SamplingParams(n=2, max_tokens=3))
             waited = loop.time() - t0
     assert len(server.requests) == 5 and len(res.continuations) == 2
     assert waited >= 4 * 0.05  # four server-requested waits, not the 10 ms backoff
@@ -154,14 +158,14 @@ async def test_retries_give_up_with_the_upstream_error() -> None:
     async with LoopbackCompletionsServer(failures=[502] * 10) as server:
         async with OpenAICompletionsUpstream(upstream_config(server, max_attempts=3)) as up:
             with pytest.raises(openai.InternalServerError):
-                await up.sample("P", n=1, max_tokens=3)
+                await up.sample("P", SamplingParams(n=1, max_tokens=3))
     assert len(server.requests) == 3
 
 
 async def test_client_errors_are_not_retried(loopback: LoopbackCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
         with pytest.raises(openai.BadRequestError):
-            await up.sample("P", n=1, max_tokens=3, temperature=5.0)
+            await up.sample("P", SamplingParams(n=1, max_tokens=3, temperature=5.0))
     assert len(loopback.requests) == 1
 
 
@@ -177,7 +181,7 @@ async def test_concurrency_limit_bounds_requests_in_flight() -> None:
 
         watcher = asyncio.create_task(watch())
         async with OpenAICompletionsUpstream(upstream_config(server, max_concurrency=2)) as up:
-            await asyncio.gather(*(up.sample("P", n=1, max_tokens=2) for _ in range(6)))
+            await asyncio.gather(*(up.sample("P", SamplingParams(n=1, max_tokens=2)) for _ in range(6)))
         watcher.cancel()
     assert peak == 2 and server.completed == 6
 
@@ -185,8 +189,8 @@ async def test_concurrency_limit_bounds_requests_in_flight() -> None:
 async def test_context_window_caps_max_tokens(loopback: LoopbackCompletionsServer) -> None:
     prompt = " the cat sat on the mat"  # 6 tokens
     async with OpenAICompletionsUpstream(upstream_config(loopback, context_window=10)) as up:
-        await up.sample(prompt, n=1, max_tokens=50)
-        full = await up.sample(prompt * 2, n=2, max_tokens=50)
+        await up.sample(prompt, SamplingParams(n=1, max_tokens=50))
+        full = await up.sample(prompt * 2, SamplingParams(n=2, max_tokens=50))
     assert loopback.requests[0]["max_tokens"] == 4
     assert len(loopback.requests) == 1 and full.calls == 0 and all(c.num_tokens == 0 for c in full.continuations)
 
@@ -197,7 +201,7 @@ async def test_api_key_never_reaches_logs(caplog: pytest.LogCaptureFixture, monk
     caplog.set_level(logging.DEBUG)
     async with LoopbackCompletionsServer(failures=[500, 500]) as server:
         async with OpenAICompletionsUpstream(upstream_config(server, api_key_env="W2S_TEST_KEY")) as up:
-            await up.sample("P", n=1, max_tokens=2)
+            await up.sample("P", SamplingParams(n=1, max_tokens=2))
     assert "retrying" in caplog.text and secret not in caplog.text
     assert secret not in repr(upstream_config(server, api_key_env="W2S_TEST_KEY"))
 
@@ -240,10 +244,33 @@ async def test_connection_errors_and_timeouts_are_retried_then_raised(caplog: py
     cfg = upstream_config(closed, base_url=dead_url, max_attempts=3)
     async with OpenAICompletionsUpstream(cfg) as up:
         with pytest.raises(openai.APIConnectionError):
-            await up.sample("P", n=1, max_tokens=2)
+            await up.sample("P", SamplingParams(n=1, max_tokens=2))
     assert caplog.text.count("APIConnectionError") == 2  # attempts 1 and 2 retried, the 3rd raised
     async with LoopbackCompletionsServer(latency_s=1.0) as slow:
         async with OpenAICompletionsUpstream(upstream_config(slow, timeout_s=0.1, max_attempts=3)) as up:
             with pytest.raises(openai.APITimeoutError):
-                await up.sample("P", n=1, max_tokens=2)
+                await up.sample("P", SamplingParams(n=1, max_tokens=2))
     assert caplog.text.count("APITimeoutError") == 2 and slow.completed == 0
+
+
+class KeyRefused(LoopbackCompletionsServer):
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "bad key", "type": "auth"}}, status=401)
+
+
+async def test_running_usage_counts_every_billed_call_and_probe_says_why_not(
+        loopback: LoopbackCompletionsServer) -> None:
+    async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
+        assert (up.usage, up.api_calls) == (Usage(), 0)
+        a = await up.sample("P", SamplingParams(n=2, max_tokens=3))
+        b = await up.sample_batch(PROMPTS, SamplingParams(n=2, max_tokens=3))
+        assert up.usage == a.usage + b.usage and up.api_calls == a.calls + b.calls == 2
+        assert await up.probe() == Probe(True, "reachable")
+    async with OpenAICompletionsUpstream(upstream_config(loopback, model="other-model")) as up:
+        assert await up.probe() == Probe(False, "model unknown: the upstream does not list 'other-model'")
+    async with KeyRefused() as server:
+        async with OpenAICompletionsUpstream(upstream_config(server)) as up:
+            assert await up.probe() == Probe(False, "refused: HTTP 401")
+        dead = server.base_url
+    async with OpenAICompletionsUpstream(upstream_config(loopback, base_url=dead)) as up:
+        assert await up.probe() == Probe(False, "unreachable: APIConnectionError")

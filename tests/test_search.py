@@ -4,12 +4,13 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 
 from proxy.config import ConfigError, SearchConfig
 from proxy.search import cut_at_stop, search
-from proxy.upstreams.base import Continuation
+from proxy.types import Continuation, SampleResult, SamplingParams
 from tests.doubles import Call, FnScorer, ScriptedUpstream, word_responder
 
 
@@ -239,9 +240,10 @@ class BatchingUpstream(ScriptedUpstream):
         self.max_prompts_per_call = per_call
         self.batches: list[tuple[int, int, list[int | None]]] = []
 
-    async def sample_batch(self, prompts, *, n, max_tokens, seeds=None, **kw):  # type: ignore[no-untyped-def]
-        self.batches.append((len(prompts), max_tokens, list(seeds or [])))
-        return await super().sample_batch(prompts, n=n, max_tokens=max_tokens, seeds=seeds, **kw)
+    async def sample_batch(self, prompts: Sequence[str], params: SamplingParams,
+                           seeds: Sequence[int | None] | None = None) -> SampleResult:
+        self.batches.append((len(prompts), params.max_tokens, list(seeds or [])))
+        return await super().sample_batch(prompts, params, seeds)
 
 
 @pytest.mark.parametrize("per_call", [1, 2, 16])

@@ -21,9 +21,10 @@ from proxy.client import GuidedClient
 from proxy.config import AppConfig, ConfigError, SearchConfig, ServerConfig
 from proxy.loopback import LoopbackCompletionsServer
 from proxy.presets import resolve_server
-from proxy.search import derive_seed, search
+from proxy.search import search
 from proxy.serving.app import GuidanceServer
-from proxy.upstreams.base import SampleResult, Upstream
+from proxy.types import SampleResult, SamplingParams, derive_seed
+from proxy.upstreams.base import Upstream
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from tests.conftest import upstream_config
 from tests.doubles import FnScorer
@@ -224,13 +225,13 @@ class GatedUpstream(Upstream):
     def __init__(self, inner: Upstream) -> None:
         self.inner = inner
         self.gate = asyncio.Event()
-        self.calls = 0
+        self.asked = 0
 
-    async def sample(self, prompt: str, **kw: Any) -> SampleResult:
-        self.calls += 1
-        if self.calls > 1:
+    async def sample(self, prompt: str, params: SamplingParams) -> SampleResult:
+        self.asked += 1
+        if self.asked > 1:
             await self.gate.wait()
-        return await self.inner.sample(prompt, **kw)
+        return await self.inner.sample(prompt, params)
 
 
 async def test_settled_prefix_is_sent_while_the_search_runs(loopback: LoopbackCompletionsServer) -> None:
@@ -244,7 +245,7 @@ async def test_settled_prefix_is_sent_while_the_search_runs(loopback: LoopbackCo
             it = stream.__aiter__()
             first = await asyncio.wait_for(it.__anext__(), 10)
             second = await asyncio.wait_for(it.__anext__(), 10)  # step 1's survivor, while step 2 is held
-            await wait_for(lambda: gated.calls == 2, "step 2 to ask the upstream")
+            await wait_for(lambda: gated.asked == 2, "step 2 to ask the upstream")
             assert not gated.gate.is_set()
             gated.gate.set()
             rest = [c async for c in it]

@@ -8,14 +8,16 @@ configured upstream and guidance and writes `DIR/model_outputs.json` in the form
     identity.py    the generator name and the fingerprint of what shapes the answers
     checkpoint.py  the append-only record of finished and failed items (resume)
     progress.py    the text progress bar on stderr
-    runner.py      the generation loop, model_outputs.json and summary.json
+    runner.py      the generation loop: every pending item through the guided client, to the checkpoint
+    outputs.py     model_outputs.json and summary.json: their models, atomic writes
     merge.py       joining shard outputs with checks that nothing is missing or doubled
     cli.py         the `w2s alpaca-eval` subcommand
 """
 from proxy.alpaca_eval.dataset import Instruction, Selection, load_instructions, select
 from proxy.alpaca_eval.identity import generator_name
 from proxy.alpaca_eval.merge import merge_shards
-from proxy.alpaca_eval.runner import RunSummary, run_alpaca_eval
+from proxy.alpaca_eval.outputs import RunSummary
+from proxy.alpaca_eval.runner import run_alpaca_eval
 
 __all__ = ["Instruction", "RunSummary", "Selection", "generator_name", "load_instructions", "merge_shards",
            "run_alpaca_eval", "select"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from proxy.alpaca_eval.dataset import Instruction, instructions_digest
-from proxy.alpaca_eval.runner import (
+from proxy.alpaca_eval.outputs import (
     OUTPUTS_NAME,
     SUMMARY_NAME,
     ItemStats,

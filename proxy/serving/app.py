@@ -6,8 +6,9 @@ This module holds what is about the server as a whole: its lifecycle, the route 
 middleware every request passes (auth, errors in OpenAI's shape, request metrics) and the
 simple routes. Generation lives in proxy.serving.generation and its endpoint classes.
 
-The server listens at once and loads the scorer on a worker thread meanwhile, so /health
-answers during a long model load and /health/ready says when guided requests can be served.
+The upstream and the scorer are the engine's (proxy.engine). The server listens at once and
+has the engine load the scorer on a worker thread meanwhile, so /health answers during a long
+model load and /health/ready (the engine's `probe`) says when guided requests can be served.
 A client that disconnects cancels its handler (`handler_cancellation`), which cancels the
 search and its upstream requests.
 """
@@ -19,10 +20,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import openai
 from aiohttp import web
 
 from proxy.config import AppConfig, server_api_keys
+from proxy.engine import Engine
 from proxy.presets import server_modes
 from proxy.serving.auth import ApiKeys
 from proxy.serving.chat import ChatEndpoint
@@ -30,43 +31,40 @@ from proxy.serving.completions import CompletionsEndpoint
 from proxy.serving.endpoint import Endpoint
 from proxy.serving.errors import ApiError, internal_error
 from proxy.serving.generation import Generation, json_response, too_large
-from proxy.serving.guidance import GuidanceModes, Plan
+from proxy.serving.guidance import GuidanceModes
 from proxy.serving.metrics import ServerMetrics
 from proxy.serving.protocol import ModelCard, ModelList
 from proxy.serving.streaming import STREAM_STATUS
 from proxy.upstreams.base import Upstream
-from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
-from proxy.upstreams.registry import make_upstream
 from scorers.base import Scorer
 
 log = logging.getLogger("w2s.server")
 
 
 class GuidanceServer:
-    """One upstream and one scorer shared by every request; use `async with` or start()/stop()."""
+    """An HTTP adapter over one Engine (one upstream, maybe one scorer) shared by every request;
+    use `async with` or start()/stop()."""
 
     def __init__(self, config: AppConfig, *, upstream: Upstream | None = None, scorer: Scorer | None = None,
-                 api_keys: Sequence[str] | None = None, access_log: bool = False,
+                 engine: Engine | None = None, api_keys: Sequence[str] | None = None, access_log: bool = False,
                  shutdown_timeout_s: float = 10.0) -> None:
         """`upstream` / `scorer` injected here are used as they are and not closed by the server;
-        otherwise they are built from `config`. `api_keys` overrides `server.api_keys_env`."""
+        otherwise they are built from `config`. An `engine` is shared with its owner, who closes
+        it. `api_keys` overrides `server.api_keys_env`."""
+        if engine is not None and (upstream is not None or scorer is not None):
+            raise ValueError("GuidanceServer: pass an engine, or an upstream and/or a scorer, not both")
         self.config = config
         keys = list(api_keys) if api_keys is not None else [k.get_secret_value() for k in server_api_keys(config.server)]
         self._keys = ApiKeys(keys)
-        self._upstream = upstream
-        self._owns_upstream = upstream is None
-        self._scorer = scorer
-        self._owns_scorer = scorer is None
-        guided = scorer is not None or config.scorer is not None
-        self.scorer_state = "loaded" if scorer is not None else "loading" if config.scorer is not None else "none"
+        self.engine = engine if engine is not None else Engine(config, upstream=upstream, scorer=scorer)
+        self._owns_engine = engine is None
         self.modes = GuidanceModes(config.upstream.model, config.search, server_modes(config.server),
-                                   config.server.caps, guided=guided)
+                                   config.server.caps, guided=self.engine.guided)
         self.metrics = ServerMetrics(self.modes.modes)
-        self.generation = Generation(config, self.modes, self.metrics, lambda: self.upstream, self._scorer_for)
+        self.generation = Generation(config, self.modes, self.metrics, self.engine)
         self._access_log = access_log
         self._shutdown_timeout_s = shutdown_timeout_s
         self._runner: web.AppRunner | None = None
-        self._load_task: asyncio.Task[None] | None = None
         self.base_url = ""
         self.app = self._make_app()
 
@@ -88,20 +86,14 @@ class GuidanceServer:
             return await self.generation.handle(request, endpoint)
         return handler
 
-    @property
-    def upstream(self) -> Upstream:
-        if self._upstream is None:
-            raise RuntimeError("server not started")
-        return self._upstream
-
     async def start(self, host: str | None = None, port: int | None = None) -> str:
-        """Listen (port 0: an ephemeral one), start loading the scorer, return the base URL (".../v1")."""
+        """Listen (port 0: an ephemeral one), then start loading the scorer (the engine's, on a
+        worker thread), and return the base URL (".../v1") without waiting for it."""
         if self._runner is not None:
             raise RuntimeError("server already started")
         host = host or self.config.server.host
         port = self.config.server.port if port is None else port
-        if self._upstream is None:
-            self._upstream = make_upstream(self.config.upstream)
+        self.engine.open()
         runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout_s,
                                **({} if self._access_log else {"access_log": None}))
         await runner.setup()
@@ -109,58 +101,25 @@ class GuidanceServer:
             await web.TCPSite(runner, host, port).start()
         except BaseException:
             await runner.cleanup()
-            if self._owns_upstream:
-                await self._upstream.aclose()
-                self._upstream = None
+            if self._owns_engine:
+                await self.engine.aclose()
             raise
         self._runner = runner
         bound_host, bound_port = runner.addresses[0][:2]
         self.base_url = f"http://{bound_host}:{bound_port}/v1"
-        if self.scorer_state == "loading":
-            self._load_task = asyncio.create_task(self._load_scorer())
+        self.engine.begin_loading()
         return self.base_url
-
-    async def _load_scorer(self) -> None:
-        from scorers.registry import load_scorer  # imports torch: only when a scorer is configured
-
-        assert self.config.scorer is not None
-        try:
-            self._scorer = await asyncio.to_thread(load_scorer, self.config.scorer)
-            self.scorer_state = "loaded"
-            log.info("scorer loaded")
-        except Exception as e:  # noqa: BLE001 - reported by /health/ready and every guided request
-            self.scorer_state = f"failed: {type(e).__name__}: {e}"
-            log.error("scorer failed to load: %s", self.scorer_state)
 
     async def wait_ready(self) -> None:
         """Return once the scorer is loaded (at once without one); raise if loading failed."""
-        if self._load_task is not None:
-            await asyncio.shield(self._load_task)
-        if self.scorer_state.startswith("failed"):
-            raise RuntimeError(f"scorer {self.scorer_state}")
-
-    def _scorer_for(self, plan: Plan) -> Scorer | None:
-        """The scorer a plan needs (None for plain sampling), or a 503 while it loads or after it failed."""
-        if not plan.search.needs_scorer:
-            return None
-        if self._scorer is None:
-            state = "still loading" if self.scorer_state == "loading" else self.scorer_state
-            raise ApiError(503, f"guided modes are unavailable: the scorer is {state}", code="scorer_unavailable",
-                           headers={"Retry-After": "5"} if self.scorer_state == "loading" else None)
-        return self._scorer
+        await self.engine.wait_ready()
 
     async def stop(self) -> None:
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-        if self._owns_upstream and self._upstream is not None:
-            await self._upstream.aclose()
-            self._upstream = None
-        if self._owns_scorer and self._scorer is not None:
-            await self._scorer.aclose()
-            self._scorer = None
+        if self._owns_engine:
+            await self.engine.aclose()
 
     async def __aenter__(self) -> GuidanceServer:
         await self.start()
@@ -212,24 +171,9 @@ class GuidanceServer:
         return web.json_response({"status": "alive"})
 
     async def _ready(self, request: web.Request) -> web.Response:
-        upstream_ok, upstream_state = await self._probe_upstream()
-        scorer_ok = self.scorer_state in ("loaded", "none")
-        ready = upstream_ok and scorer_ok
-        return web.json_response({"status": "ready" if ready else "not ready", "scorer": self.scorer_state,
-                                  "upstream": upstream_state}, status=200 if ready else 503)
-
-    async def _probe_upstream(self) -> tuple[bool, str]:
-        """GET the upstream's /models, without retries: reachability now, not eventually."""
-        up = self._upstream
-        if not isinstance(up, OpenAICompletionsUpstream):
-            return up is not None, "in-process" if up is not None else "not started"
-        try:
-            await up.client.with_options(timeout=min(5.0, up.cfg.timeout_s), max_retries=0).models.list()
-        except openai.APIStatusError as e:
-            return False, f"refused: HTTP {e.status_code}"
-        except openai.APIConnectionError as e:
-            return False, f"unreachable: {type(e).__name__}"
-        return True, "reachable"
+        r = await self.engine.probe()
+        return web.json_response({"status": "ready" if r.ready else "not ready", "scorer": r.scorer,
+                                  "upstream": r.upstream}, status=200 if r.ready else 503)
 
     async def _models(self, request: web.Request) -> web.Response:
         return json_response(ModelList(data=[ModelCard(id=m) for m in self.modes.model_ids()]))

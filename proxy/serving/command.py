@@ -46,7 +46,7 @@ async def serve(args: argparse.Namespace) -> int:
     loaded: asyncio.Task[None] | None = None
     try:
         print(f"w2s: serving {server.base_url}  models: {', '.join(server.modes.model_ids())}", flush=True)
-        if server.scorer_state == "loading":
+        if server.engine.scorer_state == "loading":
             print("w2s: loading the scorer; GET /health/ready says when guided modes are available", flush=True)
 
             async def freeze_when_loaded() -> None:

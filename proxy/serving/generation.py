@@ -10,7 +10,6 @@ its upstream failures translated (proxy.serving.errors), and the answer whole or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -20,16 +19,16 @@ from pydantic import BaseModel, ValidationError
 
 from proxy.config import AppConfig
 from proxy.cost import cost_usd
-from proxy.search import Candidate, SearchResult, StepCallback, StepTrace, search
-from proxy.serving.endpoint import Endpoint, finish_reason, search_summary, usage_info
+from proxy.engine import Engine, ResultSummary, ScorerUnavailable
+from proxy.search import Candidate, SearchResult, StepCallback, StepTrace
+from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, upstream_error, validation_error
 from proxy.serving.guidance import GuidanceError, GuidanceModes, Plan
 from proxy.serving.metrics import ServerMetrics
-from proxy.serving.protocol import SamplingRequest
+from proxy.serving.protocol import SamplingRequest, SearchSummary
 from proxy.serving.streaming import StepHook, stream_search
-from proxy.upstreams.base import Upstream
 from proxy.upstreams.retry import retries_reported_to
-from scorers.base import Scorer, ScorerPrompt
+from scorers.base import ScorerPrompt
 
 _Req = TypeVar("_Req", bound=BaseModel)
 
@@ -53,20 +52,20 @@ async def parse_body(request: web.Request, model: type[_Req], max_bytes: int) ->
         raise validation_error(e) from None
 
 
+def wire_summary(summary: ResultSummary) -> SearchSummary:
+    """The engine's summary as the `w2s` field of a response."""
+    return SearchSummary(**{name: getattr(summary, name) for name in SearchSummary.model_fields})
+
+
 class Generation:
-    """Serves generation routes against one upstream and (maybe) one scorer, shared by all requests.
+    """Serves generation routes through the server's engine (one upstream and maybe one scorer,
+    shared by all requests)."""
 
-    `upstream` returns the server's upstream; `scorer_for` returns the scorer a plan needs (None
-    for plain sampling) or raises the ApiError that says why it cannot be had.
-    """
-
-    def __init__(self, config: AppConfig, modes: GuidanceModes, metrics: ServerMetrics,
-                 upstream: Callable[[], Upstream], scorer_for: Callable[[Plan], Scorer | None]) -> None:
+    def __init__(self, config: AppConfig, modes: GuidanceModes, metrics: ServerMetrics, engine: Engine) -> None:
         self.config = config
         self.modes = modes
         self.metrics = metrics
-        self._upstream = upstream
-        self._scorer_for = scorer_for
+        self.engine = engine
         self.active = 0
 
     async def handle(self, request: web.Request, endpoint: Endpoint[Any]) -> web.StreamResponse:
@@ -74,15 +73,18 @@ class Generation:
         req: SamplingRequest = await parse_body(request, endpoint.request_type, limits.max_body_bytes)
         plan = self._plan(req, endpoint.max_tokens(req))
         prompt, scorer_prompt = endpoint.prompts(req)
-        scorer = self._scorer_for(plan)
+        self._check_scorer(plan)
         if self.active >= limits.max_concurrent_requests:
             raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
                            "requests; retry shortly.", code="concurrency_limit", headers={"Retry-After": "1"})
         self.active += 1
         self.metrics.in_flight.inc()
         try:
-            run = partial(self._search, plan, prompt, scorer, scorer_prompt)
-            summarize = partial(search_summary, plan, prices=self.config.upstream.prices)
+            run = partial(self._search, plan, prompt, scorer_prompt)
+
+            def summarize(result: SearchResult) -> SearchSummary:
+                return wire_summary(self.engine.summarize(result, plan.mode))
+
             if req.stream:
                 return await stream_search(request, endpoint, req, run, summarize)
             result = await run(None)
@@ -92,6 +94,14 @@ class Generation:
             self.active -= 1
             self.metrics.in_flight.dec()
 
+    def _check_scorer(self, plan: Plan) -> None:
+        """A 503 while the scorer a guided plan needs is loading, or after it failed."""
+        try:
+            self.engine.scorer_for(plan.search, score_plain=False)
+        except ScorerUnavailable as e:
+            raise ApiError(503, f"guided modes are unavailable: {e}", code="scorer_unavailable",
+                           headers={"Retry-After": "5"} if e.loading else None) from None
+
     def _plan(self, req: SamplingRequest, max_tokens: int | None) -> Plan:
         try:
             return self.modes.resolve(req.model, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -100,7 +110,7 @@ class Generation:
         except GuidanceError as e:
             raise ApiError(e.status, e.message, param=e.param, code=e.code) from None
 
-    async def _search(self, plan: Plan, prompt: str, scorer: Scorer | None, scorer_prompt: ScorerPrompt,
+    async def _search(self, plan: Plan, prompt: str, scorer_prompt: ScorerPrompt,
                       hook: StepHook | None) -> SearchResult:
         """The search, counted in the metrics step by step (so a cancelled or failed search counts
         what it spent), its retries too; upstream failures after retries raised as 502 / 504."""
@@ -117,8 +127,8 @@ class Generation:
         outcome = "error"
         try:
             with retries_reported_to(self.metrics.upstream_retried):
-                result = await search(prompt, self._upstream(), scorer, plan.search, scorer_prompt=scorer_prompt,
-                                      on_step=on_step)
+                result = await self.engine.search(prompt, plan.search, scorer_prompt=scorer_prompt, on_step=on_step,
+                                                  score_plain=False)
             outcome = "finished" if result.finished else "length"
             return result
         except (asyncio.CancelledError, ConnectionResetError):  # the client went away

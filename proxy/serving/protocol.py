@@ -36,10 +36,6 @@ class W2SOptions(_Request):
     """True: answer with the best finished beam when there is one (default: the paper's rule,
     the top-scored beam)."""
 
-    def search_overrides(self) -> dict[str, Any]:
-        """Only the fields the client sent, so an explicit `l: null` survives."""
-        return {f: getattr(self, f) for f in ("w", "k", "l") if f in self.model_fields_set}
-
 
 class StreamOptions(_Request):
     include_usage: bool = False

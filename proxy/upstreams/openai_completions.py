@@ -1,12 +1,13 @@
 """OpenAI completions API (gpt-3.5-turbo-instruct, davinci-002, vLLM, any compatible server).
 
 One request with n=K per beam; servers that refuse n>1 (a 400 naming `n`) or silently
-return fewer choices get the missing samples as parallel n=1 requests, and the upstream
-remembers not to ask for n>1 again. The beams of a search step go in one request too
-(`prompt` as a list, up to `max_prompts_per_call`; choices come back prompt-major by
-`index`): fewer requests against the API's rate limit and less CPU per beam. A server that
-refuses a list, or answers it with the wrong choices, is asked one prompt per request from
-then on; the requests it billed are still counted.
+return fewer choices get the missing samples as parallel n=1 requests (seeded per sample,
+`proxy.types.sample_seed`), and the upstream remembers not to ask for n>1 again. The beams of
+a search step go in one request too (`prompt` as a list, up to `max_prompts_per_call`; choices
+come back prompt-major by `index`; seeded from all the beams' seeds, `proxy.types.request_seed`):
+fewer requests against the API's rate limit and less CPU per beam. A server that refuses a
+list, or answers it with the wrong choices, is asked one prompt per request from then on; the
+requests it billed are still counted, in the result and in the running `usage`.
 
 The request goes through `AsyncOpenAI.post` (auth, headers, status errors and timeouts are
 the SDK's) over our aiohttp transport, and the body is read by our own pydantic model: the
@@ -26,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from proxy.config import UpstreamConfig, upstream_api_key
 from proxy.cost import count_tokens
+from proxy.types import Continuation, Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
-from proxy.upstreams.base import Continuation, SampleResult, Upstream, Usage
+from proxy.upstreams.base import Upstream
 from proxy.upstreams.retry import retrying
 
 log = logging.getLogger("w2s.upstream")
@@ -79,8 +81,8 @@ def _all_choices(resp: Completion, expected: int) -> bool:
     return sorted(c.index for c in resp.choices) == list(range(expected))
 
 
-def _seeded(kwargs: dict[str, object], seed: int | None) -> dict[str, object]:
-    return kwargs if seed is None else {**kwargs, "seed": seed}
+def _usage_of(resp: Completion) -> Usage:
+    return Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens) if resp.usage else Usage()
 
 
 class OpenAICompletionsUpstream(Upstream):
@@ -91,8 +93,6 @@ class OpenAICompletionsUpstream(Upstream):
         self._limit = asyncio.Semaphore(cfg.max_concurrency)
         self.supports_n = True
         self.supports_prompt_lists = True
-        self.calls = 0
-        self.usage = Usage()
 
     @property  # type: ignore[override]
     def max_prompts_per_call(self) -> int:
@@ -101,90 +101,75 @@ class OpenAICompletionsUpstream(Upstream):
     async def aclose(self) -> None:
         await self.client.close()
 
-    async def _create(self, **kwargs: object) -> Completion:
-        """One API call under the retry policy and the concurrency limit."""
+    async def _create(self, body: dict[str, object], seed: int | None) -> Completion:
+        """One API call under the retry policy and the concurrency limit, billed as it returns."""
+        if seed is not None:
+            body = {**body, "seed": seed}
         async for attempt in retrying(self.cfg.max_attempts, self.cfg.backoff_initial_s, self.cfg.backoff_max_s):
             with attempt:
                 async with self._limit:
-                    raw = await self.client.post("/completions", body=kwargs, cast_to=httpx2.Response)
-        self.calls += 1
+                    raw = await self.client.post("/completions", body=body, cast_to=httpx2.Response)
         try:
-            return Completion.model_validate_json(raw.content)
+            resp = Completion.model_validate_json(raw.content)
         except ValidationError as e:
             raise openai.APIResponseValidationError(
                 response=raw, body=None, message=f"the upstream's completion is malformed: {e.errors()[0]['msg']}"
             ) from None
+        self.record(_usage_of(resp))
+        return resp
 
     def _prompt_budget(self, prompt: str, max_tokens: int) -> int:
         if self.cfg.context_window is None:
             return max_tokens
         return min(max_tokens, self.cfg.context_window - count_tokens(prompt, self.cfg.encoding))
 
-    async def sample(
-        self,
-        prompt: str,
-        *,
-        n: int,
-        max_tokens: int,
-        stop: Sequence[str] | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> SampleResult:
-        max_tokens = self._prompt_budget(prompt, max_tokens)
+    def _body(self, prompt: str | list[str], params: SamplingParams, max_tokens: int) -> dict[str, object]:
+        body: dict[str, object] = dict(model=self.cfg.model, prompt=prompt, max_tokens=max_tokens,
+                                       temperature=params.temperature, top_p=params.top_p)
+        if params.stop:
+            body["stop"] = list(params.stop)
+        return body
+
+    async def sample(self, prompt: str, params: SamplingParams) -> SampleResult:
+        n = params.n
+        max_tokens = self._prompt_budget(prompt, params.max_tokens)
         if max_tokens < 1:  # the context window is full: nothing more can be generated
             return SampleResult([Continuation("", False, 0, "length")] * n, Usage(), 0)
-        common: dict[str, object] = dict(model=self.cfg.model, prompt=prompt, max_tokens=max_tokens,
-                                         temperature=temperature, top_p=top_p)
-        if stop:
-            common["stop"] = list(stop)
+        body = self._body(prompt, params, max_tokens)
         responses: list[Completion] = []
         if n > 1 and self.supports_n:
             try:
-                responses.append(await self._create(n=n, **_seeded(common, seed)))
+                responses.append(await self._create({**body, "n": n}, params.seed))
             except openai.BadRequestError as e:
                 if not _refuses_n(e):
                     raise
                 log.info("upstream %s refused n=%d; falling back to parallel n=1 requests", self.name, n)
                 self.supports_n = False
-        missing = n - sum(len(r.choices) for r in responses)
-        if missing > 0 and responses:
+        answered = sum(len(r.choices) for r in responses)
+        if answered < n and responses:
             self.supports_n = False  # it answered with fewer choices than asked
-        if missing > 0:
-            base = 0 if seed is None else seed + (n - missing)
+        if answered < n:  # sample i of the n, seeded as proxy.types.sample_seed says
             singles = await asyncio.gather(*(
-                self._create(n=1, **_seeded(common, None if seed is None else base + i)) for i in range(missing)
-            ))
+                self._create({**body, "n": 1}, sample_seed(params.seed, i)) for i in range(answered, n)))
             responses.extend(singles)
         return self._collect(responses, n, max_tokens)
 
-    async def sample_batch(
-        self,
-        prompts: Sequence[str],
-        *,
-        n: int,
-        max_tokens: int,
-        stop: Sequence[str] | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seeds: Sequence[int | None] | None = None,
-    ) -> SampleResult:
-        """All prompts in one request, seeded with the first seed (the API takes one per request)."""
-        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
-        one_by_one = functools.partial(super().sample_batch, prompts, n=n, max_tokens=max_tokens, stop=stop,
-                                       temperature=temperature, top_p=top_p, seeds=seeds)
-        budgets = {self._prompt_budget(p, max_tokens) for p in prompts}
+    async def sample_batch(self, prompts: Sequence[str], params: SamplingParams,
+                           seeds: Sequence[int | None] | None = None) -> SampleResult:
+        """All prompts in one request, seeded with `request_seed(seeds)` (the API takes one seed
+        per request); one request per prompt, each with its own seed, where that cannot be."""
+        seeds = list(seeds) if seeds is not None else [params.seed] * len(prompts)
+        one_by_one = functools.partial(super().sample_batch, prompts, params, seeds)
+        budgets = {self._prompt_budget(p, params.max_tokens) for p in prompts}
         if len(prompts) == 1 or self.max_prompts_per_call == 1 or len(budgets) > 1 or min(budgets) < 1:
             return await one_by_one()
-        common: dict[str, object] = dict(model=self.cfg.model, prompt=list(prompts), n=n, max_tokens=max_tokens,
-                                         temperature=temperature, top_p=top_p)
-        if stop:
-            common["stop"] = list(stop)
+        [max_tokens] = budgets
+        body = {**self._body(list(prompts), params, max_tokens), "n": params.n}
         try:
-            resp = await self._create(**_seeded(common, seeds[0]))
+            resp = await self._create(body, request_seed(seeds))
         except openai.BadRequestError as e:
             if _refuses_n(e):
-                log.info("upstream %s refused n=%d; falling back to parallel n=1 requests", self.name, n)
+                log.info("upstream %s refused n=%d; falling back to parallel n=1 requests", self.name, params.n)
                 self.supports_n = False
             elif not _about_prompt(e):
                 raise
@@ -193,7 +178,7 @@ class OpenAICompletionsUpstream(Upstream):
                 log.info("upstream %s refused a list of prompts; sending one prompt per request", self.name)
                 self.supports_prompt_lists = False
             return alone
-        expected = n * len(prompts)
+        expected = params.n * len(prompts)
         answered = self._collect([resp], expected, max_tokens)
         if _all_choices(resp, expected):
             return answered
@@ -207,8 +192,7 @@ class OpenAICompletionsUpstream(Upstream):
         usage = Usage()
         conts: list[Continuation] = []
         for resp in responses:
-            u = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens) if resp.usage else Usage()
-            usage = usage + u
+            usage = usage + _usage_of(resp)
             choices = sorted(resp.choices, key=lambda c: c.index)
             for c in choices:
                 reason = c.finish_reason
@@ -219,5 +203,20 @@ class OpenAICompletionsUpstream(Upstream):
                 else:
                     used = count_tokens(c.text, self.cfg.encoding)
                 conts.append(Continuation(c.text, reason != "length", used, reason))
-        self.usage = self.usage + usage
         return SampleResult(conts[:n], usage, len(responses))
+
+    async def probe(self) -> Probe:
+        """GET /models once, without retries (reachability now, not eventually), and look for
+        the configured model in what it lists."""
+        try:
+            page = await self.client.with_options(timeout=min(5.0, self.cfg.timeout_s), max_retries=0).models.list()
+        except openai.APIStatusError as e:
+            return Probe(False, f"refused: HTTP {e.status_code}")
+        except openai.APIConnectionError as e:
+            return Probe(False, f"unreachable: {type(e).__name__}")
+        except openai.APIError as e:
+            return Probe(False, f"failed: {type(e).__name__}")
+        listed = {m.id for m in page.data}
+        if listed and self.cfg.model not in listed and not page.has_next_page():
+            return Probe(False, f"model unknown: the upstream does not list {self.cfg.model!r}")
+        return Probe(True, "reachable")

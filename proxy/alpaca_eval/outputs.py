@@ -1,0 +1,166 @@
+"""What a run writes: model_outputs.json (the rows alpaca_eval reads) and summary.json (the
+run's summary), their models, and the atomic write both go through. Shared by the runner and
+the shard merge.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from proxy.alpaca_eval.checkpoint import ItemRecord
+from proxy.alpaca_eval.dataset import Selection
+from proxy.config import ConfigError
+
+OUTPUTS_NAME = "model_outputs.json"
+SUMMARY_NAME = "summary.json"
+ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
+"""AlpacaEval 2.0's judge (length-controlled win rate against gpt-4-turbo)."""
+
+
+class OutputRow(BaseModel):
+    """One row of model_outputs.json, exactly the four columns alpaca_eval reads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    instruction: str
+    output: str
+    generator: str
+    dataset: str
+
+
+class SelectionInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    total: int
+    """Items after --limit: the space the shards tile."""
+    start: int
+    stop: int
+    shard: str | None
+    digest: str
+    """sha256 of the selected instruction strings, in order."""
+
+    @classmethod
+    def of(cls, s: Selection) -> "SelectionInfo":
+        return cls(source=s.source, total=s.total, start=s.start, stop=s.stop,
+                   shard=None if s.shard is None else str(s.shard), digest=s.digest)
+
+
+class ItemStats(BaseModel):
+    """Totals and means over answered items (any run that produced them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    answered: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    upstream_calls: int = 0
+    cost_usd: float = 0.0
+    mean_steps: float | None = None
+    mean_score: float | None = None
+    scored: int = 0
+    """Items with a score (all of them when a scorer is configured, none otherwise)."""
+    mean_output_tokens: float | None = None
+    empty_outputs: int = 0
+
+    @classmethod
+    def of(cls, records: Sequence[ItemRecord]) -> "ItemStats":
+        scores = [r.score for r in records if r.score is not None]
+        return cls(
+            answered=len(records),
+            prompt_tokens=sum(r.prompt_tokens for r in records),
+            completion_tokens=sum(r.completion_tokens for r in records),
+            upstream_calls=sum(r.calls for r in records),
+            cost_usd=sum(r.cost_usd for r in records),
+            mean_steps=statistics.fmean(r.steps for r in records) if records else None,
+            mean_score=statistics.fmean(scores) if scores else None,
+            scored=len(scores),
+            mean_output_tokens=statistics.fmean(r.tokens for r in records) if records else None,
+            empty_outputs=sum(1 for r in records if r.output == ""),
+        )
+
+
+class ThisRun(BaseModel):
+    """What this invocation did; `billed_*` is what the upstream billed meanwhile, failed
+    attempts included (the engine's running usage)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempted: int
+    answered: int
+    failed: int
+    billed_prompt_tokens: int
+    billed_completion_tokens: int
+    billed_cost_usd: float
+    wall_s: float
+    concurrency: int
+
+
+class Failure(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int
+    error: str | None
+
+
+class RunSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    generator: str
+    fingerprint: str
+    complete: bool
+    items: int
+    done: int
+    failed: int
+    resumed: int
+    """Items answered by earlier runs of this directory."""
+    selection: SelectionInfo
+    stats: ItemStats
+    this_run: ThisRun
+    failures: list[Failure]
+    model_outputs: str | None
+    alpaca_eval_command: str | None
+
+
+def alpaca_eval_command(outputs: Path) -> str:
+    return f"alpaca_eval --model_outputs {shlex.quote(str(outputs.resolve()))} --annotators_config {ANNOTATOR}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Readers see the old file or the whole new one, never half of it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_outputs(path: str | Path) -> list[OutputRow]:
+    """model_outputs.json, validated row by row."""
+    p = Path(path)
+    try:
+        rows = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: not found") from None
+    except ValueError as e:
+        raise ConfigError(f"{p}: not valid JSON: {e}") from None
+    if not isinstance(rows, list):
+        raise ConfigError(f"{p}: expected a JSON list")
+    try:
+        return [OutputRow.model_validate(r) for r in rows]
+    except ValueError as e:
+        raise ConfigError(f"{p}: {e}") from None

@@ -1,0 +1,238 @@
+"""The engine: the one owner of an upstream and a scorer, shared by every search run through it.
+
+    async with Engine(load_config("paper-cbs-w4k4l30")) as engine:
+        result = await engine.search(render_instruction("Write a haiku.", engine.config.upstream))
+        print(engine.summarize(result))
+
+It builds the upstream (its connection pool, retry policy and concurrency limit) and loads the
+scorer off the event loop (setting torch's thread pool first, once, from
+`scorer.torch_threads`), answers readiness (`probe`), keeps the running usage, and summarizes
+results the one way every adapter reports them. The server (proxy.serving), the Python client
+(proxy.client), the CLI and the AlpacaEval runner are adapters over it. An upstream or scorer
+handed in is used as it is and never closed here; what the engine built, it closes, once.
+
+`start()` waits for the scorer. A server that must listen first calls `open()`, then
+`begin_loading()`, and asks `scorer_state` or `wait_ready()` meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from proxy.config import AppConfig, Prices, ScorerConfig, SearchConfig, require_scorer
+from proxy.cost import cost_usd
+from proxy.search import SearchResult, StepCallback, search
+from proxy.types import Usage
+from proxy.upstreams.base import Upstream
+from proxy.upstreams.registry import make_upstream
+from scorers.base import Scorer, ScorerPrompt
+
+log = logging.getLogger("w2s.engine")
+
+
+class ScorerUnavailable(RuntimeError):
+    """A guided search while the scorer is still loading, or after it failed to load."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        self.loading = state == "loading"
+        super().__init__(f"the scorer is {'still loading' if self.loading else state}")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """`probe()`: can guided requests be served now, and if not, why."""
+
+    ready: bool
+    upstream: str
+    """"reachable", "in-process", "not started", "refused: HTTP 401", "unreachable: ...", "model unknown: ..."."""
+    scorer: str
+    """"loaded", "none" (none configured), "loading", "not started", "failed: <error>"."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What the engine's upstream was billed so far, over every search (failed ones included)."""
+
+    usage: Usage
+    calls: int
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class ResultSummary:
+    """What one search did: the one summary the CLI, the server's `w2s` field and the runner report."""
+
+    mode: str
+    score: float | None
+    finished: bool
+    steps: int
+    upstream_calls: int
+    tokens: int
+    """Upstream tokens in the answer."""
+    prompt_tokens: int
+    """Billed for the whole search, not only the answer (as are completion_tokens and cost_usd)."""
+    completion_tokens: int
+    cost_usd: float
+    wall_s: float
+
+
+def summarize(result: SearchResult, prices: Prices, mode: str | None = None) -> ResultSummary:
+    """`mode` names the search as its caller knows it (a server's mode alias); default: W, K, L."""
+    u = result.usage
+    return ResultSummary(mode=mode or result.config.mode, score=result.score, finished=result.finished,
+                         steps=len(result.steps), upstream_calls=result.calls, tokens=result.tokens,
+                         prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                         cost_usd=cost_usd(u, prices), wall_s=round(result.wall_s, 4))
+
+
+def _load_scorer(cfg: ScorerConfig) -> Scorer:
+    """On a worker thread: torch's thread pool, then the models (imports torch only here)."""
+    from scorers import registry
+
+    registry.set_torch_threads(cfg.torch_threads)
+    return registry.load_scorer(cfg)
+
+
+class Engine:
+    def __init__(self, config: AppConfig, *, upstream: Upstream | None = None, scorer: Scorer | None = None) -> None:
+        self.config = config
+        self._upstream = upstream
+        self._owns_upstream = upstream is None
+        self._scorer = scorer
+        self._owns_scorer = scorer is None
+        self._started = False
+        self._upstream_closed = False
+        self._load_task: asyncio.Task[None] | None = None
+        self._load_error: BaseException | None = None
+        self.scorer_state = "loaded" if scorer is not None else "not started" if config.scorer else "none"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        """Build the upstream (no I/O yet); idempotent. After `aclose` it builds a new one."""
+        if self._upstream is None or (self._owns_upstream and self._upstream_closed):
+            self._upstream = make_upstream(self.config.upstream)
+            self._upstream_closed = False
+        self._started = True
+
+    def begin_loading(self) -> None:
+        """Start loading the configured scorer on a worker thread; idempotent."""
+        if self._scorer is not None or self.config.scorer is None or self._load_task is not None:
+            return
+        self.scorer_state = "loading"
+        self._load_task = asyncio.create_task(self._load(self.config.scorer))
+
+    async def _load(self, cfg: ScorerConfig) -> None:
+        try:
+            self._scorer = await asyncio.to_thread(_load_scorer, cfg)
+            self.scorer_state = "loaded"
+            log.info("scorer loaded")
+        except Exception as e:  # noqa: BLE001 - reported by probe(), wait_ready() and every guided search
+            self._load_error = e
+            self.scorer_state = f"failed: {type(e).__name__}: {e}"
+            log.error("scorer failed to load: %s", self.scorer_state)
+
+    async def wait_ready(self) -> None:
+        """Return once the scorer is loaded (at once without one); ScorerUnavailable if it failed."""
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+        if self._load_error is not None:
+            raise ScorerUnavailable(self.scorer_state) from self._load_error
+
+    async def start(self) -> None:
+        """Open the upstream and load the scorer, waiting for it; closes again if that fails."""
+        require_scorer(self.config.search, self.guided)
+        self.open()
+        self.begin_loading()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Close what this engine built, once; what was handed in stays open. `start` (or
+        `open`) afterwards builds anew."""
+        task, self._load_task, self._load_error = self._load_task, None, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._started = False
+        if self._owns_upstream and self._upstream is not None and not self._upstream_closed:
+            self._upstream_closed = True  # kept, closed, for its running usage
+            await self._upstream.aclose()
+        if self._owns_scorer:
+            scorer, self._scorer = self._scorer, None
+            self.scorer_state = "not started" if self.config.scorer else "none"
+            if scorer is not None:
+                await scorer.aclose()
+
+    async def __aenter__(self) -> "Engine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ what it offers
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def upstream(self) -> Upstream:
+        if not self._started or self._upstream is None:
+            raise RuntimeError("engine not started: use `async with Engine(...)` or `await engine.start()`")
+        return self._upstream
+
+    @property
+    def scorer(self) -> Scorer | None:
+        return self._scorer
+
+    @property
+    def guided(self) -> bool:
+        """A scorer is here or configured (loaded or not): guided searches can be offered."""
+        return self._scorer is not None or self.config.scorer is not None
+
+    @property
+    def usage(self) -> Spend:
+        """Running totals of the upstream (readable after `aclose`, restarted by a new upstream)."""
+        up = self._upstream
+        usage, calls = (up.usage, up.api_calls) if up is not None else (Usage(), 0)
+        return Spend(usage, calls, cost_usd(usage, self.config.upstream.prices))
+
+    async def probe(self) -> Readiness:
+        """Upstream reachable (one request, no retries) with the model listed, scorer loaded."""
+        if not self._started or self._upstream is None:
+            upstream_ok, upstream_state = False, "not started"
+        else:
+            p = await self._upstream.probe()
+            upstream_ok, upstream_state = p.ok, p.state
+        scorer_ok = self.scorer_state in ("loaded", "none")
+        return Readiness(upstream_ok and scorer_ok, upstream_state, self.scorer_state)
+
+    def scorer_for(self, search_config: SearchConfig, *, score_plain: bool = True) -> Scorer | None:
+        """The scorer a search runs with: the loaded one, or None. Plain sampling (w = k = 1) is
+        scored when a scorer is loaded, unless `score_plain` is False. A guided search raises
+        ConfigError without a scorer configured, ScorerUnavailable while it loads or after it failed."""
+        if search_config.needs_scorer and self._scorer is None:
+            require_scorer(search_config, self.config.scorer is not None)
+            raise ScorerUnavailable(self.scorer_state)
+        return self._scorer if score_plain or search_config.needs_scorer else None
+
+    async def search(self, prompt: str, search_config: SearchConfig | None = None, *,
+                     scorer_prompt: ScorerPrompt | None = None, on_step: StepCallback | None = None,
+                     score_plain: bool = True) -> SearchResult:
+        """One search on the completion prompt `prompt` (default config: `config.search`); see
+        proxy.search.search and `scorer_for`."""
+        cfg = search_config if search_config is not None else self.config.search
+        scorer = self.scorer_for(cfg, score_plain=score_plain)
+        return await search(prompt, self.upstream, scorer, cfg, scorer_prompt=scorer_prompt, on_step=on_step)
+
+    def summarize(self, result: SearchResult, mode: str | None = None) -> ResultSummary:
+        return summarize(result, self.config.upstream.prices, mode)

@@ -1,0 +1,121 @@
+"""The plain data that crosses boundaries: chat messages, sampling parameters, what an upstream
+answers and bills, and the seeds of a search. Depends on nothing in this project.
+
+Seeds are derived here and nowhere else. A seeded search gives each (step, beam) its own
+request seed (`derive_seed`); an upstream that sends one request for several prompts seeds it
+from all of theirs (`request_seed`); one that stands in n=1 requests for an n>1 request seeds
+sample i from the request's seed (`sample_seed`). All three are stable across processes and
+machines (plain integer arithmetic, no `hash()`), and None (unseeded) stays None.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypedDict
+
+
+class ChatMessage(TypedDict):
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """One upstream request: n continuations of at most `max_tokens` tokens each."""
+
+    max_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"SamplingParams: n and max_tokens must be at least 1 (n={self.n}, "
+                             f"max_tokens={self.max_tokens})")
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list given by a caller stays hashable
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens billed by the upstream, summed over calls."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(self.prompt_tokens - other.prompt_tokens, self.completion_tokens - other.completion_tokens)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    text: str
+    finished: bool
+    """True when the model ended the text itself (EOS or a stop sequence), not the length limit."""
+    num_tokens: int
+    """Upstream tokens this continuation used (exact for length-limited ones)."""
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    continuations: list[Continuation]
+    """n per prompt; for several prompts (`sample_batch`) prompt-major: prompt i's are [i*n, (i+1)*n)."""
+    usage: Usage
+    calls: int
+    """API calls that succeeded for this sample (K when the server refused n>1)."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether an upstream can serve now; `state` says why not ("reachable", "in-process",
+    "refused: HTTP 401", "unreachable: APIConnectionError", "model unknown: ...")."""
+
+    ok: bool
+    state: str
+
+
+# ---------------------------------------------------------------------------------- seeds
+
+SEED_MODULUS = 2**31 - 1
+"""Seeds stay below this (a prime): every API we know takes a 32-bit signed seed."""
+
+
+def derive_seed(seed: int | None, step: int, beam: int) -> int | None:
+    """The request seed of beam `beam` at step `step` of a search seeded with `seed`: distinct
+    for every (step, beam) of a search (beam < 8191), so beams do not sample identical chunks."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + step * 8_191 + beam) % SEED_MODULUS
+
+
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample `index` when one n>1 request is sent as n requests with n=1: sample 0
+    keeps the request's seed (an n=1 request is seeded as asked); the others are mixed apart,
+    so they do not coincide with a neighbouring beam's request seed as `seed + index` would."""
+    if seed is None or index == 0:
+        return seed
+    return (seed * 69_069 + index * 2_147_483_587 + 12_345) % SEED_MODULUS
+
+
+def request_seed(seeds: Sequence[int | None]) -> int | None:
+    """The one seed of a request that carries several prompts (an API takes one per request),
+    from all of the prompts' seeds in order: one prompt keeps its own; none seeded gives None.
+    Each prompt then samples as it would alone under that seed (on a server that seeds per
+    prompt and choice, as vLLM and our loopback server do)."""
+    if all(s is None for s in seeds):
+        return None
+    if len(seeds) == 1:
+        return seeds[0]
+    mixed = len(seeds)
+    for s in seeds:
+        mixed = (mixed * 1_000_003 + (0 if s is None else s + 1)) % SEED_MODULUS
+    return mixed
