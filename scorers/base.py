@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TypedDict
 
-
-class ChatMessage(TypedDict):
-    role: str
-    content: str
+from proxy.types import ChatMessage
 
 
 ScorerPrompt = str | Sequence[ChatMessage]

@@ -13,10 +13,7 @@ from typing import ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from proxy.config import Prices
-from proxy.cost import cost_usd
 from proxy.search import SearchResult
-from proxy.serving.guidance import Plan
 from proxy.serving.protocol import SamplingRequest, SearchSummary, UsageInfo
 from scorers.base import ScorerPrompt
 
@@ -66,13 +63,6 @@ def usage_info(result: SearchResult) -> UsageInfo:
     u = result.usage
     return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                      total_tokens=u.total_tokens)
-
-
-def search_summary(plan: Plan, result: SearchResult, prices: Prices) -> SearchSummary:
-    """The `w2s` field of a response: what the search did."""
-    return SearchSummary(mode=plan.mode, steps=len(result.steps), upstream_calls=result.calls, score=result.score,
-                         finished=result.finished, tokens=result.tokens, cost_usd=cost_usd(result.usage, prices),
-                         wall_s=round(result.wall_s, 4))
 
 
 def finish_reason(result: SearchResult) -> FinishReason:
