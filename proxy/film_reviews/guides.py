@@ -1,0 +1,107 @@
+"""The two guides of the film-review experiment, and the methods the benchmark compares.
+
+Both guides are SmolLM2-135M-Instruct reading text raw (no chat template): the opening of a
+review, then the continuation being scored. They differ in what makes them a pair:
+
+- "contrast": one model, two text prefixes. The tuned side reads the opening after "A very
+  positive film review:", the untuned side after "A film review:"; their log-ratio rewards
+  continuations the first framing finds likelier. No training at all.
+- "tuned": the paper's way. The tuned side is SmolLM2 with the shipped DPO LoRA adapter (trained
+  on VADER-labelled pairs of continuations of other openings), the untuned side its parent; both
+  read the bare opening.
+
+Nothing here imports torch; `ScorerConfig`s are loaded by `scorers.registry.load_scorer`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.config import ModelSpec, ScorerConfig, SearchConfig
+
+GUIDES = ("contrast", "tuned")
+POSITIVE_PREFIX = "A very positive film review:\n\n"
+PLAIN_PREFIX = "A film review:\n\n"
+
+
+class GuideUnavailable(RuntimeError):
+    """A guide that cannot be built on this machine (the tuned adapter is missing)."""
+
+
+def _raw(smol: ModelSpec, prefix: str | None, adapter: str | None = None) -> ModelSpec:
+    # With the raw template the system prompt is plain text in front of the opening.
+    return smol.model_copy(update={"chat_template": "raw", "system_prompt": prefix, "adapter": adapter})
+
+
+def contrast_guide(smol: ModelSpec, **options: object) -> ScorerConfig:
+    """Prompt contrast on one set of weights: positive-review prefix vs plain-review prefix."""
+    return ScorerConfig(tuned=_raw(smol, POSITIVE_PREFIX), untuned=_raw(smol, PLAIN_PREFIX), **options)  # type: ignore[arg-type]
+
+
+def tuned_guide(smol: ModelSpec, adapter: str, **options: object) -> ScorerConfig:
+    """SmolLM2 + DPO adapter vs SmolLM2, both on the bare opening."""
+    return ScorerConfig(tuned=_raw(smol, None, adapter), untuned=_raw(smol, None), **options)  # type: ignore[arg-type]
+
+
+def shipped_adapter() -> str:
+    """The shipped DPO adapter's directory, or GuideUnavailable saying how to get one."""
+    try:
+        from scorers.tuning import shipped_adapter_path
+
+        return str(shipped_adapter_path())
+    except (ImportError, FileNotFoundError) as e:
+        raise GuideUnavailable(f"the tuned guide needs the shipped DPO adapter: {e}") from e
+
+
+def guide_config(name: str, smol: ModelSpec, **options: object) -> ScorerConfig:
+    if name == "contrast":
+        return contrast_guide(smol, **options)
+    if name == "tuned":
+        return tuned_guide(smol, shipped_adapter(), **options)
+    raise ValueError(f"unknown guide {name!r} (known: {', '.join(GUIDES)})")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark. `l` None: best-of-N (w=1, k=N), read off the shared samples;
+    otherwise a real chunk-level beam search per guide."""
+
+    w: int
+    k: int
+    l: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.l is None:
+            return "base" if self.k == 1 else f"bon{self.k}"
+        return f"cbs-w{self.w}k{self.k}l{self.l}"
+
+    @property
+    def breadth(self) -> int:
+        """Samples per step: N for best-of-N, W*K for CBS (the over-optimization axis)."""
+        return self.w * self.k
+
+    @property
+    def searched(self) -> bool:
+        return self.l is not None
+
+    def search_config(self, *, max_new_tokens: int, temperature: float, seed: int) -> SearchConfig:
+        """The paper's rule (score alone ranks, `prefer_finished` off), as SearchConfig defaults."""
+        return SearchConfig(w=self.w, k=self.k, l=self.l, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=1.0, seed=seed)
+
+
+BON_SIZES = (1, 2, 4, 8, 16)
+CBS_SHAPES = ((2, 2), (4, 4))
+
+
+def bon_methods(sizes: tuple[int, ...] = BON_SIZES) -> list[Method]:
+    return [Method(1, n) for n in sizes]
+
+
+def cbs_methods(chunk_lengths: tuple[int, ...], shapes: tuple[tuple[int, int], ...] = CBS_SHAPES) -> list[Method]:
+    return [Method(w, k, l) for l in chunk_lengths for w, k in shapes]
+
+
+def headline_methods(chunk_lengths: tuple[int, ...]) -> list[Method]:
+    """The issue's list: base, BoN-4, BoN-16, CBS W2K2 and W4K4 at each chunk length."""
+    return [Method(1, 1), Method(1, 4), Method(1, 16), *cbs_methods(chunk_lengths)]
