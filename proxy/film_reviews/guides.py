@@ -4,8 +4,12 @@ Both guides are SmolLM2-135M-Instruct reading text raw (no chat template): the o
 review, then the continuation being scored. They differ in what makes them a pair:
 
 - "contrast": one model, two text prefixes. The tuned side reads the opening after "A very
-  positive film review:", the untuned side after "A film review:"; their log-ratio rewards
-  continuations the first framing finds likelier. No training at all.
+  positive film review:", the untuned side after "A very negative film review:"; their
+  log-ratio rewards continuations the positive framing finds likelier than the negative one.
+  No training at all. (Against a plain "A film review:" the ratio hardly tracks sentiment on
+  Gemma's continuations: within-opening correlation with VADER 0.02 on 192 samples and 0.11 on
+  1040, against 0.39 for the positive/negative pair on the same 192; the common "film review"
+  part of the two framings cancels, and what is left is the sentiment.)
 - "tuned": the paper's way. The tuned side is SmolLM2 with the shipped DPO LoRA adapter (trained
   on VADER-labelled pairs of continuations of other openings), the untuned side its parent; both
   read the bare opening.
@@ -20,7 +24,7 @@ from proxy.config import ModelSpec, ScorerConfig, SearchConfig
 
 GUIDES = ("contrast", "tuned")
 POSITIVE_PREFIX = "A very positive film review:\n\n"
-PLAIN_PREFIX = "A film review:\n\n"
+NEGATIVE_PREFIX = "A very negative film review:\n\n"
 
 
 class GuideUnavailable(RuntimeError):
@@ -33,8 +37,9 @@ def _raw(smol: ModelSpec, prefix: str | None, adapter: str | None = None) -> Mod
 
 
 def contrast_guide(smol: ModelSpec, **options: object) -> ScorerConfig:
-    """Prompt contrast on one set of weights: positive-review prefix vs plain-review prefix."""
-    return ScorerConfig(tuned=_raw(smol, POSITIVE_PREFIX), untuned=_raw(smol, PLAIN_PREFIX), **options)  # type: ignore[arg-type]
+    """Prompt contrast on one set of weights: positive-review prefix vs negative-review prefix."""
+    return ScorerConfig(tuned=_raw(smol, POSITIVE_PREFIX), untuned=_raw(smol, NEGATIVE_PREFIX),
+                        **options)  # type: ignore[arg-type]
 
 
 def tuned_guide(smol: ModelSpec, adapter: str, **options: object) -> ScorerConfig:
