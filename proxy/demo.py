@@ -40,9 +40,9 @@ class DemoSettings(Strict):
 
     Best-of-N and CBS get the same breadth (N = W*K) and so about the same completion tokens."""
 
-    openings: int = Field(16, ge=2, le=len(TEST_OPENINGS))
+    openings: int = Field(12, ge=2, le=len(TEST_OPENINGS))
     guide: Literal["tuned", "contrast"] = "tuned"
-    max_new_tokens: int = Field(32, ge=4)
+    max_new_tokens: int = Field(24, ge=4)
     n: int = Field(4, ge=2, description="best-of-N samples")
     w: int = Field(2, ge=1)
     k: int = Field(2, ge=1)
