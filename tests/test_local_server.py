@@ -88,4 +88,4 @@ def test_serve_local_command_serves_until_interrupted(tiny_model_dirs: TinyModel
         assert asyncio.run(ask()) == "tiny:True"
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) in (0, 130)
+        assert proc.wait(timeout=120) in (0, 130)  # generous: a loaded CI box is slow to shut torch down

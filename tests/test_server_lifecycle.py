@@ -213,5 +213,5 @@ async def test_w2s_serve_command(loopback: LoopbackCompletionsServer, tmp_path: 
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        _, err = await asyncio.wait_for(proc.communicate(), 120)  # generous for a loaded box
     assert proc.returncode == 130 and b"Traceback" not in err
