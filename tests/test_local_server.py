@@ -69,11 +69,18 @@ async def test_bad_requests_are_refused_in_openai_shape(served: tuple[openai.Asy
     assert e.value.body["param"] == "max_tokens"  # type: ignore[index]
 
 
+def default_sigint() -> None:
+    """A shell that starts a job in the background (`cmd &`) has it ignore SIGINT, and children
+    inherit that: give the server the default disposition, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_serve_local_command_serves_until_interrupted(tiny_model_dirs: TinyModelDirs) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve-local", str(tiny_model_dirs.llama_tuned),
                              "--name", "tiny", "--port", "0", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_sigint)
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("serving ") and "http://127.0.0.1:" in line

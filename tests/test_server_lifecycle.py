@@ -195,13 +195,19 @@ async def test_metrics_count_upstream_retries_and_failures_by_kind(loopback: Loo
             if s.name == "w2s_upstream_errors_total" and s.labels == {"kind": "http_503"}] == [1]
 
 
+def default_sigint() -> None:
+    """A background job of a shell (`cmd &`) ignores SIGINT and its children inherit that; the
+    server under test gets the default disposition, as from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_w2s_serve_command(loopback: LoopbackCompletionsServer, tmp_path: Path) -> None:
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": loopback.base_url},
                                    "server": {"modes": {"b2": "bon4"}}}))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", "0", cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=default_sigint)
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
