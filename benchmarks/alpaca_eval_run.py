@@ -40,7 +40,7 @@ SHARED = REPO.parent / "shared" / "data" / "alpaca_eval" / "alpaca_eval_gpt4_bas
 
 
 def start_loopback(latency_s: float) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.loopback", "--port", "0", "--latency-s", str(latency_s)],
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.testing.toy_server", "--port", "0", "--latency-s", str(latency_s)],
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()

@@ -38,7 +38,7 @@ issue asks for buys one seed, not three. The run is resumable and goes seed by s
 - The same seed in CBS gives its first step's K samples the same random draws as the first K of
   the 16 (common random numbers: the paired differences have less noise).
 - serve-local decodes every request in flight in one padded batch of up to 64 rows, each prompt
-  run once however many samples it has (`scorers.local_lm`): 48 tokens/s in batches of 64 rows
+  run once however many samples it has (`proxy.local.causal_lm`): 48 tokens/s in batches of 64 rows
   against 26 tokens/s for one n=16 request and 6 for n=1 (1 thread). The runner keeps many
   searches in flight (`--concurrency`) and goes phase by phase (the samples, each scored by
   both guides as soon as it is there; then CBS a chunk length at a time, both guides together),
@@ -83,7 +83,7 @@ if str(ROOT) not in sys.path:
 from proxy.config import UpstreamConfig  # noqa: E402
 from proxy.film_reviews.guides import BON_SIZES, CBS_SHAPES, GUIDES, Method, bon_methods, cbs_methods  # noqa: E402
 from proxy.film_reviews.stats import Estimate, estimate, paired  # noqa: E402
-from proxy.judge import JUDGES  # noqa: E402
+from proxy.demo.judge import JUDGES  # noqa: E402
 from proxy.prompts import render_instruction  # noqa: E402
 from proxy.search import search  # noqa: E402
 from proxy.types import SamplingParams, derive_seed  # noqa: E402
@@ -445,7 +445,7 @@ def _adapter_digest(path: str | None) -> str | None:
 
 def available_guides(names: Sequence[str]) -> dict[str, Any]:
     """ScorerConfigs of the guides asked for; an unavailable one is refused, saying why."""
-    from proxy.demo_model import fetch_demo_model
+    from proxy.demo.model import fetch_demo_model
     from proxy.film_reviews.guides import GuideUnavailable, guide_config
 
     smol = fetch_demo_model()

@@ -16,7 +16,7 @@
 
 Targets: overhead p50 <= 3 ms; 64-way >= 0.8 of ideal; loop lag p99 < 50 ms while scoring.
 Three processes: the w2s server (this one, where lag and CPU are measured), the upstream
-(proxy.loopback) and the load generator (benchmarks/load_client.py), so the server's numbers
+(proxy.testing.toy_server) and the load generator (benchmarks/load_client.py), so the server's numbers
 are its own. On a shared machine wall times swing with the neighbours' load, so the tables
 also give the server process's CPU time per request and the ratio one free core could reach
 at best with it (ideal makespan / (concurrency x CPU per request), capped at 1; the lag
@@ -82,7 +82,7 @@ class UpstreamProcess:
 async def loopback_process(latency_s: float, eos_prob: float) -> AsyncIterator[UpstreamProcess]:
     """The toy upstream in its own process, so its work does not share the server's event loop."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.loopback", "--port", "0", "--latency-s", str(latency_s),
+        sys.executable, "-m", "proxy.testing.toy_server", "--port", "0", "--latency-s", str(latency_s),
         "--eos-prob", str(eos_prob), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None

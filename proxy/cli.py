@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import logging
 import sys
@@ -11,32 +10,20 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from proxy.alpaca_eval import cli as alpaca_eval_command
 from proxy.config import ConfigError
+from proxy.demo import command as demo_command
+from proxy.local import command as serve_local_command
 from proxy.presets import load_config
-
-
-def _add_search_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("search overrides")
-    g.add_argument("--w", type=int, help="beam width")
-    g.add_argument("--k", type=int, help="successors per beam")
-    g.add_argument("--l", type=int, help="chunk length (upstream tokens)")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--prefer-finished", action="store_const", const=True, default=None,
-                   help="answer with the best finished beam when there is one (default: the top-scored beam)")
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    keys = ("w", "k", "l", "max_new_tokens", "temperature", "top_p", "seed", "prefer_finished")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+from proxy.search_flags import add_search_flags, search_overrides
+from proxy.serving import command as serve_command
+from scorers.tuning import cli as tune_command
 
 
 async def _generate(args: argparse.Namespace) -> int:
     from proxy.client import GuidedClient
 
-    cfg = load_config(args.config, **_overrides(args))
+    cfg = load_config(args.config, **search_overrides(args))
     async with GuidedClient(cfg) as client:
         if args.raw:
             result = await client.complete(args.prompt)
@@ -44,7 +31,7 @@ async def _generate(args: argparse.Namespace) -> int:
             result = await client.instruct(args.prompt)
     summary = client.summarize(result)
     if args.trace:
-        from proxy.trace_html import TracedSearch, render_trace
+        from proxy.demo.trace_html import TracedSearch, render_trace
 
         Path(args.trace).write_text(render_trace([TracedSearch(result.config.mode, args.prompt, result)]))
     if args.json:
@@ -62,8 +49,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
 # Each module adds its own subcommand(s) with `register(subparsers)`; its handler is an
 # `async def (args) -> int` stored as `func`. Modules must not import torch at import time.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("proxy.demo", "proxy.local_server", "proxy.serving.command", "proxy.alpaca_eval.cli",
-                                      "scorers.tuning.cli")
+SUBCOMMANDS = (demo_command, serve_local_command, serve_command, alpaca_eval_command, tune_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is (no instruction template)")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     gen.add_argument("--trace", help="write the search tree to this HTML file")
-    _add_search_flags(gen)
+    add_search_flags(gen)
     gen.set_defaults(func=_generate)
-    for module in SUBCOMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+    for command in SUBCOMMANDS:
+        command.register(sub)
     return parser
 
 

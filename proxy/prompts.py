@@ -7,10 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxy.config import ConfigError, UpstreamConfig
+from proxy.config import UpstreamConfig
 from scorers.base import ChatMessage
 
 ROLES = ("system", "user", "assistant")
+
+
+class PromptError(ValueError):
+    """Messages that cannot be rendered (request data, not configuration): `param` names the
+    field of the request, so the server answers a 400 about it."""
+
+    def __init__(self, param: str, problem: str) -> None:
+        super().__init__(f"{param}: {problem}")
+        self.param = param
 
 
 def render_instruction(instruction: str, cfg: UpstreamConfig) -> str:
@@ -20,14 +29,14 @@ def render_instruction(instruction: str, cfg: UpstreamConfig) -> str:
 def render_chat(messages: Sequence[ChatMessage], cfg: UpstreamConfig) -> str:
     """Messages must end with a user turn: the response answers it."""
     if not messages:
-        raise ConfigError("messages: at least one message is required")
+        raise PromptError("messages", "at least one message is required")
     for i, m in enumerate(messages):
         if m.get("role") not in ROLES:
-            raise ConfigError(f"messages.{i}.role: must be one of {', '.join(ROLES)}")
+            raise PromptError(f"messages.{i}.role", f"must be one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
-            raise ConfigError(f"messages.{i}.content: must be a string")
+            raise PromptError(f"messages.{i}.content", "must be a string")
     if messages[-1]["role"] != "user":
-        raise ConfigError("messages: the last message must come from the user")
+        raise PromptError("messages", "the last message must come from the user")
     parts = []
     for m in messages:
         if m["role"] == "user":

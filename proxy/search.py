@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from proxy.config import SearchConfig, require_scorer
-from proxy.types import Continuation, SamplingParams, Usage, derive_seed
+from proxy.types import Continuation, SamplingParams, Usage, derive_seed, first_stop
 from proxy.upstreams.base import Upstream
 from scorers.base import Scorer, ScorerPrompt, ScoringSession
 
@@ -101,11 +101,10 @@ def cut_at_stop(prev: str, chunk: str, stop: Sequence[str]) -> tuple[str, bool]:
         return chunk, False
     longest = max(len(s) for s in stop)
     start = max(0, len(prev) - longest + 1)
-    window = prev[start:] + chunk
-    hits = [i for i in (window.find(s) for s in stop) if i >= 0]
-    if not hits:
+    hit = first_stop(prev[start:] + chunk, stop)
+    if hit is None:
         return chunk, False
-    cut = min(hits) - (len(prev) - start)
+    cut = hit - (len(prev) - start)
     return chunk[: max(cut, 0)], True
 
 

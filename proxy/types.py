@@ -5,10 +5,17 @@ Seeds are derived here and nowhere else. A seeded search gives each (step, beam)
 request seed (`derive_seed`); an upstream that sends one request for several prompts seeds it
 from all of theirs (`request_seed`); one that stands in n=1 requests for an n>1 request seeds
 sample i from the request's seed (`sample_seed`). All three are stable across processes and
-machines (plain integer arithmetic, no `hash()`), and None (unseeded) stays None.
+machines (plain integer arithmetic, no `hash()`), and None (unseeded) stays None. A server we
+run ourselves (the local model server, the toy test model) seeds choice i of a prompt with
+`choice_seed`, the same way in both.
+
+Stop sequences are found here too (`first_stop`): the search, the local model server and the
+toy model must agree to the character on where a stop sequence cuts a text.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
@@ -119,3 +126,27 @@ def request_seed(seeds: Sequence[int | None]) -> int | None:
     for s in seeds:
         mixed = (mixed * 1_000_003 + (0 if s is None else s + 1)) % SEED_MODULUS
     return mixed
+
+
+def stable_int(*parts: object) -> int:
+    """A 64-bit integer from `parts` that is the same in every process (unlike `hash`)."""
+    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def choice_seed(prompt: str, seed: int, index: int) -> int:
+    """The random seed of choice `index` for `prompt` on a server we run that was asked for `seed`:
+    each prompt of a list samples as it would alone, and the choices of a request differ."""
+    return stable_int("sample", prompt, seed, index)
+
+
+# ---------------------------------------------------------------------------------- stops
+
+MAX_STOP = 4
+"""Stop sequences one request may carry (OpenAI's limit)."""
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest-starting stop sequence begins in `text` (the API cuts there), or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from proxy.config import UpstreamConfig
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.testing.toy_server import ToyCompletionsServer
 from tiny_models import (  # noqa: F401  (fixtures for every test module)
     llama_pair,
     mixed_pair,
@@ -17,12 +17,12 @@ from tiny_models import (  # noqa: F401  (fixtures for every test module)
 
 
 @pytest.fixture
-async def loopback() -> AsyncIterator[LoopbackCompletionsServer]:
-    async with LoopbackCompletionsServer() as server:
+async def loopback() -> AsyncIterator[ToyCompletionsServer]:
+    async with ToyCompletionsServer() as server:
         yield server
 
 
-def upstream_config(server: LoopbackCompletionsServer, **kw: object) -> UpstreamConfig:
+def upstream_config(server: ToyCompletionsServer, **kw: object) -> UpstreamConfig:
     """An upstream on the loopback server with fast retries (tests must not sleep for long)."""
     base = dict(model="toy-instruct", base_url=server.base_url, backoff_initial_s=0.01, backoff_max_s=0.05,
                 timeout_s=10.0)

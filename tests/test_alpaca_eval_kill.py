@@ -17,7 +17,7 @@ from proxy.alpaca_eval.dataset import read_instruction_file, select
 from proxy.alpaca_eval.outputs import OUTPUTS_NAME
 from proxy.alpaca_eval.runner import run_alpaca_eval
 from proxy.client import GuidedClient
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.presets import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ async def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) ->
     instructions.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     out, log = tmp_path / "out", tmp_path / "cli.log"
 
-    async with LoopbackCompletionsServer(latency_s=0.15) as server:
+    async with ToyCompletionsServer(latency_s=0.15) as server:
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump({
             "upstream": {"model": "toy-instruct", "base_url": server.base_url, "backoff_initial_s": 0.01},

@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from aiohttp import web
 
 from proxy.alpaca_eval.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from proxy.alpaca_eval.dataset import Instruction, Selection, Shard, read_instruction_file, select
@@ -20,7 +21,8 @@ from proxy.cli import build_parser
 from proxy.client import GuidedClient
 from proxy.config import AppConfig, ConfigError, ScorerConfig, SearchConfig
 from proxy.cost import count_tokens
-from proxy.loopback import CompletionParams, LoopbackCompletionsServer
+from proxy.local.backend import Choice, CompletionParams
+from proxy.testing.toy_server import ToyCompletionsServer
 from tests.conftest import upstream_config
 
 ODD = ["  leading and trailing spaces  ", "line one\r\nline two\n", "tab\there", "naïve café — 東京 🙂",
@@ -28,17 +30,18 @@ ODD = ["  leading and trailing spaces  ", "line one\r\nline two\n", "tab\there",
 PRICES = {"prompt": 1.5, "completion": 2.0}
 
 
-class BillingLoopback(LoopbackCompletionsServer):
+class BillingLoopback(ToyCompletionsServer):
     """Keeps the usage block of every answer, as the API would bill it."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
         self.billed: list[dict[str, int]] = []
 
-    async def _answer(self, params: CompletionParams) -> dict[str, Any]:
-        body = await super()._answer(params)
-        self.billed.append(body["usage"])
-        return body
+    def answer(self, batch: list[CompletionParams], results: list[tuple[list[Choice], int]]) -> web.Response:
+        response = super().answer(batch, results)
+        assert isinstance(response.body, bytes)
+        self.billed.append(json.loads(response.body)["usage"])
+        return response
 
 
 def instructions(n: int) -> list[Instruction]:
@@ -46,7 +49,7 @@ def instructions(n: int) -> list[Instruction]:
     return [Instruction(instruction=t, dataset=f"set{i % 4}") for i, t in enumerate(texts[:n])]
 
 
-def app_config(server: LoopbackCompletionsServer, scorer: ScorerConfig | None = None, **search: Any) -> AppConfig:
+def app_config(server: ToyCompletionsServer, scorer: ScorerConfig | None = None, **search: Any) -> AppConfig:
     search = {"max_new_tokens": 10, "seed": 5, **search}
     return AppConfig(upstream=upstream_config(server, prices=PRICES, max_attempts=2),
                      scorer=scorer, search=SearchConfig(**search))
@@ -114,7 +117,7 @@ async def test_thirty_instructions_guided_by_the_tiny_scorer(tmp_path: Path, tin
 
 async def test_failed_item_is_recorded_retried_next_run_and_never_written_empty(tmp_path: Path) -> None:
     items = instructions(6)
-    async with LoopbackCompletionsServer() as server:
+    async with ToyCompletionsServer() as server:
         cfg = app_config(server)
         reference = await run(cfg, select(items, "test"), tmp_path / "ref")
         out = tmp_path / "run"
@@ -145,7 +148,7 @@ async def test_failed_item_is_recorded_retried_next_run_and_never_written_empty(
 async def test_shards_merged_equal_one_unsharded_run(tmp_path: Path) -> None:
     items = instructions(10)
     (tmp_path / "in.jsonl").write_text("".join(it.model_dump_json() + "\n" for it in items), encoding="utf-8")
-    async with LoopbackCompletionsServer() as server:
+    async with ToyCompletionsServer() as server:
         cfg = app_config(server, temperature=1.0)
         whole = await run(cfg, select(items, "test"), tmp_path / "whole")
         parts = [await run(cfg, select(items, "test", shard=Shard(i, 3)), tmp_path / f"s{i}", concurrency=2)
@@ -198,7 +201,7 @@ async def test_shards_merged_equal_one_unsharded_run(tmp_path: Path) -> None:
 
 async def test_resume_refuses_a_changed_dataset_or_config(tmp_path: Path) -> None:
     items = instructions(4)
-    async with LoopbackCompletionsServer() as server:
+    async with ToyCompletionsServer() as server:
         cfg = app_config(server)
         await run(cfg, select(items, "test"), tmp_path)
         changed = items[:1] + [Instruction(instruction="something else")] + items[2:]
@@ -221,7 +224,7 @@ def test_instruction_file_round_trip_keeps_strings(tmp_path: Path) -> None:
 async def test_cli_exit_status_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     items = instructions(5)
     (tmp_path / "in.json").write_text(json.dumps([it.model_dump() for it in items], ensure_ascii=False))
-    async with LoopbackCompletionsServer(failures=[400]) as server:  # a bad request is not retried
+    async with ToyCompletionsServer(failures=[400]) as server:  # a bad request is not retried
         (tmp_path / "c.yaml").write_text(json.dumps({
             "upstream": {"model": "toy-instruct", "base_url": server.base_url, "prices": PRICES},
             "search": {"max_new_tokens": 8, "seed": 2}}))

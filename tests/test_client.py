@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from proxy.client import GuidedClient
+from proxy.prompts import PromptError
 from proxy.config import AppConfig, ConfigError, SearchConfig
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.prompts import render_chat
 from tests.conftest import upstream_config
 from tests.doubles import FnScorer
@@ -19,13 +20,13 @@ def distinct_words(text: str, finished: bool) -> float:
     return float(len(set(text.split()))) + (1.0 if finished else 0.0)
 
 
-def client_for(server: LoopbackCompletionsServer, scorer: FnScorer | None, **search: object) -> GuidedClient:
+def client_for(server: ToyCompletionsServer, scorer: FnScorer | None, **search: object) -> GuidedClient:
     cfg = AppConfig(upstream=upstream_config(server), search=SearchConfig(**search))  # type: ignore[arg-type]
     return GuidedClient(cfg, scorer=scorer)
 
 
 async def test_chat_renders_for_the_upstream_and_passes_messages_to_the_scorer(
-        loopback: LoopbackCompletionsServer) -> None:
+        loopback: ToyCompletionsServer) -> None:
     scorer = FnScorer(distinct_words)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a pet."}]
     async with client_for(loopback, scorer, w=2, k=2, l=3, max_new_tokens=6, seed=1) as client:
@@ -37,7 +38,7 @@ async def test_chat_renders_for_the_upstream_and_passes_messages_to_the_scorer(
     assert r.score == max(n.score for n in last if n.finished == r.finished)
 
 
-async def test_instruct_uses_the_prompt_template_and_complete_sends_raw(loopback: LoopbackCompletionsServer) -> None:
+async def test_instruct_uses_the_prompt_template_and_complete_sends_raw(loopback: ToyCompletionsServer) -> None:
     async with client_for(loopback, None, max_new_tokens=4, seed=3) as client:
         a = await client.instruct("Say hi.")
         b = await client.complete("RAW PROMPT")
@@ -47,7 +48,7 @@ async def test_instruct_uses_the_prompt_template_and_complete_sends_raw(loopback
     assert a.score is None and a.tokens <= 4 and b.text
 
 
-async def test_overrides_per_call(loopback: LoopbackCompletionsServer) -> None:
+async def test_overrides_per_call(loopback: ToyCompletionsServer) -> None:
     async with client_for(loopback, FnScorer(distinct_words), max_new_tokens=5) as client:
         r = await client.instruct("Q", w=1, k=5, seed=2)
     assert [(q["n"], q["max_tokens"]) for q in loopback.requests] == [(5, 5)]
@@ -55,18 +56,18 @@ async def test_overrides_per_call(loopback: LoopbackCompletionsServer) -> None:
 
 
 async def test_generate_many_yields_every_item_once_with_errors_reported() -> None:
-    async with LoopbackCompletionsServer(latency_s=0.01) as server:
+    async with ToyCompletionsServer(latency_s=0.01) as server:
         prompts: list = [f"task {i}" for i in range(10)]
         prompts.append([{"role": "assistant", "content": "no user turn"}])
         async with client_for(server, FnScorer(distinct_words), w=2, k=2, l=3, max_new_tokens=6) as client:
             got = [g async for g in client.generate_many(prompts, concurrency=3)]
     assert sorted(g.index for g in got) == list(range(11))
     failed = [g for g in got if g.error is not None]
-    assert [g.index for g in failed] == [10] and isinstance(failed[0].error, ConfigError)
+    assert [g.index for g in failed] == [10] and isinstance(failed[0].error, PromptError)
     assert all(g.result is not None and g.result.steps for g in got if g.error is None)
 
 
-async def test_client_must_be_opened(loopback: LoopbackCompletionsServer) -> None:
+async def test_client_must_be_opened(loopback: ToyCompletionsServer) -> None:
     with pytest.raises(RuntimeError, match="not open"):
         await client_for(loopback, None).complete("x")
 
@@ -78,12 +79,13 @@ def test_render_chat_rules() -> None:
     assert render_chat(turns, cfg) == "Instruction: A {x}\nOutput: B\n\nInstruction: C\nOutput:"  # type: ignore[arg-type]
     for bad, field in [([], "messages"), ([{"role": "bot", "content": "x"}], "messages.0.role"),
                        ([{"role": "user", "content": 3}], "messages.0.content")]:
-        with pytest.raises(ConfigError, match=field):
+        with pytest.raises(PromptError, match=field) as caught:
             render_chat(bad, cfg)  # type: ignore[arg-type]
+        assert caught.value.param == field
 
 
 async def test_cli_generate_prints_answer_score_steps_and_tokens(
-        loopback: LoopbackCompletionsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        loopback: ToyCompletionsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import asyncio
 
     from proxy.cli import main

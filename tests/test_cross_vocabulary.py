@@ -15,11 +15,11 @@ from test_implicit_scorer import slow_score
 from tiny_models import Loaded, TinyModelDirs
 
 from proxy.config import ModelSpec, SearchConfig, UpstreamConfig
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.local.server import LocalCompletionsServer
 from proxy.search import search
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from scorers.implicit import ImplicitRewardScorer
-from scorers.local_lm import LocalCausalLM
+from proxy.local.causal_lm import LocalCausalLM
 
 INSTRUCTION = "Tell me about the small fox and the river."
 
@@ -27,7 +27,7 @@ INSTRUCTION = "Tell me about the small fox and the river."
 @pytest.fixture
 async def gpt2_black_box(tiny_model_dirs: TinyModelDirs) -> AsyncIterator[OpenAICompletionsUpstream]:
     lm = LocalCausalLM.load(ModelSpec(path=str(tiny_model_dirs.gpt2)), "cpu", "float32")
-    async with LoopbackCompletionsServer(model="tiny-gpt2", backend=lm) as server:
+    async with LocalCompletionsServer(lm, model="tiny-gpt2") as server:
         cfg = UpstreamConfig(model="tiny-gpt2", base_url=server.base_url, prompt_template="{instruction}",
                              timeout_s=30.0)
         async with OpenAICompletionsUpstream(cfg) as upstream:

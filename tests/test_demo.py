@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from proxy.config import AppConfig, SearchConfig, ScorerConfig
-from proxy.demo import DemoSettings, format_report, run_demo, verdict, write_trace
+from proxy.demo.command import DemoSettings, format_report, run_demo, verdict, write_trace
 from proxy.engine import Engine
 from proxy.film_reviews.openings import TEST_OPENINGS
 from proxy.film_reviews.stats import Estimate
-from proxy.judge import JUDGES, pattern_polarity, positivity
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.demo.judge import JUDGES, pattern_polarity, positivity
+from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.search import search
-from proxy.trace_html import TracedSearch, render_trace
+from proxy.demo.trace_html import TracedSearch, render_trace
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from tests.conftest import upstream_config
 from tests.doubles import FnScorer
@@ -30,7 +30,7 @@ def word_count_score(text: str, finished: bool) -> float:
     return float(len(set(text.split())))
 
 
-async def test_demo_pipeline_on_two_openings(loopback: LoopbackCompletionsServer, tiny_scorer_config: ScorerConfig,
+async def test_demo_pipeline_on_two_openings(loopback: ToyCompletionsServer, tiny_scorer_config: ScorerConfig,
                                              tmp_path: Path) -> None:
     settings = DemoSettings(openings=2, max_new_tokens=8, n=4, w=2, k=2, l=4)
     config = AppConfig(upstream=upstream_config(loopback, prompt_template="{instruction}"), scorer=tiny_scorer_config)
@@ -66,7 +66,7 @@ def test_verdict_calls_differences_under_two_standard_errors_noise() -> None:
     assert verdict(Estimate(-0.30, 0.10, 16, 16)) == "-3.0 s.e.: worse"
 
 
-async def test_trace_renders_in_headless_chromium(loopback: LoopbackCompletionsServer, tmp_path: Path) -> None:
+async def test_trace_renders_in_headless_chromium(loopback: ToyCompletionsServer, tmp_path: Path) -> None:
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (make test installs it with apt-get where it can)")
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:

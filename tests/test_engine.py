@@ -13,7 +13,7 @@ from tiny_models import TinyModelDirs, cpu_scorer_config
 from proxy.client import GuidedClient
 from proxy.config import AppConfig, ConfigError, ScorerConfig, SearchConfig
 from proxy.engine import Engine, Readiness, ScorerUnavailable
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.serving.app import GuidanceServer
 from proxy.types import Continuation, Usage
 from tests.conftest import upstream_config
@@ -40,7 +40,7 @@ def config(**kw: object) -> AppConfig:
     return AppConfig.model_validate({"upstream": {"model": "toy-instruct", "base_url": "http://127.0.0.1:9/v1"}, **kw})
 
 
-async def test_probe_in_every_state(loopback: LoopbackCompletionsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_probe_in_every_state(loopback: ToyCompletionsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
 
     def slow_load(cfg: ScorerConfig) -> FnScorer:
@@ -115,7 +115,7 @@ async def test_usage_runs_across_searches_and_counts_failed_ones() -> None:
 
 
 async def test_one_engine_shared_by_a_server_and_a_client_closes_its_scorer_once(
-        loopback: LoopbackCompletionsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        loopback: ToyCompletionsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[ClosingScorer] = []
 
     def load(cfg: ScorerConfig) -> ClosingScorer:
@@ -157,7 +157,7 @@ def threads_in_a_new_thread() -> int:
 
 
 async def test_torch_threads_are_set_by_the_engine_not_the_factory(
-        loopback: LoopbackCompletionsServer, tiny_model_dirs: TinyModelDirs) -> None:
+        loopback: ToyCompletionsServer, tiny_model_dirs: TinyModelDirs) -> None:
     import torch
 
     from scorers.registry import load_scorer, set_torch_threads

@@ -13,14 +13,14 @@ import pytest
 from tiny_models import TinyModelDirs
 
 from proxy.config import ModelSpec
-from proxy.loopback import LoopbackCompletionsServer
-from scorers.local_lm import LocalCausalLM
+from proxy.local.server import LocalCompletionsServer
+from proxy.local.causal_lm import LocalCausalLM
 
 
 @pytest.fixture
 async def served(tiny_model_dirs: TinyModelDirs) -> AsyncIterator[tuple[openai.AsyncOpenAI, LocalCausalLM]]:
     lm = LocalCausalLM.load(ModelSpec(path=str(tiny_model_dirs.llama_tuned)), "cpu", "float32")
-    async with LoopbackCompletionsServer(model="tiny", backend=lm) as server:
+    async with LocalCompletionsServer(lm, model="tiny") as server:
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as client:
             yield client, lm
     lm.close()

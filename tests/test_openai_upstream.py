@@ -12,8 +12,10 @@ from aiohttp import web
 
 from proxy.config import SearchConfig
 from proxy.cost import count_tokens
-from proxy.loopback import CompletionParams, LoopbackCompletionsServer, RequestError
+from proxy.local.backend import Choice, CompletionParams
+from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.search import search
+from proxy.serving.errors import ApiError
 from proxy.types import Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from proxy.upstreams.retry import retry_after_seconds
@@ -21,7 +23,7 @@ from tests.conftest import upstream_config
 from tests.doubles import FnScorer
 
 
-async def test_one_request_with_n_and_exact_token_counts(loopback: LoopbackCompletionsServer) -> None:
+async def test_one_request_with_n_and_exact_token_counts(loopback: ToyCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
         res = await up.sample("Once upon a time",
                               SamplingParams(n=6, max_tokens=12, stop=["."], temperature=0.9, seed=5))
@@ -41,9 +43,9 @@ async def test_one_request_with_n_and_exact_token_counts(loopback: LoopbackCompl
 PROMPTS = ["Once upon a time", "The rain fell on", "A small dog and"]
 
 
-async def alone(server: LoopbackCompletionsServer, prompt: str, seed: int) -> list[tuple[str, str | None, int]]:
+async def alone(server: ToyCompletionsServer, prompt: str, seed: int) -> list[tuple[str, str | None, int]]:
     """What `prompt` gets in a request of its own, from a fresh server with the same sampler."""
-    async with LoopbackCompletionsServer(eos_prob=server.lm.eos_prob) as fresh:
+    async with ToyCompletionsServer(eos_prob=server.lm.eos_prob) as fresh:
         async with OpenAICompletionsUpstream(upstream_config(fresh)) as up:
             return triples(await up.sample(prompt, SamplingParams(n=3, max_tokens=6, stop=["."], seed=seed)))
 
@@ -52,7 +54,7 @@ def triples(res: SampleResult) -> list[tuple[str, str | None, int]]:
     return [(c.text, c.finish_reason, c.num_tokens) for c in res.continuations]
 
 
-async def test_a_list_of_prompts_is_one_request_answered_prompt_major(loopback: LoopbackCompletionsServer) -> None:
+async def test_a_list_of_prompts_is_one_request_answered_prompt_major(loopback: ToyCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
         assert up.max_prompts_per_call == 16
         res = await up.sample_batch(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
@@ -67,7 +69,7 @@ async def test_a_list_of_prompts_is_one_request_answered_prompt_major(loopback: 
 
 
 async def test_a_server_refusing_prompt_lists_gets_one_prompt_per_request() -> None:
-    async with LoopbackCompletionsServer(support_prompt_lists=False) as server:
+    async with ToyCompletionsServer(support_prompt_lists=False) as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
             res = await up.sample_batch(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
             assert up.max_prompts_per_call == 1  # remembered
@@ -79,7 +81,7 @@ async def test_a_server_refusing_prompt_lists_gets_one_prompt_per_request() -> N
 
 
 async def test_a_list_over_the_servers_limit_falls_back_to_one_prompt_per_request() -> None:
-    async with LoopbackCompletionsServer() as server:
+    async with ToyCompletionsServer() as server:
         async with OpenAICompletionsUpstream(upstream_config(server, max_prompts_per_call=100)) as up:
             res = await up.sample_batch([f"P{i}" for i in range(65)], SamplingParams(n=1, max_tokens=2))  # the server takes 64
             assert up.max_prompts_per_call == 1
@@ -87,13 +89,20 @@ async def test_a_list_over_the_servers_limit_falls_back_to_one_prompt_per_reques
     assert len(res.continuations) == 65
 
 
-class RefusesBad(LoopbackCompletionsServer):
+class RefusesBad(ToyCompletionsServer):
     """Refuses the prompt "BAD" wherever it is, as an API refuses a prompt over its context window."""
 
-    async def _answer(self, params: CompletionParams) -> dict[str, Any]:
-        if params.prompt == "BAD":
-            raise RequestError("this prompt is too long", "prompt")
-        return await super()._answer(params)
+    def __init__(self) -> None:
+        super().__init__()
+        toy = self.backend
+
+        class Refusing:
+            async def complete(self, params: CompletionParams) -> tuple[list[Choice], int]:
+                if params.prompt == "BAD":
+                    raise ApiError(400, "this prompt is too long", param="prompt")
+                return await toy.complete(params)
+
+        self.backend = Refusing()
 
 
 async def test_a_bad_prompt_in_a_list_raises_and_lists_stay_on() -> None:
@@ -106,15 +115,21 @@ async def test_a_bad_prompt_in_a_list_raises_and_lists_stay_on() -> None:
     assert isinstance(server.requests[-1]["prompt"], list)
 
 
-class FirstPromptOnly(LoopbackCompletionsServer):
+class FirstPromptOnly(ToyCompletionsServer):
     """Answers a list of prompts as if it held only its first one (a server that mishandles lists)."""
 
-    async def _answer(self, params: CompletionParams) -> dict[str, Any]:
-        body = await super()._answer(params)
-        sent = self.requests[-1]["prompt"]
-        if isinstance(sent, list) and params.prompt != sent[0]:
-            return {**body, "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
-        return body
+    def __init__(self) -> None:
+        super().__init__()
+        toy, server = self.backend, self
+
+        class FirstOnly:
+            async def complete(self, params: CompletionParams) -> tuple[list[Choice], int]:
+                sent = server.requests[-1]["prompt"]
+                if isinstance(sent, list) and params.prompt != sent[0]:
+                    return [], 0
+                return await toy.complete(params)
+
+        self.backend = FirstOnly()
 
 
 async def test_a_list_answered_with_missing_choices_is_redone_one_by_one_and_billed() -> None:
@@ -130,7 +145,7 @@ async def test_a_list_answered_with_missing_choices_is_redone_one_by_one_and_bil
 
 
 async def test_server_refusing_n_gets_parallel_single_requests() -> None:
-    async with LoopbackCompletionsServer(support_n=False) as server:
+    async with ToyCompletionsServer(support_n=False) as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
             first = await up.sample("P", SamplingParams(n=4, max_tokens=5, seed=10))
             assert [r["n"] for r in server.requests] == [4, 1, 1, 1, 1]
@@ -144,7 +159,7 @@ async def test_server_refusing_n_gets_parallel_single_requests() -> None:
 
 
 async def test_transient_failures_are_retried_honouring_retry_after() -> None:
-    async with LoopbackCompletionsServer(failures=[429, 500, 503, 408], retry_after_s=0.05) as server:
+    async with ToyCompletionsServer(failures=[429, 500, 503, 408], retry_after_s=0.05) as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
@@ -155,14 +170,14 @@ async def test_transient_failures_are_retried_honouring_retry_after() -> None:
 
 
 async def test_retries_give_up_with_the_upstream_error() -> None:
-    async with LoopbackCompletionsServer(failures=[502] * 10) as server:
+    async with ToyCompletionsServer(failures=[502] * 10) as server:
         async with OpenAICompletionsUpstream(upstream_config(server, max_attempts=3)) as up:
             with pytest.raises(openai.InternalServerError):
                 await up.sample("P", SamplingParams(n=1, max_tokens=3))
     assert len(server.requests) == 3
 
 
-async def test_client_errors_are_not_retried(loopback: LoopbackCompletionsServer) -> None:
+async def test_client_errors_are_not_retried(loopback: ToyCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
         with pytest.raises(openai.BadRequestError):
             await up.sample("P", SamplingParams(n=1, max_tokens=3, temperature=5.0))
@@ -170,7 +185,7 @@ async def test_client_errors_are_not_retried(loopback: LoopbackCompletionsServer
 
 
 async def test_concurrency_limit_bounds_requests_in_flight() -> None:
-    async with LoopbackCompletionsServer(latency_s=0.05) as server:
+    async with ToyCompletionsServer(latency_s=0.05) as server:
         peak = 0
 
         async def watch() -> None:
@@ -186,7 +201,7 @@ async def test_concurrency_limit_bounds_requests_in_flight() -> None:
     assert peak == 2 and server.completed == 6
 
 
-async def test_context_window_caps_max_tokens(loopback: LoopbackCompletionsServer) -> None:
+async def test_context_window_caps_max_tokens(loopback: ToyCompletionsServer) -> None:
     prompt = " the cat sat on the mat"  # 6 tokens
     async with OpenAICompletionsUpstream(upstream_config(loopback, context_window=10)) as up:
         await up.sample(prompt, SamplingParams(n=1, max_tokens=50))
@@ -199,7 +214,7 @@ async def test_api_key_never_reaches_logs(caplog: pytest.LogCaptureFixture, monk
     secret = "sk-test-SECRET-123456"
     monkeypatch.setenv("W2S_TEST_KEY", secret)
     caplog.set_level(logging.DEBUG)
-    async with LoopbackCompletionsServer(failures=[500, 500]) as server:
+    async with ToyCompletionsServer(failures=[500, 500]) as server:
         async with OpenAICompletionsUpstream(upstream_config(server, api_key_env="W2S_TEST_KEY")) as up:
             await up.sample("P", SamplingParams(n=1, max_tokens=2))
     assert "retrying" in caplog.text and secret not in caplog.text
@@ -219,7 +234,7 @@ def test_retry_after_parsing() -> None:
 
 
 @pytest.mark.parametrize("per_call", [1, 16])
-async def test_cbs_over_http_sends_the_exact_requests(loopback: LoopbackCompletionsServer, per_call: int) -> None:
+async def test_cbs_over_http_sends_the_exact_requests(loopback: ToyCompletionsServer, per_call: int) -> None:
     scorer = FnScorer(lambda text, finished: float(len(set(text.split()))))
     cfg = SearchConfig(w=2, k=3, l=4, max_new_tokens=10, seed=7)
     async with OpenAICompletionsUpstream(upstream_config(loopback, max_prompts_per_call=per_call)) as up:
@@ -239,27 +254,27 @@ async def test_cbs_over_http_sends_the_exact_requests(loopback: LoopbackCompleti
 
 async def test_connection_errors_and_timeouts_are_retried_then_raised(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="w2s.upstream")
-    async with LoopbackCompletionsServer() as closed:
+    async with ToyCompletionsServer() as closed:
         dead_url = closed.base_url  # the port is free again once the server stops
     cfg = upstream_config(closed, base_url=dead_url, max_attempts=3)
     async with OpenAICompletionsUpstream(cfg) as up:
         with pytest.raises(openai.APIConnectionError):
             await up.sample("P", SamplingParams(n=1, max_tokens=2))
     assert caplog.text.count("APIConnectionError") == 2  # attempts 1 and 2 retried, the 3rd raised
-    async with LoopbackCompletionsServer(latency_s=1.0) as slow:
+    async with ToyCompletionsServer(latency_s=1.0) as slow:
         async with OpenAICompletionsUpstream(upstream_config(slow, timeout_s=0.1, max_attempts=3)) as up:
             with pytest.raises(openai.APITimeoutError):
                 await up.sample("P", SamplingParams(n=1, max_tokens=2))
     assert caplog.text.count("APITimeoutError") == 2 and slow.completed == 0
 
 
-class KeyRefused(LoopbackCompletionsServer):
+class KeyRefused(ToyCompletionsServer):
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"error": {"message": "bad key", "type": "auth"}}, status=401)
 
 
 async def test_running_usage_counts_every_billed_call_and_probe_says_why_not(
-        loopback: LoopbackCompletionsServer) -> None:
+        loopback: ToyCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
         assert (up.usage, up.api_calls) == (Usage(), 0)
         a = await up.sample("P", SamplingParams(n=2, max_tokens=3))

@@ -25,7 +25,7 @@ from proxy.film_reviews.guides import (  # noqa: E402
 )
 from proxy.film_reviews.openings import TEST_OPENINGS  # noqa: E402
 from proxy.film_reviews.stats import estimate, mean, paired, standard_error  # noqa: E402
-from proxy.loopback import LoopbackCompletionsServer  # noqa: E402
+from proxy.testing.toy_server import ToyCompletionsServer  # noqa: E402
 from proxy.search import search  # noqa: E402
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream  # noqa: E402
 from scorers.registry import load_scorer  # noqa: E402
@@ -64,7 +64,7 @@ def test_paired_difference_uses_common_keys() -> None:
 
 
 def test_openings_are_many_distinct_neutral_and_unfinished() -> None:
-    from proxy.judge import positivity
+    from proxy.demo.judge import positivity
 
     assert len(TEST_OPENINGS) >= 120
     assert len(set(TEST_OPENINGS)) == len(TEST_OPENINGS)
@@ -158,7 +158,7 @@ async def test_core_run_resumes_and_reports(tmp_path: Path, tiny_scorer_config: 
     openings = ["The film opens in a small town", "The cast includes", "The plot follows a cat"]
     scorer = load_scorer(tiny_scorer_config)
     guides = {"contrast": scorer, "tuned": scorer}
-    async with LoopbackCompletionsServer(eos_prob=0.05) as server:
+    async with ToyCompletionsServer(eos_prob=0.05) as server:
         cfg = upstream_config(server, prompt_template="{instruction}")
         async with OpenAICompletionsUpstream(cfg) as upstream:
             results = Results(tmp_path / "results.jsonl")
@@ -207,8 +207,8 @@ async def test_local_lm_batches_requests_and_seeds_each_row(tiny_model_dirs) -> 
     request gets alone: sample j of an n=16 request is sample j of the same request with n=4."""
     import asyncio
 
-    from proxy.loopback import CompletionParams
-    from scorers.local_lm import LocalCausalLM
+    from proxy.protocol.engine import CompletionParams
+    from proxy.local.causal_lm import LocalCausalLM
 
     lm = LocalCausalLM.load(ModelSpec(path=str(tiny_model_dirs.llama_tuned)), "cpu", "float32")
     try:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.client import GuidedClient
 from proxy.config import AppConfig, ConfigError, SearchConfig, ServerConfig
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.presets import resolve_server
 from proxy.search import search
 from proxy.serving.app import GuidanceServer
@@ -36,7 +36,7 @@ def distinct_words(text: str, finished: bool) -> float:
     return float(len(set(text.split()))) + (1.0 if finished else 0.0)
 
 
-def app_config(loopback: LoopbackCompletionsServer, *, search: dict[str, Any] | None = None,
+def app_config(loopback: ToyCompletionsServer, *, search: dict[str, Any] | None = None,
                server: dict[str, Any] | None = None, **upstream: Any) -> AppConfig:
     return AppConfig(upstream=upstream_config(loopback, **upstream), search=SearchConfig(**(search or {})),
                      server=ServerConfig.model_validate(resolve_server(server or {})))
@@ -77,7 +77,7 @@ async def wait_for(predicate: Any, what: str, limit_s: float = 5.0) -> None:
 # ------------------------------------------------------------------------------ answers
 
 
-async def test_plain_completion_passes_the_openai_fields_through(loopback: LoopbackCompletionsServer) -> None:
+async def test_plain_completion_passes_the_openai_fields_through(loopback: ToyCompletionsServer) -> None:
     async with served(app_config(loopback)) as (_, client):
         r = await client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, seed=5,
                                             temperature=0.9, top_p=0.5, stop=["."])
@@ -99,7 +99,7 @@ async def test_plain_completion_passes_the_openai_fields_through(loopback: Loopb
                                     "wall_s": r.model_extra["w2s"]["wall_s"]}
 
 
-async def test_guided_completion_equals_the_in_process_search(loopback: LoopbackCompletionsServer) -> None:
+async def test_guided_completion_equals_the_in_process_search(loopback: ToyCompletionsServer) -> None:
     prices = {"prompt": 1.5, "completion": 2.0}
     cfg = app_config(loopback, prices=prices)
     async with served(cfg, scorer=FnScorer(distinct_words)) as (_, client):
@@ -121,7 +121,7 @@ async def test_guided_completion_equals_the_in_process_search(loopback: Loopback
     assert len(ref.steps) >= 2  # a real multi-step search, not a single chunk
 
 
-async def test_chat_is_rendered_for_the_completions_upstream(loopback: LoopbackCompletionsServer) -> None:
+async def test_chat_is_rendered_for_the_completions_upstream(loopback: ToyCompletionsServer) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a pet."}]
     scorer = FnScorer(distinct_words)
     cfg = app_config(loopback)
@@ -138,7 +138,7 @@ async def test_chat_is_rendered_for_the_completions_upstream(loopback: LoopbackC
     assert r.model_extra["w2s"]["score"] == ref.score and r.model_extra["w2s"]["mode"] == "bon4"
 
 
-async def test_model_list_and_aliases_from_config(loopback: LoopbackCompletionsServer) -> None:
+async def test_model_list_and_aliases_from_config(loopback: ToyCompletionsServer) -> None:
     modes = {"fast": {"w": 2, "k": 2, "l": 8, "max_new_tokens": 9}, "bon3": {"preset": "bon4", "k": 3}}
     async with served(app_config(loopback, server={"modes": modes}), scorer=FnScorer(distinct_words)) as (_, client):
         ids = [m.id async for m in client.models.list()]
@@ -156,7 +156,7 @@ async def test_model_list_and_aliases_from_config(loopback: LoopbackCompletionsS
                             "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
 
 
-async def test_without_a_scorer_only_plain_sampling_is_served(loopback: LoopbackCompletionsServer) -> None:
+async def test_without_a_scorer_only_plain_sampling_is_served(loopback: ToyCompletionsServer) -> None:
     async with served(app_config(loopback)) as (_, client):
         assert [m.id async for m in client.models.list()] == [MODEL]
         with pytest.raises(openai.NotFoundError):
@@ -172,7 +172,7 @@ async def test_without_a_scorer_only_plain_sampling_is_served(loopback: Loopback
     assert r.model_extra["w2s"]["mode"] == "cbs-w1k1l8"
 
 
-async def test_caps_bound_every_request(loopback: LoopbackCompletionsServer) -> None:
+async def test_caps_bound_every_request(loopback: ToyCompletionsServer) -> None:
     caps = {"max_w_times_k": 8, "min_l": 4, "max_tokens": 20}
     async with served(app_config(loopback, server={"caps": caps}), scorer=FnScorer(distinct_words)) as (srv, client):
         refused = []
@@ -201,7 +201,7 @@ async def collect(stream: Any) -> list[Any]:
     return [chunk async for chunk in stream]
 
 
-async def test_streamed_completion_concatenates_to_the_whole_answer(loopback: LoopbackCompletionsServer) -> None:
+async def test_streamed_completion_concatenates_to_the_whole_answer(loopback: ToyCompletionsServer) -> None:
     body = dict(model=f"{MODEL}+cbs-w2k2l30", prompt="The dog", max_tokens=24, seed=11,
                 extra_body={"w2s": {"l": 8}})
     async with served(app_config(loopback), scorer=FnScorer(distinct_words)) as (_, client):
@@ -234,7 +234,7 @@ class GatedUpstream(Upstream):
         return await self.inner.sample(prompt, params)
 
 
-async def test_settled_prefix_is_sent_while_the_search_runs(loopback: LoopbackCompletionsServer) -> None:
+async def test_settled_prefix_is_sent_while_the_search_runs(loopback: ToyCompletionsServer) -> None:
     cfg = app_config(loopback)
     async with OpenAICompletionsUpstream(cfg.upstream) as inner:
         gated = GatedUpstream(inner)
@@ -262,7 +262,7 @@ async def test_settled_prefix_is_sent_while_the_search_runs(loopback: LoopbackCo
     assert rest[-1].choices[0].finish_reason == ("stop" if ref.finished else "length")
 
 
-async def test_upstream_failure_mid_stream_is_reported_in_band(loopback: LoopbackCompletionsServer) -> None:
+async def test_upstream_failure_mid_stream_is_reported_in_band(loopback: ToyCompletionsServer) -> None:
     async with served(app_config(loopback, max_attempts=2), scorer=FnScorer(distinct_words)) as (srv, client):
         loopback.failures.extend([500, 500])
         stream = await client.completions.create(model=MODEL, prompt="x", stream=True, max_tokens=5)
@@ -304,7 +304,7 @@ async def raw_post(server: GuidanceServer, path: str, data: bytes, headers: dict
     (b'{"model": "toy-instruct", "prompt": "x", "w2s": {"mode": "nope"}}', "w2s.mode",
      "unknown mode 'nope' (known: base, bon16, bon4, bon8, cbs-w2k2l30, cbs-w4k4l30)"),
 ])
-async def test_malformed_bodies_are_400_naming_the_field(loopback: LoopbackCompletionsServer, body: bytes,
+async def test_malformed_bodies_are_400_naming_the_field(loopback: ToyCompletionsServer, body: bytes,
                                                          param: str | None, message: str) -> None:
     async with served(app_config(loopback), scorer=FnScorer(distinct_words)) as (srv, _):
         status, answer = await raw_post(srv, "/completions", body)
@@ -312,7 +312,7 @@ async def test_malformed_bodies_are_400_naming_the_field(loopback: LoopbackCompl
     assert answer["error"]["type"] == "invalid_request_error" and loopback.requests == []
 
 
-async def test_chat_validation_names_the_field(loopback: LoopbackCompletionsServer) -> None:
+async def test_chat_validation_names_the_field(loopback: ToyCompletionsServer) -> None:
     async with served(app_config(loopback)) as (_, client):
         errors = []
         for kw in [dict(messages=[]), dict(messages=[{"role": "tool", "content": "x"}]),
@@ -325,7 +325,7 @@ async def test_chat_validation_names_the_field(loopback: LoopbackCompletionsServ
     assert loopback.requests == []
 
 
-async def test_body_too_large_is_413(loopback: LoopbackCompletionsServer) -> None:
+async def test_body_too_large_is_413(loopback: ToyCompletionsServer) -> None:
     async with served(app_config(loopback, server={"max_body_bytes": 2048})) as (srv, client):
         big = json.dumps({"model": MODEL, "prompt": "x" * 4096}).encode()
         status, answer = await raw_post(srv, "/completions", big)
@@ -348,7 +348,7 @@ async def test_body_too_large_is_413(loopback: LoopbackCompletionsServer) -> Non
     assert ok.choices and len(loopback.requests) == 1
 
 
-async def test_proxy_keys_are_required_when_configured(loopback: LoopbackCompletionsServer,
+async def test_proxy_keys_are_required_when_configured(loopback: ToyCompletionsServer,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("W2S_TEST_PROXY_KEYS", "key-one, key-two")
     cfg = app_config(loopback, server={"api_keys_env": "W2S_TEST_PROXY_KEYS"})
@@ -372,7 +372,7 @@ async def test_proxy_keys_are_required_when_configured(loopback: LoopbackComplet
 
 
 async def test_concurrency_limit_is_429() -> None:
-    async with LoopbackCompletionsServer(latency_s=0.3) as slow:
+    async with ToyCompletionsServer(latency_s=0.3) as slow:
         async with served(app_config(slow, server={"max_concurrent_requests": 1})) as (srv, client):
             first = asyncio.create_task(client.completions.create(model=MODEL, prompt="a", max_tokens=2))
             await wait_for(lambda: slow.in_flight == 1, "the first request to reach the upstream")
@@ -391,7 +391,7 @@ async def test_upstream_errors_are_502_and_504_and_never_show_the_upstream_key(
     monkeypatch.setenv("W2S_TEST_UPSTREAM_KEY", secret)
     caplog.set_level("DEBUG")
     seen: list[str] = []
-    async with LoopbackCompletionsServer(latency_s=0.5) as slow, LoopbackCompletionsServer() as failing:
+    async with ToyCompletionsServer(latency_s=0.5) as slow, ToyCompletionsServer() as failing:
         failing.failures.extend([500, 503])
         cfg = app_config(failing, api_key_env="W2S_TEST_UPSTREAM_KEY", max_attempts=2)
         async with served(cfg) as (srv, client):
@@ -416,7 +416,7 @@ async def test_upstream_errors_are_502_and_504_and_never_show_the_upstream_key(
     assert caplog.text and not any(secret in s or secret[-10:] in s for s in seen)
 
 
-async def test_a_scorer_failure_is_a_500_whole_or_streamed(loopback: LoopbackCompletionsServer) -> None:
+async def test_a_scorer_failure_is_a_500_whole_or_streamed(loopback: ToyCompletionsServer) -> None:
     def broken(text: str, finished: bool) -> float:
         raise ValueError("sequence exceeds the model's positions")
 
@@ -439,7 +439,7 @@ async def test_a_scorer_failure_is_a_500_whole_or_streamed(loopback: LoopbackCom
 @pytest.mark.parametrize("stream", [False, True])
 async def test_client_disconnect_cancels_the_search_and_its_upstream_calls(stream: bool) -> None:
     scorer = FnScorer(distinct_words)
-    async with LoopbackCompletionsServer(latency_s=0.6) as slow:
+    async with ToyCompletionsServer(latency_s=0.6) as slow:
         async with served(app_config(slow), scorer=scorer) as (srv, client):
             async def ask() -> Any:
                 r = await client.completions.create(model=f"{MODEL}+cbs-w2k2l30", prompt="x", max_tokens=40,

@@ -20,7 +20,7 @@ from tiny_models import TinyModelDirs, cpu_scorer_config
 
 from proxy.client import GuidedClient
 from proxy.config import AppConfig, ScorerConfig, SearchConfig, UpstreamConfig
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.testing.toy_server import ToyCompletionsServer
 from tests.conftest import upstream_config
 from tests.doubles import FnScorer
 from tests.test_server import MODEL, distinct_words, metric, root, served
@@ -38,7 +38,7 @@ def fake_scorer_config() -> ScorerConfig:
     return ScorerConfig.model_validate({"tuned": {"path": "tuned"}, "untuned": {"path": "untuned"}})
 
 
-async def test_readiness_follows_the_scorer_load(loopback: LoopbackCompletionsServer,
+async def test_readiness_follows_the_scorer_load(loopback: ToyCompletionsServer,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     loaded = FnScorer(distinct_words)
@@ -92,7 +92,7 @@ async def test_a_failed_load_and_an_unreachable_upstream_are_not_ready(monkeypat
 
 
 async def test_real_tiny_scorer_loaded_at_startup_guides_the_answer(
-        loopback: LoopbackCompletionsServer, tiny_model_dirs: TinyModelDirs) -> None:  # noqa: F811
+        loopback: ToyCompletionsServer, tiny_model_dirs: TinyModelDirs) -> None:  # noqa: F811
     scorer_cfg = cpu_scorer_config(tiny_model_dirs.llama_tuned, tiny_model_dirs.llama_untuned,
                                    attn_implementation="eager")
     cfg = AppConfig(upstream=upstream_config(loopback), scorer=scorer_cfg, search=SearchConfig(max_new_tokens=12))
@@ -112,7 +112,7 @@ async def test_real_tiny_scorer_loaded_at_startup_guides_the_answer(
     assert w2s["score"] == pytest.approx(ref.score, abs=1e-6) and rescored == pytest.approx(w2s["score"], abs=1e-4)
 
 
-async def test_metrics_add_up_to_the_traffic(loopback: LoopbackCompletionsServer) -> None:
+async def test_metrics_add_up_to_the_traffic(loopback: ToyCompletionsServer) -> None:
     scorer = FnScorer(distinct_words)
     cfg = AppConfig(upstream=upstream_config(loopback, prices={"prompt": 1.5, "completion": 2.0}))
     async with served(cfg, scorer=scorer) as (srv, client):
@@ -159,7 +159,7 @@ async def test_metrics_add_up_to_the_traffic(loopback: LoopbackCompletionsServer
         assert metric(text, "w2s_searches_total", mode=mode) == 1
 
 
-async def test_metrics_count_upstream_retries_and_failures_by_kind(loopback: LoopbackCompletionsServer) -> None:
+async def test_metrics_count_upstream_retries_and_failures_by_kind(loopback: ToyCompletionsServer) -> None:
     cfg = AppConfig(upstream=upstream_config(loopback, max_attempts=2, prices={"prompt": 1.5, "completion": 2.0}))
     async with served(cfg, scorer=FnScorer(distinct_words)) as (srv, client):
         loopback.failures.extend([429, 503, 500])  # gives up after 429, 503; then 500 once, retried
@@ -201,7 +201,7 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-async def test_w2s_serve_command(loopback: LoopbackCompletionsServer, tmp_path: Path) -> None:
+async def test_w2s_serve_command(loopback: ToyCompletionsServer, tmp_path: Path) -> None:
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": loopback.base_url},
                                    "server": {"modes": {"b2": "bon4"}}}))

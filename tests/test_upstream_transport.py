@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config import AppConfig, SearchConfig
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.serving.app import GuidanceServer
 from proxy.types import SamplingParams
 from proxy.upstreams.aiohttp_transport import AiohttpTransport, _mapped
@@ -44,7 +44,7 @@ async def raw_server(handler: Any) -> AsyncIterator[str]:
 
 
 def upstream_at(base_url: str) -> OpenAICompletionsUpstream:
-    return OpenAICompletionsUpstream(upstream_config(LoopbackCompletionsServer(), base_url=base_url,
+    return OpenAICompletionsUpstream(upstream_config(ToyCompletionsServer(), base_url=base_url,
                                                      max_attempts=1))
 
 
@@ -73,7 +73,7 @@ async def test_a_malformed_completion_is_an_error_naming_it_and_a_502_at_the_ser
         async with upstream_at(url) as up:
             with pytest.raises(openai.APIResponseValidationError, match="malformed"):
                 await up.sample("P", SamplingParams(n=1, max_tokens=5))
-        cfg = AppConfig(upstream=upstream_config(LoopbackCompletionsServer(), base_url=url, max_attempts=3),
+        cfg = AppConfig(upstream=upstream_config(ToyCompletionsServer(), base_url=url, max_attempts=3),
                         search=SearchConfig())
         async with GuidanceServer(cfg, shutdown_timeout_s=0.5) as server:
             async with aiohttp.ClientSession() as s:
@@ -101,7 +101,7 @@ def test_aiohttp_errors_map_to_what_the_sdk_retries_as_intended(exc: Exception, 
 
 
 async def test_a_refused_connection_is_a_connect_error_not_a_timeout() -> None:
-    async with LoopbackCompletionsServer() as closed:
+    async with ToyCompletionsServer() as closed:
         dead = closed.base_url
     transport = AiohttpTransport()
     try:
@@ -113,7 +113,7 @@ async def test_a_refused_connection_is_a_connect_error_not_a_timeout() -> None:
 
 async def test_one_transport_serves_successive_event_loops() -> None:
     """aiohttp sessions belong to one loop; a client reused under a new loop gets a new session."""
-    async with LoopbackCompletionsServer() as server:
+    async with ToyCompletionsServer() as server:
         transport = AiohttpTransport()
 
         def call() -> int:

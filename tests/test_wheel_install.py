@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.testing.toy_server import ToyCompletionsServer
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -102,7 +102,7 @@ async def test_installed_w2s_runs_presets_from_another_directory(venv: Path, tmp
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
 
-    async with LoopbackCompletionsServer() as server:
+    async with ToyCompletionsServer() as server:
         config = elsewhere / "toy.yaml"
         config.write_text(yaml.safe_dump({"upstream": {"preset": upstream, "base_url": server.base_url},
                                           "search": "base"}))

@@ -13,11 +13,10 @@ from typing import Any
 
 from proxy.config import ConfigError, require_scorer, upstream_api_key
 from proxy.presets import load_config
+from proxy.search_flags import add_search_flags, search_overrides
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    from proxy.cli import _add_search_flags
-
     p.add_argument("--config", help="config file or preset name under configs/ (e.g. paper-cbs-w2k2l30)")
     p.add_argument("--output", help="output directory: checkpoint.jsonl, model_outputs.json, summary.json")
     p.add_argument("--instructions", metavar="FILE",
@@ -28,7 +27,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=8, metavar="C", help="instructions in flight (default 8)")
     p.add_argument("--generator", help="generator name in the output (default: model_guidance_wkl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    _add_search_flags(p)
+    add_search_flags(p)
 
 
 def register(subparsers: Any) -> None:
@@ -48,7 +47,6 @@ async def _run(args: argparse.Namespace) -> int:
     from proxy.alpaca_eval.dataset import HUB_CONFIG, HUB_REPO, load_instructions, parse_shard, select
     from proxy.alpaca_eval.identity import generator_name
     from proxy.alpaca_eval.runner import preflight, run_alpaca_eval
-    from proxy.cli import _overrides
     from proxy.client import GuidedClient
 
     if not args.config or not args.output:
@@ -57,7 +55,7 @@ async def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--concurrency: must be at least 1")
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit: must be at least 1")
-    cfg = load_config(args.config, **_overrides(args))
+    cfg = load_config(args.config, **search_overrides(args))
     upstream_api_key(cfg.upstream)  # a missing key fails now, not after the dataset and the models load
     require_scorer(cfg.search, cfg.scorer is not None)
     shard = parse_shard(args.shard) if args.shard else None

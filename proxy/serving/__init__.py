@@ -1,6 +1,6 @@
 """The OpenAI-compatible guidance server, split the way vLLM's OpenAI entrypoint splits it.
 
-    protocol     the wire models (requests, responses, errors), apart from serving logic
+    (the wire models, requests, responses and errors, live in proxy.protocol)
     guidance     model alias + OpenAI fields + `w2s` field + caps -> the request's search
     errors       ApiError, validation and upstream failures -> OpenAI-shaped 4xx/5xx
     auth         proxy keys, compared in constant time

@@ -33,7 +33,7 @@ from proxy.serving.errors import ApiError, internal_error
 from proxy.serving.generation import Generation, json_response, too_large
 from proxy.serving.guidance import GuidanceModes
 from proxy.serving.metrics import ServerMetrics
-from proxy.serving.protocol import ModelCard, ModelList
+from proxy.protocol.responses import ModelCard, ModelList
 from proxy.serving.streaming import STREAM_STATUS
 from proxy.upstreams.base import Upstream
 from scorers.base import Scorer

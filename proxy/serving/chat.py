@@ -8,15 +8,15 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from proxy.config import ConfigError, UpstreamConfig
-from proxy.prompts import render_chat
+from proxy.config import UpstreamConfig
+from proxy.prompts import PromptError, render_chat
 from proxy.serving.endpoint import Endpoint, FinishReason
 from proxy.serving.errors import ApiError
-from proxy.serving.protocol import (
+from proxy.protocol.requests import ChatCompletionRequest
+from proxy.protocol.responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
     ChatMessageOut,
@@ -41,9 +41,8 @@ class ChatEndpoint(Endpoint[ChatCompletionRequest]):
         messages: list[ChatMessage] = [m.as_message() for m in req.messages]  # type: ignore[misc]
         try:
             return render_chat(messages, self.upstream), messages
-        except ConfigError as e:
-            field, _, _ = str(e).partition(":")
-            raise ApiError(400, str(e), param=field, code="invalid_value") from None
+        except PromptError as e:
+            raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
 
     def display(self, text: str) -> str:
         return text.lstrip()

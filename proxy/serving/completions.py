@@ -7,7 +7,8 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from proxy.serving.endpoint import Endpoint, FinishReason
-from proxy.serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, SearchSummary, UsageInfo
+from proxy.protocol.requests import CompletionRequest
+from proxy.protocol.responses import CompletionChoice, CompletionResponse, SearchSummary, UsageInfo
 from scorers.base import ScorerPrompt
 
 

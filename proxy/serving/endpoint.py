@@ -14,7 +14,8 @@ from typing import ClassVar, Generic, Literal, TypeVar
 from pydantic import BaseModel
 
 from proxy.search import SearchResult
-from proxy.serving.protocol import SamplingRequest, SearchSummary, UsageInfo
+from proxy.protocol.requests import SamplingRequest
+from proxy.protocol.responses import SearchSummary, UsageInfo
 from scorers.base import ScorerPrompt
 
 Req = TypeVar("Req", bound=SamplingRequest)

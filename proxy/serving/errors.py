@@ -15,7 +15,7 @@ import openai
 from aiohttp import web
 from pydantic import ValidationError
 
-from proxy.serving.protocol import ErrorInfo, ErrorResponse
+from proxy.protocol.responses import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("w2s.server")
 

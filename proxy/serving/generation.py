@@ -25,7 +25,8 @@ from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, upstream_error, validation_error
 from proxy.serving.guidance import GuidanceError, GuidanceModes, Plan
 from proxy.serving.metrics import ServerMetrics
-from proxy.serving.protocol import SamplingRequest, SearchSummary
+from proxy.protocol.requests import SamplingRequest
+from proxy.protocol.responses import SearchSummary
 from proxy.serving.streaming import StepHook, stream_search
 from proxy.upstreams.retry import retries_reported_to
 from scorers.base import ScorerPrompt

@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from proxy.search import Candidate, SearchResult, StepTrace
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, internal_error
-from proxy.serving.protocol import SamplingRequest, SearchSummary, new_id, now
+from proxy.protocol.requests import SamplingRequest
+from proxy.protocol.responses import SearchSummary, new_id, now
 
 log = logging.getLogger("w2s.server")
 

@@ -23,38 +23,17 @@ from collections.abc import Sequence
 
 import httpx2
 import openai
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from proxy.config import UpstreamConfig, upstream_api_key
 from proxy.cost import count_tokens
+from proxy.protocol.engine import EngineCompletion as Completion
 from proxy.types import Continuation, Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.retry import retrying
 
 log = logging.getLogger("w2s.upstream")
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class CompletionChoice(_Lenient):
-    text: str
-    index: int = 0
-    finish_reason: str | None = None
-
-
-class CompletionUsage(_Lenient):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class Completion(_Lenient):
-    """What we read of a completions response; extra fields (logprobs, ids) are ignored."""
-
-    choices: list[CompletionChoice]
-    usage: CompletionUsage | None = None
 
 
 def new_client(cfg: UpstreamConfig) -> openai.AsyncOpenAI:

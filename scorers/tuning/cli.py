@@ -56,14 +56,14 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
 def _run(args: argparse.Namespace) -> dict[str, object]:
     from proxy.config import ModelSpec
     from proxy.film_reviews.train_openings import TRAIN_OPENINGS
-    from proxy.judge import JUDGES
+    from proxy.demo.judge import JUDGES
     from scorers.tuning.run import run_tune
 
     if args.model:
         spec = ModelSpec(path=args.model, gguf_file=args.gguf_file)
         label = f"{args.model} ({args.gguf_file})" if args.gguf_file else args.model
     else:
-        from proxy.demo_model import fetch_demo_model
+        from proxy.demo.model import fetch_demo_model
 
         spec, label = fetch_demo_model(), DEMO_MODEL_LABEL
     settings = settings_from_args(args)

@@ -13,7 +13,9 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.loopback import DEFAULT_VOCAB, LoopbackCompletionsServer, load_encoding
+from proxy.cost import get_encoding as load_encoding
+from proxy.testing.toy_model import DEFAULT_VOCAB
+from proxy.testing.toy_server import ToyCompletionsServer
 
 ENC = load_encoding("cl100k_base")
 PROMPT = "Once upon a time, in a quiet village,"
@@ -23,24 +25,24 @@ def ntok(text: str) -> int:
     return len(ENC.encode(text))
 
 
-def client_for(server: LoopbackCompletionsServer, **kw: Any) -> openai.AsyncOpenAI:
+def client_for(server: ToyCompletionsServer, **kw: Any) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0, **kw)
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[LoopbackCompletionsServer]:
-    async with LoopbackCompletionsServer(eos_prob=0.0) as s:
+async def server() -> AsyncIterator[ToyCompletionsServer]:
+    async with ToyCompletionsServer(eos_prob=0.0) as s:
         yield s
 
 
 @pytest.fixture
-async def client(server: LoopbackCompletionsServer) -> AsyncIterator[openai.AsyncOpenAI]:
+async def client(server: ToyCompletionsServer) -> AsyncIterator[openai.AsyncOpenAI]:
     c = client_for(server)
     yield c
     await c.close()
 
 
-async def post_raw(server: LoopbackCompletionsServer, data: bytes) -> tuple[int, Any, dict[str, str]]:
+async def post_raw(server: ToyCompletionsServer, data: bytes) -> tuple[int, Any, dict[str, str]]:
     async with aiohttp.ClientSession() as session:
         async with session.post(server.base_url + "/completions", data=data,
                                 headers={"Content-Type": "application/json"}) as resp:
@@ -55,12 +57,12 @@ def test_default_vocab_words_are_single_tokens_and_concatenate_cleanly() -> None
 
 def test_bad_vocab_is_rejected() -> None:
     with pytest.raises(ValueError, match="single"):
-        LoopbackCompletionsServer(vocab=[" the", " antidisestablishmentarianism"])
+        ToyCompletionsServer(vocab=[" the", " antidisestablishmentarianism"])
     with pytest.raises(ValueError, match="space"):
-        LoopbackCompletionsServer(vocab=["the", " cat"])
+        ToyCompletionsServer(vocab=["the", " cat"])
 
 
-async def test_base_url_and_models(server: LoopbackCompletionsServer, client: openai.AsyncOpenAI) -> None:
+async def test_base_url_and_models(server: ToyCompletionsServer, client: openai.AsyncOpenAI) -> None:
     assert server.base_url.startswith("http://127.0.0.1:") and server.base_url.endswith("/v1")
     models = await client.models.list()
     assert [m.id for m in models.data] == ["toy-instruct"]
@@ -85,7 +87,7 @@ async def test_max_tokens_gives_length_with_exact_token_count(client: openai.Asy
 
 
 async def test_eos_finishes_with_stop_before_max_tokens() -> None:
-    async with LoopbackCompletionsServer(eos_prob=0.5) as server, client_for(server) as client:
+    async with ToyCompletionsServer(eos_prob=0.5) as server, client_for(server) as client:
         resp = await client.completions.create(model="m", prompt=PROMPT, n=16, max_tokens=50, seed=0)
     stopped = [c for c in resp.choices if c.finish_reason == "stop"]
     assert stopped and all(ntok(c.text) < 50 for c in stopped)
@@ -118,7 +120,7 @@ async def test_seed_reproducible_across_servers_and_differs_between_seeds() -> N
     kw: dict[str, Any] = dict(model="toy-instruct", prompt=PROMPT, n=3, max_tokens=30, temperature=0.9, top_p=0.95)
     texts = []
     for _ in range(2):
-        async with LoopbackCompletionsServer() as server, client_for(server) as client:
+        async with ToyCompletionsServer() as server, client_for(server) as client:
             a = await client.completions.create(seed=123, **kw)
             b = await client.completions.create(seed=124, **kw)
             texts.append(([c.text for c in a.choices], [c.text for c in b.choices]))
@@ -143,7 +145,7 @@ async def test_unseeded_samples_vary(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_temperature_zero_is_deterministic_without_seed() -> None:
-    async with LoopbackCompletionsServer() as server, client_for(server) as client:  # default eos_prob
+    async with ToyCompletionsServer() as server, client_for(server) as client:  # default eos_prob
         kw: dict[str, Any] = dict(model="toy-instruct", prompt=PROMPT, n=3, max_tokens=60, temperature=0)
         a = await client.completions.create(**kw)
         b = await client.completions.create(**kw)
@@ -169,7 +171,7 @@ async def test_prompt_as_list_of_one_string(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_support_n_false_refuses_n_above_one() -> None:
-    async with LoopbackCompletionsServer(support_n=False) as server, client_for(server) as client:
+    async with ToyCompletionsServer(support_n=False) as server, client_for(server) as client:
         with pytest.raises(openai.BadRequestError) as info:
             await client.completions.create(model="toy-instruct", prompt=PROMPT, n=2, max_tokens=4)
         assert info.value.status_code == 400
@@ -182,7 +184,7 @@ async def test_support_n_false_refuses_n_above_one() -> None:
 
 
 async def test_failures_queue_then_success() -> None:
-    async with LoopbackCompletionsServer(failures=[429, 500, 503], retry_after_s=0.25) as server, \
+    async with ToyCompletionsServer(failures=[429, 500, 503], retry_after_s=0.25) as server, \
             client_for(server) as client:
         kw: dict[str, Any] = dict(model="toy-instruct", prompt=PROMPT, max_tokens=3)
         with pytest.raises(openai.RateLimitError) as rate:
@@ -199,7 +201,7 @@ async def test_failures_queue_then_success() -> None:
 
 
 async def test_failure_carries_retry_after_header() -> None:
-    async with LoopbackCompletionsServer(failures=[429], retry_after_s=2) as server:
+    async with ToyCompletionsServer(failures=[429], retry_after_s=2) as server:
         status, body, headers = await post_raw(server, json.dumps({"model": "m", "prompt": "x"}).encode())
         assert status == 429
         assert headers["Retry-After"] == "2"
@@ -208,7 +210,7 @@ async def test_failure_carries_retry_after_header() -> None:
         assert status == 200 and "Retry-After" not in headers
 
 
-async def test_malformed_json_is_an_openai_shaped_400(server: LoopbackCompletionsServer) -> None:
+async def test_malformed_json_is_an_openai_shaped_400(server: ToyCompletionsServer) -> None:
     status, body, _ = await post_raw(server, b'{"model": "m", "prompt": ')
     assert status == 400
     assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -221,14 +223,14 @@ async def test_malformed_json_is_an_openai_shaped_400(server: LoopbackCompletion
     ("top_p", 0), ("top_p", 1.5), ("stop", ["a", "b", "c", "d", "e"]), ("seed", "abc"),
     ("stream", True), ("prompt", [1, 2, 3]), ("model", None),
 ])
-async def test_invalid_fields_name_their_param(server: LoopbackCompletionsServer, field: str, value: Any) -> None:
+async def test_invalid_fields_name_their_param(server: ToyCompletionsServer, field: str, value: Any) -> None:
     request = {"model": "toy-instruct", "prompt": "hi", field: value}
     status, body, _ = await post_raw(server, json.dumps(request).encode())
     assert status == 400
     assert body["error"]["param"] == field and body["error"]["type"] == "invalid_request_error"
 
 
-async def test_unknown_and_null_fields_are_tolerated(server: LoopbackCompletionsServer) -> None:
+async def test_unknown_and_null_fields_are_tolerated(server: ToyCompletionsServer) -> None:
     request = {"model": "toy-instruct", "prompt": "hi", "logprobs": None, "echo": False, "user": "u",
                "stream": False, "n": None, "max_tokens": None, "stop": None, "seed": None, "whatever": 1}
     status, body, _ = await post_raw(server, json.dumps(request).encode())
@@ -236,7 +238,7 @@ async def test_unknown_and_null_fields_are_tolerated(server: LoopbackCompletions
     assert len(body["choices"]) == 1 and body["model"] == "toy-instruct"
 
 
-async def test_requests_log_records_bodies_in_order(server: LoopbackCompletionsServer,
+async def test_requests_log_records_bodies_in_order(server: ToyCompletionsServer,
                                                    client: openai.AsyncOpenAI) -> None:
     await client.completions.create(model="toy-instruct", prompt="first", max_tokens=2, seed=1, stop=["x"])
     with pytest.raises(openai.BadRequestError):
@@ -250,7 +252,7 @@ async def test_requests_log_records_bodies_in_order(server: LoopbackCompletionsS
 
 
 async def test_client_timeout_cancels_the_handler() -> None:
-    async with LoopbackCompletionsServer(latency_s=5.0) as server, client_for(server, timeout=0.3) as client:
+    async with ToyCompletionsServer(latency_s=5.0) as server, client_for(server, timeout=0.3) as client:
         with pytest.raises(openai.APITimeoutError):
             await client.completions.create(model="toy-instruct", prompt=PROMPT, max_tokens=3)
         for _ in range(100):
@@ -262,7 +264,7 @@ async def test_client_timeout_cancels_the_handler() -> None:
 
 
 async def test_concurrent_requests_overlap_under_latency() -> None:
-    async with LoopbackCompletionsServer(latency_s=0.2) as server, client_for(server) as client:
+    async with ToyCompletionsServer(latency_s=0.2) as server, client_for(server) as client:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         task = asyncio.gather(*(client.completions.create(model="m", prompt=str(i), max_tokens=2)
@@ -272,3 +274,13 @@ async def test_concurrent_requests_overlap_under_latency() -> None:
         await task
         assert loop.time() - t0 < 1.0  # concurrent, not 8 x 0.2 s
         assert server.completed == 8 and server.in_flight == 0
+
+
+async def test_unknown_routes_and_methods_are_openai_shaped_404s() -> None:
+    async with ToyCompletionsServer() as server, aiohttp.ClientSession() as http:
+        root = server.base_url.removesuffix("/v1")
+        for method, path in [("GET", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", "/")]:
+            async with http.request(method, root + path) as resp:
+                body = await resp.json()
+            assert resp.status == 404, (method, path)
+            assert body["error"]["type"] == "invalid_request_error" and path in body["error"]["message"]

@@ -1,4 +1,4 @@
-"""The OpenAI wire format the guidance server speaks: request and response bodies, nothing else.
+"""What a client may send the guidance server: request bodies, nothing else.
 
 Kept apart from the serving code (as vLLM's entrypoint does) so that what a client may send is
 readable in one place. Requests are parsed strictly from JSON: a string where a number belongs,
@@ -8,13 +8,11 @@ SDK through `extra_body`) picks and tunes the guided search per request.
 """
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_STOP = 4
+from proxy.types import MAX_STOP
 
 
 class _Request(BaseModel):
@@ -186,124 +184,3 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-# ------------------------------------------------------------------------------ responses
-
-
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-class UsageInfo(_Response):
-    """Tokens billed by the upstream for the whole search, not only the returned text."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class SearchSummary(_Response):
-    """The `w2s` field of a response: what the search did to produce the answer."""
-
-    mode: str
-    steps: int
-    upstream_calls: int
-    score: float | None
-    finished: bool
-    tokens: int
-    """Upstream tokens in the answer."""
-    cost_usd: float
-    wall_s: float
-
-
-class CompletionChoice(_Response):
-    index: int = 0
-    text: str
-    finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
-
-
-class CompletionResponse(_Response):
-    id: str = Field(default_factory=lambda: new_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    w2s: SearchSummary | None = None
-
-
-class ChatMessageOut(_Response):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(_Response):
-    index: int = 0
-    message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
-
-
-class ChatCompletionResponse(_Response):
-    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-    w2s: SearchSummary
-
-
-class ChatDelta(_Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(_Response):
-    index: int = 0
-    delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(_Response):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: UsageInfo | None = None
-    w2s: SearchSummary | None = None
-
-
-class ModelCard(_Response):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "w2s-proxy"
-
-
-class ModelList(_Response):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorInfo(_Response):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(_Response):
-    error: ErrorInfo

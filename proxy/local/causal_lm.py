@@ -1,4 +1,4 @@
-"""A local causal LM answering OpenAI completion requests: the model side of `w2s serve-local`.
+"""A transformers causal LM as a completions backend: the model side of `w2s serve-local`.
 
 This is how the offline demo gets a real "strong" model with no API, and how a user guides a
 white-box model they host themselves through exactly the code path a paid API takes.
@@ -34,18 +34,14 @@ from transformers import (
 )
 
 from proxy.config import ModelSpec
-from proxy.loopback import Choice, CompletionParams, stable_int
+from proxy.local.backend import Choice, CompletionParams
+from proxy.types import choice_seed, first_stop
 from scorers.batcher import MicroBatcher
 from scorers.loading import load_causal_lm, pick_device_dtype
 from scorers.scoring_model import needs_bos
 
 DEFAULT_MAX_BATCH_ROWS = 64
 """Rows (prompts x n) decoded together; a request larger than this still runs, alone."""
-
-
-def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
 
 
 @dataclass
@@ -157,9 +153,9 @@ class LocalCausalLM:
             ids = self._encode(params.prompt)
             for j in range(params.n):
                 g = torch.Generator()
-                # Seeded per (seed, prompt, sample): the prompts of one request share its seed, and
+                # Seeded per (prompt, seed, sample): the prompts of one request share its seed, and
                 # must not share their random draws (the beams of a step would sample in lockstep).
-                seed = stable_int("sample", params.seed, params.prompt, j) if params.seed is not None else secrets.randbits(63)
+                seed = choice_seed(params.prompt, params.seed, j) if params.seed is not None else secrets.randbits(63)
                 g.manual_seed(seed % 2**63)
                 rows.append(_Row(r, ids, params.max_tokens, params.temperature, params.top_p, g))
         return rows

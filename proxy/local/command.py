@@ -1,7 +1,7 @@
 """`w2s serve-local MODEL`: a transformers causal LM as an OpenAI completions server on 127.0.0.1.
 
-The wire protocol (validation, errors, usage) is the loopback server's; only the text comes
-from a real model. Point an upstream's `base_url` at it to guide a model you host yourself.
+The wire protocol (validation, errors, usage) is proxy.local.server's; the text comes from the
+model (proxy.local.causal_lm). Point an upstream's `base_url` at it to guide a model you host yourself.
 """
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import argparse
 import asyncio
 
 from proxy.config import ModelSpec
-from proxy.loopback import LoopbackCompletionsServer
+from proxy.local.server import LocalCompletionsServer
 
 
 async def serve_local(args: argparse.Namespace) -> int:
-    from scorers.local_lm import LocalCausalLM  # torch: only when a model is really served
+    from proxy.local.causal_lm import LocalCausalLM  # torch: only when a model is really served
     from scorers.registry import set_torch_threads
 
     set_torch_threads(args.torch_threads)
     spec = ModelSpec(path=args.model, gguf_file=args.gguf_file)
     lm = await asyncio.to_thread(LocalCausalLM.load, spec, args.device, args.dtype)
-    server = LoopbackCompletionsServer(model=args.name or args.model, backend=lm)
+    server = LocalCompletionsServer(lm, model=args.name or args.model)
     await server.start(args.port)
     print(f"serving {args.model} at {server.base_url}", flush=True)
     try:

@@ -28,7 +28,7 @@ from proxy.engine import Engine
 from proxy.film_reviews.openings import TEST_OPENINGS
 from proxy.film_reviews.stats import Estimate, estimate, paired
 from proxy.search import SearchResult
-from proxy.trace_html import TracedSearch, render_trace
+from proxy.demo.trace_html import TracedSearch, render_trace
 
 Judge = Callable[[str], float]
 NOISE_Z = 2.0
@@ -147,7 +147,7 @@ def guide_scorer_config(settings: DemoSettings) -> ScorerConfig:
     a CPU, since the black box samples in the same process."""
     import os
 
-    from proxy.demo_model import fetch_demo_model
+    from proxy.demo.model import fetch_demo_model
     from proxy.film_reviews.guides import guide_config
 
     threads = max(1, (os.cpu_count() or 2) // 2)
@@ -156,8 +156,8 @@ def guide_scorer_config(settings: DemoSettings) -> ScorerConfig:
 
 async def demo_command(args: argparse.Namespace) -> int:
     from proxy.film_reviews.models import fetch_gemma3_270m
-    from proxy.judge import JUDGES
-    from proxy.loopback import LoopbackCompletionsServer
+    from proxy.demo.judge import JUDGES
+    from proxy.local.server import LocalCompletionsServer
 
     fields = {"openings": args.openings, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               "temperature": args.temperature, "guide": args.guide}
@@ -167,11 +167,11 @@ async def demo_command(args: argparse.Namespace) -> int:
     gemma = await asyncio.to_thread(fetch_gemma3_270m)
     scorer_cfg = await asyncio.to_thread(guide_scorer_config, settings)
     print("loading them (about a minute on 2 CPU cores)...", file=sys.stderr)
-    from scorers.local_lm import LocalCausalLM  # torch: only once the demo really runs
+    from proxy.local.causal_lm import LocalCausalLM  # torch: only once the demo really runs
 
     lm = await asyncio.to_thread(LocalCausalLM.load, gemma, "auto", "auto")
     try:
-        async with LoopbackCompletionsServer(model="gemma-3-270m", backend=lm) as server:
+        async with LocalCompletionsServer(lm, model="gemma-3-270m") as server:
             cfg = UpstreamConfig(model="gemma-3-270m", base_url=server.base_url, prompt_template="{instruction}",
                                  timeout_s=600.0)
             async with Engine(AppConfig(upstream=cfg, scorer=scorer_cfg)) as engine:

@@ -1,0 +1,5 @@
+"""Test and benchmark doubles: only tests/ and benchmarks/ import this package.
+
+    toy_model   a seeded Markov-chain "model" over one-token words (exact token counts, no weights)
+    toy_server  the local completions server over the toy, with fault injection and bookkeeping
+"""
