@@ -127,6 +127,10 @@ def test_expo_and_unconfigured_guides_are_named() -> None:
     expo = cfg.model_copy(update={"scorer": cfg.scorer.model_copy(update={"expo_alpha": 0.5})})
     assert generator_name(expo) == "gpt-3.5-turbo-instruct_zephyr-7b-beta-expo0.5-vs-mistral-7b-sft-beta_bon4-w1k4linf"
     assert config_fingerprint(expo) != config_fingerprint(cfg)
+    tuned = cfg.scorer.tuned.model_copy(update={"adapter": "runs/tune/smollm2-film-dpo/"})
+    adapted = cfg.model_copy(update={"scorer": cfg.scorer.model_copy(update={"tuned": tuned})})
+    assert generator_name(adapted) == ("gpt-3.5-turbo-instruct_zephyr-7b-beta+smollm2-film-dpo-vs-mistral-7b-sft-beta"
+                                       "_bon4-w1k4linf")
     bare = cfg.model_copy(update={"scorer": None})
     assert generator_name(bare, scorer_label="my-scorer") == "gpt-3.5-turbo-instruct_my-scorer_bon4-w1k4linf"
 

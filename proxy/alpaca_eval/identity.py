@@ -20,12 +20,19 @@ import re
 from proxy.config import AppConfig, ModelSpec, SearchConfig
 
 
+def _last_component(path: str) -> str:
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or path
+
+
 def model_label(spec: ModelSpec) -> str:
     """The last path component of a hub id or directory (`HuggingFaceH4/zephyr-7b-beta` ->
-    `zephyr-7b-beta`), or the GGUF file's stem."""
+    `zephyr-7b-beta`), or the GGUF file's stem; `+adapter` when an adapter is merged in, since
+    the same base with and without it are different guides."""
     if spec.gguf_file:
-        return re.sub(r"\.gguf$", "", spec.gguf_file.rsplit("/", 1)[-1], flags=re.IGNORECASE)
-    return re.split(r"[\\/]", spec.path.rstrip("/\\"))[-1] or spec.path
+        label = re.sub(r"\.gguf$", "", spec.gguf_file.rsplit("/", 1)[-1], flags=re.IGNORECASE)
+    else:
+        label = _last_component(spec.path)
+    return f"{label}+{_last_component(spec.adapter)}" if spec.adapter else label
 
 
 def wkl(search: SearchConfig) -> str:
