@@ -84,9 +84,8 @@ from proxy.config import UpstreamConfig  # noqa: E402
 from proxy.film_reviews.guides import BON_SIZES, CBS_SHAPES, GUIDES, Method, bon_methods, cbs_methods  # noqa: E402
 from proxy.film_reviews.stats import Estimate, estimate, paired  # noqa: E402
 from proxy.demo.judge import JUDGES  # noqa: E402
-from proxy.prompts import render_instruction  # noqa: E402
 from proxy.search import search  # noqa: E402
-from proxy.types import SamplingParams, derive_seed  # noqa: E402
+from proxy.types import Conversation, SamplingParams, derive_seed  # noqa: E402
 from proxy.upstreams.base import Upstream  # noqa: E402
 from scorers.base import Scorer  # noqa: E402
 
@@ -171,10 +170,10 @@ class Job:
 class Runner:
     """Runs the missing items against an upstream and loaded guides, recording each at once."""
 
-    def __init__(self, results: Results, settings: Settings, upstream: Upstream, upstream_cfg: UpstreamConfig,
+    def __init__(self, results: Results, settings: Settings, upstream: Upstream,
                  guides: Mapping[str, Scorer], openings: Sequence[str], *, concurrency: int = 32,
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> None:
-        self.results, self.settings, self.upstream, self.upstream_cfg = results, settings, upstream, upstream_cfg
+        self.results, self.settings, self.upstream = results, settings, upstream
         self.guides, self.openings, self.concurrency, self.log = guides, openings, concurrency, log
         self.phase_s: dict[str, float] = {}
         self.phase_cpu_s: dict[str, float] = {}
@@ -185,11 +184,11 @@ class Runner:
         """The 16 samples of (opening, seed) if missing, then every guide's scores of them if missing."""
         s = self.settings
         if (i, seed) not in self.results.samples:
-            prompt = render_instruction(self.openings[i], self.upstream_cfg)
             t0 = time.perf_counter()
             # Exactly the request search(w=1, k=16, seed=seed) makes in its one step.
             params = SamplingParams(n=BON_MAX, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0)
-            res = await self.upstream.sample_batch([prompt], params, seeds=[derive_seed(seed, 1, 0)])
+            res = await self.upstream.sample_batch(Conversation.instruction(self.openings[i]), [""], params,
+                                                  seeds=[derive_seed(seed, 1, 0)])
             self.results.add({
                 "kind": "samples", "opening": i, "seed": seed, "prompt_tokens": res.usage.prompt_tokens,
                 "completion_tokens": res.usage.completion_tokens, "wall_s": round(time.perf_counter() - t0, 3),
@@ -209,8 +208,7 @@ class Runner:
     async def _search(self, guide: str, method: Method, i: int, seed: int) -> None:
         s = self.settings
         cfg = method.search_config(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
-        prompt = render_instruction(self.openings[i], self.upstream_cfg)
-        r = await search(prompt, self.upstream, self.guides[guide], cfg, scorer_prompt=self.openings[i])
+        r = await search(Conversation.instruction(self.openings[i]), self.upstream, self.guides[guide], cfg)
         self.results.add({
             "kind": "search", "guide": guide, "method": method.name, "opening": i, "seed": seed,
             "text": r.text, "finished": r.finished, "score": r.score, "tokens": r.tokens,
@@ -501,7 +499,7 @@ async def main_async(args: argparse.Namespace) -> int:
             ucfg = UpstreamConfig(model="gemma-3-270m", base_url=served.base_url, prompt_template="{instruction}",
                                   max_concurrency=256, timeout_s=3600.0, max_attempts=2)
             async with OpenAICompletionsUpstream(ucfg) as upstream:
-                runner = Runner(results, settings, upstream, ucfg, scorers, TEST_OPENINGS, concurrency=args.concurrency)
+                runner = Runner(results, settings, upstream, scorers, TEST_OPENINGS, concurrency=args.concurrency)
                 runner.cpu_clock = lambda: time.process_time() + served.cpu_s()
                 try:
                     await runner.run()

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict  # noqa: E402
 from proxy.config import ModelSpec, SearchConfig  # noqa: E402
 from proxy.cost import get_encoding  # noqa: E402
 from proxy.search import search  # noqa: E402
-from proxy.types import Continuation, SampleResult, SamplingParams, Usage  # noqa: E402
+from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage  # noqa: E402
 from proxy.upstreams.base import Upstream  # noqa: E402
 from scorers.base import Scorer, ScorerPrompt, ScoringSession  # noqa: E402
 from scorers.implicit import ImplicitRewardScorer  # noqa: E402
@@ -93,13 +93,12 @@ class CorpusUpstream(Upstream):
 
     name = "corpus"
 
-    def __init__(self, answers: list[str], base_prompt: str) -> None:
+    def __init__(self, answers: list[str]) -> None:
         self.enc = get_encoding("cl100k_base")
         self.answers = [self.enc.encode(a) for a in answers]
-        self.base_prompt = base_prompt
 
-    async def sample(self, prompt: str, params: SamplingParams) -> SampleResult:
-        offset = len(self.enc.encode(prompt[len(self.base_prompt):]))
+    async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
+        offset = len(self.enc.encode(partial))
         rng = random.Random(params.seed)
         outs = []
         for _ in range(params.n):
@@ -156,15 +155,14 @@ async def record(args: argparse.Namespace, loaded) -> Recording:
     enc = get_encoding("cl100k_base")
     answers = [r["output"] for r in data if len(enc.encode(r["output"])) >= 600]
     cfg = SearchConfig(w=4, k=4, l=30, max_new_tokens=512, seed=0)
-    base_prompt = f"Instruction: {instruction}\nOutput:"
     scorer = contrast_scorer(model, tok, incremental=True, batch_size=args.batch_size)
     log = _Log()
 
     def on_step(trace, survivors) -> None:  # type: ignore[no-untyped-def]
         log.step = trace.step + 1
 
-    result = await search(base_prompt, CorpusUpstream(answers, base_prompt), _RecordingScorer(scorer, log), cfg,
-                          scorer_prompt=instruction, on_step=on_step)
+    result = await search(Conversation.instruction(instruction), CorpusUpstream(answers), _RecordingScorer(scorer, log),
+                          cfg, on_step=on_step)
     await scorer.aclose()
     nodes: list[Node] = []
     index: dict[str, int] = {"": -1}

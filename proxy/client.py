@@ -20,9 +20,9 @@ from typing import Any
 from proxy.config import AppConfig, ConfigError, require_scorer, search_with
 from proxy.engine import Engine, ResultSummary, Spend
 from proxy.presets import load_config
-from proxy.prompts import render_chat
+from proxy.prompts import chat_conversation
 from proxy.search import SearchResult, StepCallback
-from proxy.types import ChatMessage
+from proxy.types import ChatMessage, Conversation
 from proxy.upstreams.base import Upstream
 from scorers.base import Scorer
 
@@ -86,21 +86,21 @@ class GuidedClient:
         if self._owns_engine:
             await self.engine.aclose()
 
-    async def _search(self, prompt: str, scorer_prompt: Any, on_step: StepCallback | None,
+    async def _search(self, conversation: Conversation, on_step: StepCallback | None,
                       overrides: dict[str, Any]) -> SearchResult:
         self._require_open()
         cfg = search_with(self.config.search, **overrides)
-        return await self.engine.search(prompt, cfg, scorer_prompt=scorer_prompt, on_step=on_step)
+        return await self.engine.search(conversation, cfg, on_step=on_step)
 
     async def complete(self, prompt: str, *, on_step: StepCallback | None = None, **overrides: Any) -> SearchResult:
         """Continue a raw completion prompt; the scorer sees the prompt as one user turn."""
-        return await self._search(prompt, None, on_step, overrides)
+        return await self._search(Conversation.completion(prompt), on_step, overrides)
 
     async def chat(self, messages: Sequence[ChatMessage], *, on_step: StepCallback | None = None,
                    **overrides: Any) -> SearchResult:
-        """Answer the last user turn; the upstream sees the messages rendered by its template."""
-        prompt = render_chat(messages, self.engine.config.upstream)
-        return await self._search(prompt, list(messages), on_step, overrides)
+        """Answer the last user turn; PromptError (a ValueError) naming the field when the
+        messages cannot be answered."""
+        return await self._search(chat_conversation(messages), on_step, overrides)
 
     async def instruct(self, instruction: str, **overrides: Any) -> SearchResult:
         """Answer one instruction (the AlpacaEval setting)."""

@@ -1,7 +1,7 @@
 """The engine: the one owner of an upstream and a scorer, shared by every search run through it.
 
     async with Engine(load_config("paper-cbs-w4k4l30")) as engine:
-        result = await engine.search(render_instruction("Write a haiku.", engine.config.upstream))
+        result = await engine.search(Conversation.instruction("Write a haiku."))
         print(engine.summarize(result))
 
 It builds the upstream (its connection pool, retry policy and concurrency limit) and loads the
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from proxy.config import AppConfig, Prices, ScorerConfig, SearchConfig, require_scorer
 from proxy.cost import cost_usd
 from proxy.search import SearchResult, StepCallback, search
-from proxy.types import Usage
+from proxy.types import Conversation, Usage
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.registry import make_upstream
-from scorers.base import Scorer, ScorerPrompt
+from scorers.base import Scorer
 
 log = logging.getLogger("w2s.engine")
 
@@ -225,14 +225,13 @@ class Engine:
             raise ScorerUnavailable(self.scorer_state)
         return self._scorer if score_plain or search_config.needs_scorer else None
 
-    async def search(self, prompt: str, search_config: SearchConfig | None = None, *,
-                     scorer_prompt: ScorerPrompt | None = None, on_step: StepCallback | None = None,
-                     score_plain: bool = True) -> SearchResult:
-        """One search on the completion prompt `prompt` (default config: `config.search`); see
-        proxy.search.search and `scorer_for`."""
+    async def search(self, conversation: Conversation | str, search_config: SearchConfig | None = None, *,
+                     on_step: StepCallback | None = None, score_plain: bool = True) -> SearchResult:
+        """One search answering `conversation` (a string: a raw completion prompt; default
+        config: `config.search`); see proxy.search.search and `scorer_for`."""
         cfg = search_config if search_config is not None else self.config.search
         scorer = self.scorer_for(cfg, score_plain=score_plain)
-        return await search(prompt, self.upstream, scorer, cfg, scorer_prompt=scorer_prompt, on_step=on_step)
+        return await search(conversation, self.upstream, scorer, cfg, on_step=on_step)
 
     def summarize(self, result: SearchResult, mode: str | None = None) -> ResultSummary:
         return summarize(result, self.config.upstream.prices, mode)

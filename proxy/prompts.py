@@ -1,14 +1,15 @@
-"""Turning instructions and chat messages into one completion prompt for the upstream.
+"""Checking chat messages, and rendering a conversation as one completion prompt.
 
-The scorer renders the same messages with its own chat template; the upstream, a
-completions model, gets this plain-text rendering (AlpacaEval's own format by default).
+The scorer renders the same messages with its own chat template; a chat upstream sends them as
+messages; a completions upstream gets this plain-text rendering (AlpacaEval's own format by
+default) followed by the partial answer.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from proxy.config import UpstreamConfig
-from scorers.base import ChatMessage
+from proxy.types import ChatMessage, Conversation
 
 ROLES = ("system", "user", "assistant")
 
@@ -26,7 +27,18 @@ def render_instruction(instruction: str, cfg: UpstreamConfig) -> str:
     return cfg.prompt_template.replace("{instruction}", instruction)
 
 
-def render_chat(messages: Sequence[ChatMessage], cfg: UpstreamConfig) -> str:
+def chat_conversation(messages: Sequence[ChatMessage]) -> Conversation:
+    """Messages as a conversation to answer; PromptError naming the field when they are not one."""
+    check_messages(messages)
+    return Conversation.chat(messages)
+
+
+def render(conv: Conversation, cfg: UpstreamConfig) -> str:
+    """The completion prompt of `conv`: a raw prompt as is, messages through the template."""
+    return conv.prompt if conv.raw else render_chat(conv.messages, cfg)
+
+
+def check_messages(messages: Sequence[ChatMessage]) -> None:
     """Messages must end with a user turn: the response answers it."""
     if not messages:
         raise PromptError("messages", "at least one message is required")
@@ -37,6 +49,10 @@ def render_chat(messages: Sequence[ChatMessage], cfg: UpstreamConfig) -> str:
             raise PromptError(f"messages.{i}.content", "must be a string")
     if messages[-1]["role"] != "user":
         raise PromptError("messages", "the last message must come from the user")
+
+
+def render_chat(messages: Sequence[ChatMessage], cfg: UpstreamConfig) -> str:
+    check_messages(messages)
     parts = []
     for m in messages:
         if m["role"] == "user":

@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from proxy.config import SearchConfig, require_scorer
-from proxy.types import Continuation, SamplingParams, Usage, derive_seed, first_stop
+from proxy.types import Continuation, Conversation, SamplingParams, Usage, derive_seed, first_stop
 from proxy.upstreams.base import Upstream
-from scorers.base import Scorer, ScorerPrompt, ScoringSession
+from scorers.base import Scorer, ScoringSession
 
 
 @dataclass
@@ -115,9 +115,9 @@ def _score(c: Candidate) -> float:
 class _Search:
     """State of one search; `run` drives it."""
 
-    def __init__(self, prompt: str, upstream: Upstream, session: ScoringSession | None,
+    def __init__(self, conversation: Conversation, upstream: Upstream, session: ScoringSession | None,
                  cfg: SearchConfig, on_step: StepCallback | None) -> None:
-        self.prompt = prompt
+        self.conversation = conversation
         self.upstream = upstream
         self.session = session
         self.cfg = cfg
@@ -171,7 +171,7 @@ class _Search:
         cfg = self.cfg
         beams = [b for _, b in request]
         t0 = time.perf_counter()
-        res = await self.upstream.sample_batch([self.prompt + b.text for b in beams],
+        res = await self.upstream.sample_batch(self.conversation, [b.text for b in beams],
                                                self._params(self._max_tokens(beams[0])),
                                                seeds=[derive_seed(cfg.seed, step, i) for i, _ in request])
         t1 = time.perf_counter()
@@ -236,24 +236,25 @@ class _Search:
 
 
 async def search(
-    prompt: str,
+    conversation: Conversation | str,
     upstream: Upstream,
     scorer: Scorer | None,
     cfg: SearchConfig,
     *,
-    scorer_prompt: ScorerPrompt | None = None,
     on_step: StepCallback | None = None,
 ) -> SearchResult:
-    """Guided generation of a response to the completion prompt `prompt`.
+    """Guided generation of an answer to `conversation` (a string: a raw completion prompt).
 
-    `scorer_prompt` is what the scoring pair sees as the prompt (an instruction or chat
-    messages, rendered by each model's own template); it defaults to `prompt` itself. Without
-    a scorer only plain sampling (w = k = 1) is possible; with one, every candidate is scored.
+    The upstream renders the conversation and each beam's partial answer its own way; the
+    scoring pair sees `conversation.scorer_prompt`, rendered by each model's own template.
+    Without a scorer only plain sampling (w = k = 1) is possible; with one, every candidate is
+    scored.
     """
     require_scorer(cfg, scorer is not None)
-    session = scorer.open(scorer_prompt if scorer_prompt is not None else prompt) if scorer else None
+    conv = Conversation.completion(conversation) if isinstance(conversation, str) else conversation
+    session = scorer.open(conv.scorer_prompt) if scorer else None
     try:
-        return await _Search(prompt, upstream, session, cfg, on_step).run()
+        return await _Search(conv, upstream, session, cfg, on_step).run()
     finally:
         if session is not None:
             session.close()

@@ -26,6 +26,45 @@ class ChatMessage(TypedDict):
     content: str
 
 
+@dataclass(frozen=True)
+class Conversation:
+    """What an answer responds to, before any API renders it; the search keeps it and the
+    growing partial answer apart, so each upstream family renders the pair its own way.
+
+    Chat messages end with a user turn. `raw` marks a completion prompt sent as is (POST
+    /v1/completions, `w2s generate --raw`): a completions API continues the text itself; a
+    chat API and the scorer see it as one user turn.
+    """
+
+    messages: tuple[ChatMessage, ...]
+    raw: bool = False
+
+    @classmethod
+    def chat(cls, messages: Sequence[ChatMessage]) -> "Conversation":
+        return cls(tuple({"role": m["role"], "content": m["content"]} for m in messages))  # type: ignore[misc]
+
+    @classmethod
+    def instruction(cls, text: str) -> "Conversation":
+        """One user turn: the AlpacaEval setting."""
+        return cls(({"role": "user", "content": text},))
+
+    @classmethod
+    def completion(cls, prompt: str) -> "Conversation":
+        return cls(({"role": "user", "content": prompt},), raw=True)
+
+    @property
+    def prompt(self) -> str:
+        """The raw completion prompt (only for `raw`)."""
+        if not self.raw:
+            raise ValueError("not a raw completion prompt")
+        return self.messages[0]["content"]
+
+    @property
+    def scorer_prompt(self) -> "str | list[ChatMessage]":
+        """What the scoring pair conditions on, rendered by each model's own chat template."""
+        return self.prompt if self.raw else list(self.messages)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """One upstream request: n continuations of at most `max_tokens` tokens each."""
@@ -79,6 +118,12 @@ class SampleResult:
     usage: Usage
     calls: int
     """API calls that succeeded for this sample (K when the server refused n>1)."""
+
+    @classmethod
+    def joined(cls, results: Sequence["SampleResult"]) -> "SampleResult":
+        """Several prompts' results as one, in order, usage and calls summed."""
+        return cls([c for r in results for c in r.continuations],
+                   sum((r.usage for r in results), Usage()), sum(r.calls for r in results))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from proxy.types import Continuation, SampleResult, SamplingParams, Usage
+from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage
 from proxy.upstreams.base import Upstream
 from scorers.base import Scorer, ScorerPrompt, ScoringSession
 
@@ -44,6 +44,13 @@ def word_responder(finish_when: Callable[[Call, int], bool] = lambda c, i: False
     return respond
 
 
+def flat_prompt(conversation: Conversation, partial: str) -> str:
+    """The conversation and partial answer as one string, the way a scripted responder reads them:
+    a raw prompt as is, messages' contents joined."""
+    head = conversation.prompt if conversation.raw else "".join(m["content"] for m in conversation.messages)
+    return head + partial
+
+
 class ScriptedUpstream(Upstream):
     def __init__(self, respond: Responder, delay: Callable[[Call], float] = lambda c: 0.0) -> None:
         self.respond = respond
@@ -52,7 +59,8 @@ class ScriptedUpstream(Upstream):
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def sample(self, prompt: str, params: SamplingParams) -> SampleResult:
+    async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
+        prompt = flat_prompt(conversation, partial)
         call = Call(prompt, params.n, params.max_tokens, params.seed, params.stop, time.perf_counter())
         self.calls.append(call)
         self.in_flight += 1

@@ -43,7 +43,7 @@ async def test_every_candidate_scores_as_a_direct_computation(
     assert len(tuned[1]) != gpt2_vocab  # the guide's vocabulary is not the black box's
     scorer = ImplicitRewardScorer.from_loaded(tuned, untuned, incremental=incremental)
     cfg = SearchConfig(w=2, k=2, l=3, max_new_tokens=9, temperature=1.0, seed=7)
-    r = await search(INSTRUCTION, gpt2_black_box, scorer, cfg, scorer_prompt=INSTRUCTION)
+    r = await search(INSTRUCTION, gpt2_black_box, scorer, cfg)  # a raw prompt: the guides read it as a user turn
     with scorer.open(INSTRUCTION) as session:
         prompts = session.prompt_texts
     nodes = [c for c in r.nodes.values() if c.id != 0]

@@ -25,7 +25,7 @@ from tests.doubles import FnScorer
 
 async def test_one_request_with_n_and_exact_token_counts(loopback: ToyCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
-        res = await up.sample("Once upon a time",
+        res = await up.sample_prompt("Once upon a time",
                               SamplingParams(n=6, max_tokens=12, stop=["."], temperature=0.9, seed=5))
     assert len(loopback.requests) == 1
     body = loopback.requests[0]
@@ -47,7 +47,7 @@ async def alone(server: ToyCompletionsServer, prompt: str, seed: int) -> list[tu
     """What `prompt` gets in a request of its own, from a fresh server with the same sampler."""
     async with ToyCompletionsServer(eos_prob=server.lm.eos_prob) as fresh:
         async with OpenAICompletionsUpstream(upstream_config(fresh)) as up:
-            return triples(await up.sample(prompt, SamplingParams(n=3, max_tokens=6, stop=["."], seed=seed)))
+            return triples(await up.sample_prompt(prompt, SamplingParams(n=3, max_tokens=6, stop=["."], seed=seed)))
 
 
 def triples(res: SampleResult) -> list[tuple[str, str | None, int]]:
@@ -57,7 +57,7 @@ def triples(res: SampleResult) -> list[tuple[str, str | None, int]]:
 async def test_a_list_of_prompts_is_one_request_answered_prompt_major(loopback: ToyCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
         assert up.max_prompts_per_call == 16
-        res = await up.sample_batch(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
+        res = await up.sample_prompts(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
     assert len(loopback.requests) == 1 and res.calls == 1
     body = loopback.requests[0]
     seed = request_seed([7, 8, 9])  # one seed per request, from all three
@@ -71,10 +71,10 @@ async def test_a_list_of_prompts_is_one_request_answered_prompt_major(loopback: 
 async def test_a_server_refusing_prompt_lists_gets_one_prompt_per_request() -> None:
     async with ToyCompletionsServer(support_prompt_lists=False) as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
-            res = await up.sample_batch(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
+            res = await up.sample_prompts(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
             assert up.max_prompts_per_call == 1  # remembered
             assert len(server.requests) == 4 and server.completed == 3 and res.calls == 3
-            again = await up.sample_batch(PROMPTS[:2], SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8])
+            again = await up.sample_prompts(PROMPTS[:2], SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8])
             assert len(server.requests) == 6  # no list tried again
     assert triples(res) == [t for p, seed in zip(PROMPTS, [7, 8, 9]) for t in await alone(server, p, seed)]
     assert triples(again) == triples(res)[:6]
@@ -83,7 +83,7 @@ async def test_a_server_refusing_prompt_lists_gets_one_prompt_per_request() -> N
 async def test_a_list_over_the_servers_limit_falls_back_to_one_prompt_per_request() -> None:
     async with ToyCompletionsServer() as server:
         async with OpenAICompletionsUpstream(upstream_config(server, max_prompts_per_call=100)) as up:
-            res = await up.sample_batch([f"P{i}" for i in range(65)], SamplingParams(n=1, max_tokens=2))  # the server takes 64
+            res = await up.sample_prompts([f"P{i}" for i in range(65)], SamplingParams(n=1, max_tokens=2))  # the server takes 64
             assert up.max_prompts_per_call == 1
     assert len(server.requests) == 66 and server.completed == 65 and res.calls == 65
     assert len(res.continuations) == 65
@@ -109,9 +109,9 @@ async def test_a_bad_prompt_in_a_list_raises_and_lists_stay_on() -> None:
     async with RefusesBad() as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
             with pytest.raises(openai.BadRequestError):
-                await up.sample_batch(["fine", "BAD"], SamplingParams(n=2, max_tokens=3))
+                await up.sample_prompts(["fine", "BAD"], SamplingParams(n=2, max_tokens=3))
             assert up.max_prompts_per_call == 16  # alone it failed too: the prompt was bad, not the list
-            await up.sample_batch(["fine", "also fine"], SamplingParams(n=2, max_tokens=3))
+            await up.sample_prompts(["fine", "also fine"], SamplingParams(n=2, max_tokens=3))
     assert isinstance(server.requests[-1]["prompt"], list)
 
 
@@ -135,7 +135,7 @@ class FirstPromptOnly(ToyCompletionsServer):
 async def test_a_list_answered_with_missing_choices_is_redone_one_by_one_and_billed() -> None:
     async with FirstPromptOnly() as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
-            res = await up.sample_batch(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
+            res = await up.sample_prompts(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
             assert up.max_prompts_per_call == 1
     assert len(server.requests) == 4 and res.calls == 4
     assert triples(res) == [t for p, seed in zip(PROMPTS, [7, 8, 9]) for t in await alone(server, p, seed)]
@@ -147,11 +147,11 @@ async def test_a_list_answered_with_missing_choices_is_redone_one_by_one_and_bil
 async def test_server_refusing_n_gets_parallel_single_requests() -> None:
     async with ToyCompletionsServer(support_n=False) as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
-            first = await up.sample("P", SamplingParams(n=4, max_tokens=5, seed=10))
+            first = await up.sample_prompt("P", SamplingParams(n=4, max_tokens=5, seed=10))
             assert [r["n"] for r in server.requests] == [4, 1, 1, 1, 1]
             assert sorted(r.get("seed") for r in server.requests[1:]) == sorted(sample_seed(10, i) for i in range(4))
             assert server.requests[1]["seed"] == 10  # sample 0 keeps the request's seed
-            second = await up.sample("P", SamplingParams(n=3, max_tokens=5))
+            second = await up.sample_prompt("P", SamplingParams(n=3, max_tokens=5))
             assert [r["n"] for r in server.requests[5:]] == [1, 1, 1]  # remembered: no second refusal
     assert len(first.continuations) == 4 and first.calls == 4
     assert len({c.text for c in first.continuations}) > 1
@@ -163,7 +163,7 @@ async def test_transient_failures_are_retried_honouring_retry_after() -> None:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            res = await up.sample("P", SamplingParams(n=2, max_tokens=3))
+            res = await up.sample_prompt("P", SamplingParams(n=2, max_tokens=3))
             waited = loop.time() - t0
     assert len(server.requests) == 5 and len(res.continuations) == 2
     assert waited >= 4 * 0.05  # four server-requested waits, not the 10 ms backoff
@@ -173,14 +173,14 @@ async def test_retries_give_up_with_the_upstream_error() -> None:
     async with ToyCompletionsServer(failures=[502] * 10) as server:
         async with OpenAICompletionsUpstream(upstream_config(server, max_attempts=3)) as up:
             with pytest.raises(openai.InternalServerError):
-                await up.sample("P", SamplingParams(n=1, max_tokens=3))
+                await up.sample_prompt("P", SamplingParams(n=1, max_tokens=3))
     assert len(server.requests) == 3
 
 
 async def test_client_errors_are_not_retried(loopback: ToyCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
         with pytest.raises(openai.BadRequestError):
-            await up.sample("P", SamplingParams(n=1, max_tokens=3, temperature=5.0))
+            await up.sample_prompt("P", SamplingParams(n=1, max_tokens=3, temperature=5.0))
     assert len(loopback.requests) == 1
 
 
@@ -196,7 +196,7 @@ async def test_concurrency_limit_bounds_requests_in_flight() -> None:
 
         watcher = asyncio.create_task(watch())
         async with OpenAICompletionsUpstream(upstream_config(server, max_concurrency=2)) as up:
-            await asyncio.gather(*(up.sample("P", SamplingParams(n=1, max_tokens=2)) for _ in range(6)))
+            await asyncio.gather(*(up.sample_prompt("P", SamplingParams(n=1, max_tokens=2)) for _ in range(6)))
         watcher.cancel()
     assert peak == 2 and server.completed == 6
 
@@ -204,8 +204,8 @@ async def test_concurrency_limit_bounds_requests_in_flight() -> None:
 async def test_context_window_caps_max_tokens(loopback: ToyCompletionsServer) -> None:
     prompt = " the cat sat on the mat"  # 6 tokens
     async with OpenAICompletionsUpstream(upstream_config(loopback, context_window=10)) as up:
-        await up.sample(prompt, SamplingParams(n=1, max_tokens=50))
-        full = await up.sample(prompt * 2, SamplingParams(n=2, max_tokens=50))
+        await up.sample_prompt(prompt, SamplingParams(n=1, max_tokens=50))
+        full = await up.sample_prompt(prompt * 2, SamplingParams(n=2, max_tokens=50))
     assert loopback.requests[0]["max_tokens"] == 4
     assert len(loopback.requests) == 1 and full.calls == 0 and all(c.num_tokens == 0 for c in full.continuations)
 
@@ -216,7 +216,7 @@ async def test_api_key_never_reaches_logs(caplog: pytest.LogCaptureFixture, monk
     caplog.set_level(logging.DEBUG)
     async with ToyCompletionsServer(failures=[500, 500]) as server:
         async with OpenAICompletionsUpstream(upstream_config(server, api_key_env="W2S_TEST_KEY")) as up:
-            await up.sample("P", SamplingParams(n=1, max_tokens=2))
+            await up.sample_prompt("P", SamplingParams(n=1, max_tokens=2))
     assert "retrying" in caplog.text and secret not in caplog.text
     assert secret not in repr(upstream_config(server, api_key_env="W2S_TEST_KEY"))
 
@@ -259,12 +259,12 @@ async def test_connection_errors_and_timeouts_are_retried_then_raised(caplog: py
     cfg = upstream_config(closed, base_url=dead_url, max_attempts=3)
     async with OpenAICompletionsUpstream(cfg) as up:
         with pytest.raises(openai.APIConnectionError):
-            await up.sample("P", SamplingParams(n=1, max_tokens=2))
+            await up.sample_prompt("P", SamplingParams(n=1, max_tokens=2))
     assert caplog.text.count("APIConnectionError") == 2  # attempts 1 and 2 retried, the 3rd raised
     async with ToyCompletionsServer(latency_s=1.0) as slow:
         async with OpenAICompletionsUpstream(upstream_config(slow, timeout_s=0.1, max_attempts=3)) as up:
             with pytest.raises(openai.APITimeoutError):
-                await up.sample("P", SamplingParams(n=1, max_tokens=2))
+                await up.sample_prompt("P", SamplingParams(n=1, max_tokens=2))
     assert caplog.text.count("APITimeoutError") == 2 and slow.completed == 0
 
 
@@ -277,8 +277,8 @@ async def test_running_usage_counts_every_billed_call_and_probe_says_why_not(
         loopback: ToyCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
         assert (up.usage, up.api_calls) == (Usage(), 0)
-        a = await up.sample("P", SamplingParams(n=2, max_tokens=3))
-        b = await up.sample_batch(PROMPTS, SamplingParams(n=2, max_tokens=3))
+        a = await up.sample_prompt("P", SamplingParams(n=2, max_tokens=3))
+        b = await up.sample_prompts(PROMPTS, SamplingParams(n=2, max_tokens=3))
         assert up.usage == a.usage + b.usage and up.api_calls == a.calls + b.calls == 2
         assert await up.probe() == Probe(True, "reachable")
     async with OpenAICompletionsUpstream(upstream_config(loopback, model="other-model")) as up:

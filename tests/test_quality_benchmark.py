@@ -27,6 +27,7 @@ from proxy.film_reviews.openings import TEST_OPENINGS  # noqa: E402
 from proxy.film_reviews.stats import estimate, mean, paired, standard_error  # noqa: E402
 from proxy.testing.toy_server import ToyCompletionsServer  # noqa: E402
 from proxy.search import search  # noqa: E402
+from proxy.types import Conversation  # noqa: E402
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream  # noqa: E402
 from scorers.registry import load_scorer  # noqa: E402
 
@@ -162,22 +163,21 @@ async def test_core_run_resumes_and_reports(tmp_path: Path, tiny_scorer_config: 
         cfg = upstream_config(server, prompt_template="{instruction}")
         async with OpenAICompletionsUpstream(cfg) as upstream:
             results = Results(tmp_path / "results.jsonl")
-            runner = Runner(results, settings, upstream, cfg, guides, openings, concurrency=8, log=lambda s: None)
+            runner = Runner(results, settings, upstream, guides, openings, concurrency=8, log=lambda s: None)
             await runner.run()
             lines = (tmp_path / "results.jsonl").read_text().splitlines()
             # per (opening, seed): samples, 2 guides' scores, 2 guides x 2 CBS shapes
             assert len(lines) == 3 * 2 * (1 + 2 + 4)
 
             # Resumable: a fresh runner over the same file has nothing left to do.
-            again = Runner(Results(tmp_path / "results.jsonl"), settings, upstream, cfg, guides, openings)
+            again = Runner(Results(tmp_path / "results.jsonl"), settings, upstream, guides, openings)
             assert all(not again.jobs(seed) for seed in range(settings.seeds))
 
             # Best-of-N read off the 16 samples is what a real best-of-N search returns.
             rec = results.samples[(1, 0)]
             for n in (1, 4):
-                r = await search(openings[1], upstream, scorer, SearchConfig(w=1, k=n, max_new_tokens=8, seed=0,
-                                                                              temperature=1.0),
-                                 scorer_prompt=openings[1])
+                r = await search(Conversation.instruction(openings[1]), upstream, scorer,
+                                 SearchConfig(w=1, k=n, max_new_tokens=8, seed=0, temperature=1.0))
                 scores = results.scores[("contrast", 1, 0)][:n]
                 best = max(range(n), key=lambda j: (scores[j], -j))
                 assert r.text == rec["samples"][best]["text"]

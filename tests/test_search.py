@@ -10,7 +10,7 @@ import pytest
 
 from proxy.config import ConfigError, SearchConfig
 from proxy.search import cut_at_stop, search
-from proxy.types import Continuation, SampleResult, SamplingParams
+from proxy.types import Continuation, Conversation, SampleResult, SamplingParams
 from tests.doubles import Call, FnScorer, ScriptedUpstream, word_responder
 
 
@@ -240,10 +240,10 @@ class BatchingUpstream(ScriptedUpstream):
         self.max_prompts_per_call = per_call
         self.batches: list[tuple[int, int, list[int | None]]] = []
 
-    async def sample_batch(self, prompts: Sequence[str], params: SamplingParams,
+    async def sample_batch(self, conversation: Conversation, partials: Sequence[str], params: SamplingParams,
                            seeds: Sequence[int | None] | None = None) -> SampleResult:
-        self.batches.append((len(prompts), params.max_tokens, list(seeds or [])))
-        return await super().sample_batch(prompts, params, seeds)
+        self.batches.append((len(partials), params.max_tokens, list(seeds or [])))
+        return await super().sample_batch(conversation, partials, params, seeds)
 
 
 @pytest.mark.parametrize("per_call", [1, 2, 16])

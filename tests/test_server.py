@@ -23,7 +23,7 @@ from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.presets import resolve_server
 from proxy.search import search
 from proxy.serving.app import GuidanceServer
-from proxy.types import SampleResult, SamplingParams, derive_seed
+from proxy.types import Conversation, SampleResult, SamplingParams, derive_seed
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from tests.conftest import upstream_config
@@ -227,11 +227,11 @@ class GatedUpstream(Upstream):
         self.gate = asyncio.Event()
         self.asked = 0
 
-    async def sample(self, prompt: str, params: SamplingParams) -> SampleResult:
+    async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
         self.asked += 1
         if self.asked > 1:
             await self.gate.wait()
-        return await self.inner.sample(prompt, params)
+        return await self.inner.sample(conversation, partial, params)
 
 
 async def test_settled_prefix_is_sent_while_the_search_runs(loopback: ToyCompletionsServer) -> None:

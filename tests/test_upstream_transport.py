@@ -57,7 +57,7 @@ async def test_a_gzip_body_is_decoded_once() -> None:
                             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
 
     async with raw_server(gzipped) as url, upstream_at(url) as up:
-        res = await up.sample("P", SamplingParams(n=1, max_tokens=5))
+        res = await up.sample_prompt("P", SamplingParams(n=1, max_tokens=5))
     assert "gzip" in seen[0]  # httpx2 says what it can decode; aiohttp adds nothing of its own
     assert [(c.text, c.num_tokens, c.finished) for c in res.continuations] == [(" naïve café 🙂", 5, True)]
 
@@ -72,7 +72,7 @@ async def test_a_malformed_completion_is_an_error_naming_it_and_a_502_at_the_ser
     async with raw_server(malformed) as url:
         async with upstream_at(url) as up:
             with pytest.raises(openai.APIResponseValidationError, match="malformed"):
-                await up.sample("P", SamplingParams(n=1, max_tokens=5))
+                await up.sample_prompt("P", SamplingParams(n=1, max_tokens=5))
         cfg = AppConfig(upstream=upstream_config(ToyCompletionsServer(), base_url=url, max_attempts=3),
                         search=SearchConfig())
         async with GuidanceServer(cfg, shutdown_timeout_s=0.5) as server:
@@ -141,7 +141,7 @@ async def test_http_proxy_from_the_environment_is_used(monkeypatch: pytest.Monke
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", proxy_url.removesuffix("/v1"))
         async with upstream_at("http://upstream.invalid/v1") as up:
-            res = await up.sample("P", SamplingParams(n=1, max_tokens=5))
+            res = await up.sample_prompt("P", SamplingParams(n=1, max_tokens=5))
     assert seen == ["http://upstream.invalid/v1/completions"]
     assert res.continuations[0].text == " naïve café 🙂"
 

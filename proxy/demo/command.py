@@ -28,6 +28,7 @@ from proxy.engine import Engine
 from proxy.film_reviews.openings import TEST_OPENINGS
 from proxy.film_reviews.stats import Estimate, estimate, paired
 from proxy.search import SearchResult
+from proxy.types import Conversation
 from proxy.demo.trace_html import TracedSearch, render_trace
 
 Judge = Callable[[str], float]
@@ -74,7 +75,7 @@ async def run_demo(settings: DemoSettings, engine: Engine, judges: Mapping[str, 
     The upstream continues the opening as raw text, and the guide reads the same opening."""
     async def one(i: int, opening: str, method: str, cfg: SearchConfig) -> DemoRow:
         seeded = cfg.model_copy(update={"seed": settings.seed * 1000 + i})
-        r = await engine.search(opening, seeded, scorer_prompt=opening)
+        r = await engine.search(Conversation.completion(opening), seeded)
         return DemoRow(i, opening, method, r, {name: judge(r.text) for name, judge in judges.items()})
 
     openings = TEST_OPENINGS[: settings.openings]

@@ -72,7 +72,7 @@ class GuidanceServer:
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.server.max_body_bytes, middlewares=[self._middleware])
-        endpoints: list[Endpoint[Any]] = [CompletionsEndpoint(), ChatEndpoint(self.config.upstream)]
+        endpoints: list[Endpoint[Any]] = [CompletionsEndpoint(), ChatEndpoint()]
         for endpoint in endpoints:
             app.router.add_post(endpoint.path, self._route(endpoint))
         app.router.add_get("/v1/models", self._models)

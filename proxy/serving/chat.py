@@ -1,15 +1,14 @@
-"""POST /v1/chat/completions over a completions upstream: the messages are rendered with the
-upstream's template (proxy.prompts.render_chat) while the scorer gets the messages themselves
-and renders them with its own models' templates. The answer drops the completion's leading
-whitespace (`Output: The...` gives "The..."), also while streaming."""
+"""POST /v1/chat/completions: the messages become the conversation the search answers; each
+upstream renders it its own way (a completions upstream through its template, a chat upstream
+as messages), and the scorer renders it with its own models' templates. The answer drops a
+completion's leading whitespace (`Output: The...` gives "The..."), also while streaming."""
 from __future__ import annotations
 
 from typing import ClassVar
 
 from pydantic import BaseModel
 
-from proxy.config import UpstreamConfig
-from proxy.prompts import PromptError, render_chat
+from proxy.prompts import PromptError, chat_conversation
 from proxy.serving.endpoint import Endpoint, FinishReason
 from proxy.serving.errors import ApiError
 from proxy.protocol.requests import ChatCompletionRequest
@@ -23,7 +22,7 @@ from proxy.protocol.responses import (
     SearchSummary,
     UsageInfo,
 )
-from scorers.base import ChatMessage, ScorerPrompt
+from proxy.types import ChatMessage, Conversation
 
 
 class ChatEndpoint(Endpoint[ChatCompletionRequest]):
@@ -31,16 +30,13 @@ class ChatEndpoint(Endpoint[ChatCompletionRequest]):
     request_type = ChatCompletionRequest
     id_prefix: ClassVar[str] = "chatcmpl"
 
-    def __init__(self, upstream: UpstreamConfig) -> None:
-        self.upstream = upstream
-
     def max_tokens(self, req: ChatCompletionRequest) -> int | None:
         return req.token_limit
 
-    def prompts(self, req: ChatCompletionRequest) -> tuple[str, ScorerPrompt]:
+    def conversation(self, req: ChatCompletionRequest) -> Conversation:
         messages: list[ChatMessage] = [m.as_message() for m in req.messages]  # type: ignore[misc]
         try:
-            return render_chat(messages, self.upstream), messages
+            return chat_conversation(messages)
         except PromptError as e:
             raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
 

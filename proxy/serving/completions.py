@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from proxy.serving.endpoint import Endpoint, FinishReason
 from proxy.protocol.requests import CompletionRequest
 from proxy.protocol.responses import CompletionChoice, CompletionResponse, SearchSummary, UsageInfo
-from scorers.base import ScorerPrompt
+from proxy.types import Conversation
 
 
 class CompletionsEndpoint(Endpoint[CompletionRequest]):
@@ -20,8 +20,8 @@ class CompletionsEndpoint(Endpoint[CompletionRequest]):
     def max_tokens(self, req: CompletionRequest) -> int | None:
         return req.max_tokens
 
-    def prompts(self, req: CompletionRequest) -> tuple[str, ScorerPrompt]:
-        return req.prompt_text, req.prompt_text
+    def conversation(self, req: CompletionRequest) -> Conversation:
+        return Conversation.completion(req.prompt_text)
 
     def answer(self, req: CompletionRequest, text: str, reason: FinishReason, usage: UsageInfo,
                summary: SearchSummary) -> BaseModel:

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from proxy.search import SearchResult
 from proxy.protocol.requests import SamplingRequest
 from proxy.protocol.responses import SearchSummary, UsageInfo
-from scorers.base import ScorerPrompt
+from proxy.types import Conversation
 
 Req = TypeVar("Req", bound=SamplingRequest)
 FinishReason = Literal["stop", "length"]
@@ -35,8 +35,8 @@ class Endpoint(ABC, Generic[Req]):
         """The client's token limit, under whichever field name this route uses."""
 
     @abstractmethod
-    def prompts(self, req: Req) -> tuple[str, ScorerPrompt]:
-        """The upstream's prompt and what the scorer conditions on; ApiError if it cannot be built."""
+    def conversation(self, req: Req) -> Conversation:
+        """What the answer responds to; ApiError if it cannot be built."""
 
     def display(self, text: str) -> str:
         """The answer so far as the client sees it; must keep prefixes as prefixes (streaming)."""

@@ -29,7 +29,7 @@ from proxy.protocol.requests import SamplingRequest
 from proxy.protocol.responses import SearchSummary
 from proxy.serving.streaming import StepHook, stream_search
 from proxy.upstreams.retry import retries_reported_to
-from scorers.base import ScorerPrompt
+from proxy.types import Conversation
 
 _Req = TypeVar("_Req", bound=BaseModel)
 
@@ -73,7 +73,7 @@ class Generation:
         limits = self.config.server
         req: SamplingRequest = await parse_body(request, endpoint.request_type, limits.max_body_bytes)
         plan = self._plan(req, endpoint.max_tokens(req))
-        prompt, scorer_prompt = endpoint.prompts(req)
+        conversation = endpoint.conversation(req)
         self._check_scorer(plan)
         if self.active >= limits.max_concurrent_requests:
             raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
@@ -81,7 +81,7 @@ class Generation:
         self.active += 1
         self.metrics.in_flight.inc()
         try:
-            run = partial(self._search, plan, prompt, scorer_prompt)
+            run = partial(self._search, plan, conversation)
 
             def summarize(result: SearchResult) -> SearchSummary:
                 return wire_summary(self.engine.summarize(result, plan.mode))
@@ -111,8 +111,7 @@ class Generation:
         except GuidanceError as e:
             raise ApiError(e.status, e.message, param=e.param, code=e.code) from None
 
-    async def _search(self, plan: Plan, prompt: str, scorer_prompt: ScorerPrompt,
-                      hook: StepHook | None) -> SearchResult:
+    async def _search(self, plan: Plan, conversation: Conversation, hook: StepHook | None) -> SearchResult:
         """The search, counted in the metrics step by step (so a cancelled or failed search counts
         what it spent), its retries too; upstream failures after retries raised as 502 / 504."""
         prices = self.config.upstream.prices
@@ -128,8 +127,7 @@ class Generation:
         outcome = "error"
         try:
             with retries_reported_to(self.metrics.upstream_retried):
-                result = await self.engine.search(prompt, plan.search, scorer_prompt=scorer_prompt, on_step=on_step,
-                                                  score_plain=False)
+                result = await self.engine.search(conversation, plan.search, on_step=on_step, score_plain=False)
             outcome = "finished" if result.finished else "length"
             return result
         except (asyncio.CancelledError, ConnectionResetError):  # the client went away

@@ -1,6 +1,11 @@
 """The contract between the search loop and a black-box model API.
 
-An upstream turns (prompt text, SamplingParams) into n continuations. The search needs to
+An upstream turns (conversation, partial answer, SamplingParams) into n continuations of the
+partial answer. Each API family renders the pair its own way: a completions API gets one
+prompt (the conversation through a template, then the partial answer), a chat API gets the
+messages with the partial answer as the final assistant turn to continue. The text of a
+continuation is exactly what extends the partial answer, so the search keeps beams as the
+concatenation of their chunks whatever the family. The search needs to
 know, per continuation, whether the model ended it (so the beam is finished) and how many
 tokens it spent (so the per-beam budget is honest), plus what the API billed. An upstream also
 keeps the running total of everything it was billed (`usage`, `api_calls`: failed searches'
@@ -13,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import replace
 
-from proxy.types import Probe, SampleResult, SamplingParams, Usage
+from proxy.types import Conversation, Probe, SampleResult, SamplingParams, Usage
 
 
 class Upstream(ABC):
@@ -32,21 +37,21 @@ class Upstream(ABC):
     """API calls that succeeded so far."""
 
     @abstractmethod
-    async def sample(self, prompt: str, params: SamplingParams) -> SampleResult:
-        """`params.n` continuations of `prompt`, each at most `params.max_tokens` tokens."""
+    async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
+        """`params.n` continuations of the answer `partial` to `conversation`, each at most
+        `params.max_tokens` tokens."""
 
-    async def sample_batch(self, prompts: Sequence[str], params: SamplingParams,
+    async def sample_batch(self, conversation: Conversation, partials: Sequence[str], params: SamplingParams,
                            seeds: Sequence[int | None] | None = None) -> SampleResult:
-        """`params.n` continuations of each prompt, prompt-major; prompt i is seeded with
-        `seeds[i]` (default: `params.seed` for every prompt). This default sends one `sample`
-        per prompt, all at once; an upstream whose API takes several prompts per request
+        """`params.n` continuations of each partial answer, partial-major; partial i is seeded
+        with `seeds[i]` (default: `params.seed` for every one). This default sends one `sample`
+        per partial, all at once; an upstream whose API takes several prompts per request
         overrides it (and `max_prompts_per_call`), since fewer requests cost less CPU and rate
         limit, and seeds such a request with `proxy.types.request_seed(seeds)`."""
-        per_prompt = list(seeds) if seeds is not None else [params.seed] * len(prompts)
-        results = await asyncio.gather(*(self.sample(p, replace(params, seed=s))
-                                         for p, s in zip(prompts, per_prompt, strict=True)))
-        return SampleResult([c for r in results for c in r.continuations],
-                            sum((r.usage for r in results), Usage()), sum(r.calls for r in results))
+        per_prompt = list(seeds) if seeds is not None else [params.seed] * len(partials)
+        results = await asyncio.gather(*(self.sample(conversation, p, replace(params, seed=s))
+                                         for p, s in zip(partials, per_prompt, strict=True)))
+        return SampleResult.joined(results)
 
     def record(self, usage: Usage, calls: int = 1) -> None:
         """Add what the API billed for `calls` calls to the running totals."""

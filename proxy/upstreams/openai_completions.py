@@ -17,9 +17,9 @@ the whole guidance server spends on a request, and a server under 64-way load fe
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import httpx2
 import openai
@@ -28,7 +28,8 @@ from pydantic import ValidationError
 from proxy.config import UpstreamConfig, upstream_api_key
 from proxy.cost import count_tokens
 from proxy.protocol.engine import EngineCompletion as Completion
-from proxy.types import Continuation, Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
+from proxy.prompts import render
+from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.retry import retrying
@@ -109,7 +110,11 @@ class OpenAICompletionsUpstream(Upstream):
             body["stop"] = list(params.stop)
         return body
 
-    async def sample(self, prompt: str, params: SamplingParams) -> SampleResult:
+    async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
+        return await self.sample_prompt(render(conversation, self.cfg) + partial, params)
+
+    async def sample_prompt(self, prompt: str, params: SamplingParams) -> SampleResult:
+        """`params.n` continuations of one completion prompt, as sent."""
         n = params.n
         max_tokens = self._prompt_budget(prompt, params.max_tokens)
         if max_tokens < 1:  # the context window is full: nothing more can be generated
@@ -133,12 +138,22 @@ class OpenAICompletionsUpstream(Upstream):
             responses.extend(singles)
         return self._collect(responses, n, max_tokens)
 
-    async def sample_batch(self, prompts: Sequence[str], params: SamplingParams,
+    async def sample_batch(self, conversation: Conversation, partials: Sequence[str], params: SamplingParams,
                            seeds: Sequence[int | None] | None = None) -> SampleResult:
+        head = render(conversation, self.cfg)
+        return await self.sample_prompts([head + p for p in partials], params, seeds)
+
+    async def sample_prompts(self, prompts: Sequence[str], params: SamplingParams,
+                             seeds: Sequence[int | None] | None = None) -> SampleResult:
         """All prompts in one request, seeded with `request_seed(seeds)` (the API takes one seed
         per request); one request per prompt, each with its own seed, where that cannot be."""
         seeds = list(seeds) if seeds is not None else [params.seed] * len(prompts)
-        one_by_one = functools.partial(super().sample_batch, prompts, params, seeds)
+
+        async def one_by_one() -> SampleResult:
+            results = await asyncio.gather(*(self.sample_prompt(p, replace(params, seed=s))
+                                             for p, s in zip(prompts, seeds, strict=True)))
+            return SampleResult.joined(results)
+
         budgets = {self._prompt_budget(p, params.max_tokens) for p in prompts}
         if len(prompts) == 1 or self.max_prompts_per_call == 1 or len(budgets) > 1 or min(budgets) < 1:
             return await one_by_one()
