@@ -70,19 +70,44 @@ class Prices(Strict):
     completion: float = Field(0.0, ge=0.0)
 
 
+UpstreamKind = Literal["openai-completions", "openai-chat", "anthropic"]
+ChatContinuation = Literal["continue_final_message", "prefix"]
+
+
 class UpstreamConfig(Strict):
-    kind: Literal["openai-completions"] = "openai-completions"
+    """One black-box API. `kind` picks the family (proxy/upstreams/): `openai-completions` (a raw
+    prompt: OpenAI-compatible hosts, vLLM, SGLang), `openai-chat` (messages with the partial
+    answer as the final assistant turn, in the dialect `continuation` names) or `anthropic`
+    (the Messages API through the `anthropic` SDK)."""
+
+    kind: UpstreamKind = "openai-completions"
     model: str
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     prompt_template: str = "Instruction: {instruction}\nOutput:"
+    """Completions only: how an instruction becomes the prompt (chat families send messages)."""
     chat: ChatRenderConfig = ChatRenderConfig()
+    continuation: ChatContinuation = "continue_final_message"
+    """openai-chat only: how the final assistant turn is marked to be continued.
+    `continue_final_message`: vLLM and SGLang (with `add_generation_prompt: false`);
+    `prefix`: `"prefix": true` on the last message (DeepSeek's beta base URL, Mistral)."""
+    seed_param: str | None = "seed"
+    """The request field that carries the seed (Mistral: `random_seed`); None: the API takes none."""
+    extra_body: dict[str, Any] = {}
+    """Fields merged into every request body, e.g. DeepSeek's `{"thinking": {"type": "disabled"}}`."""
+    hold_trailing_whitespace: bool = False
+    """Send the partial answer without its trailing whitespace (APIs that refuse or strip it in a
+    prefilled turn: Anthropic); see proxy.upstreams.seam."""
     encoding: str = "cl100k_base"
     """tiktoken encoding used to count tokens of stop-finished continuations when n>1."""
     context_window: int | None = Field(None, ge=1)
     max_concurrency: int = Field(16, ge=1)
     max_prompts_per_call: int = Field(16, ge=1)
     """Beams of a step sent as one request (`prompt` as a list); 1: one request per beam."""
+    supports_n: bool | None = None
+    """Does the API honour n > 1? None: learn it from the answers (proxy.upstreams.capability)."""
+    supports_prompt_lists: bool | None = None
+    """Does a completions API take a list of prompts? None: learn it from the answers."""
     timeout_s: float = Field(60.0, gt=0)
     max_attempts: int = Field(6, ge=1)
     backoff_initial_s: float = Field(0.5, ge=0)

@@ -136,12 +136,35 @@ async def test_a_list_answered_with_missing_choices_is_redone_one_by_one_and_bil
     async with FirstPromptOnly() as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
             res = await up.sample_prompts(PROMPTS, SamplingParams(n=3, max_tokens=6, stop=["."]), seeds=[7, 8, 9])
-            assert up.max_prompts_per_call == 1
-    assert len(server.requests) == 4 and res.calls == 4
+            assert up.max_prompts_per_call == 16  # one odd answer is not proof
+            assert res.usage == up.usage
+            await up.sample_prompts(PROMPTS, SamplingParams(n=3, max_tokens=6))
+            assert up.max_prompts_per_call == 1  # two in a row are
+    assert len(server.requests) == 8 and res.calls == 4
     assert triples(res) == [t for p, seed in zip(PROMPTS, [7, 8, 9]) for t in await alone(server, p, seed)]
     wasted = count_tokens(PROMPTS[0])  # the list request billed its first prompt and its choices
     assert res.usage.prompt_tokens == wasted + sum(count_tokens(p) for p in PROMPTS)
-    assert res.usage == up.usage
+
+
+async def test_a_server_ignoring_n_is_detected_after_two_short_answers_and_asked_again_later() -> None:
+    async with ToyCompletionsServer(ignore_n=True) as server:
+        cfg = upstream_config(server)
+        async with OpenAICompletionsUpstream(cfg) as up:
+            up.n_choices.recheck_after = 3
+            first = await up.sample_prompt("P", SamplingParams(n=4, max_tokens=5, seed=10))
+            assert [r["n"] for r in server.requests] == [4, 1, 1, 1]  # the 3 missing, in parallel
+            assert up.n_choices.on  # one short answer does not turn n off
+            await up.sample_prompt("P", SamplingParams(n=2, max_tokens=5))
+            assert not up.n_choices.on
+            for _ in range(3):  # off: n=1 requests only
+                await up.sample_prompt("P", SamplingParams(n=2, max_tokens=5))
+            assert [r["n"] for r in server.requests[6:]] == [1] * 6
+            await up.sample_prompt("P", SamplingParams(n=2, max_tokens=5))
+            assert server.requests[12]["n"] == 2  # asked again after recheck_after requests without it
+        async with OpenAICompletionsUpstream(cfg.model_copy(update={"supports_n": False})) as told:
+            await told.sample_prompt("P", SamplingParams(n=3, max_tokens=5))
+            assert [r["n"] for r in server.requests[-3:]] == [1, 1, 1]  # configured: never asked
+    assert len(first.continuations) == 4 and first.calls == 4 and len({c.text for c in first.continuations}) > 1
 
 
 async def test_server_refusing_n_gets_parallel_single_requests() -> None:

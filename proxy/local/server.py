@@ -86,10 +86,14 @@ class LocalCompletionsServer:
         """The answer to one POSTed body: 200, or an OpenAI-shaped 400 naming the bad field."""
         try:
             batch = self.parse(raw)
-            # The prompts of a list go to the backend together, so a batching backend decodes them at once.
-            return self.answer(batch, list(await asyncio.gather(*(self.backend.complete(p) for p in batch))))
+            return self.answer(batch, await self.run(batch))
         except ApiError as e:
             return e.response()
+
+    async def run(self, batch: list[CompletionParams]) -> list[tuple[list[Choice], int]]:
+        """Each prompt's choices and token count; ApiError (a 400) when the backend refuses one.
+        The prompts of a list go to the backend together, so a batching backend decodes them at once."""
+        return list(await asyncio.gather(*(self.backend.complete(p) for p in batch)))
 
     @staticmethod
     def parse(raw: bytes) -> list[CompletionParams]:

@@ -8,7 +8,8 @@ Knobs: `failures` (a queue of HTTP statuses to answer first, to test retries, wi
 when `retry_after_s` is set), `latency_s` (each answer leaves that long after its request
 arrived; to test timeouts and cancellation, see `in_flight`, and for benchmarks),
 `support_n=False` (a server that refuses n > 1, like some vLLM deployments and proxies),
-`support_prompt_lists=False` (one that refuses a list of several prompts).
+`support_prompt_lists=False` (one that refuses a list of several prompts), `ignore_n=True` (one
+that answers n > 1 with one choice and no error, as OpenRouter does).
 
 Run `python -m proxy.testing.toy_server --port 0` to serve one by hand.
 """
@@ -20,11 +21,14 @@ import json
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
+from proxy.local.backend import Choice
 from proxy.local.server import LocalCompletionsServer
+from proxy.protocol.engine import CompletionParams
 from proxy.serving.errors import ApiError
 from proxy.testing.toy_model import DEFAULT_VOCAB, ToyBackend
 
@@ -45,7 +49,8 @@ class ToyCompletionsServer(LocalCompletionsServer):
     """
 
     def __init__(self, *, model: str = "toy-instruct", eos_prob: float = 0.08, latency_s: float = 0.0,
-                 support_n: bool = True, support_prompt_lists: bool = True, failures: Sequence[int] = (),
+                 support_n: bool = True, support_prompt_lists: bool = True, ignore_n: bool = False,
+                 failures: Sequence[int] = (),
                  retry_after_s: float | None = None, encoding: str = "cl100k_base",
                  vocab: Sequence[str] | None = None) -> None:
         if latency_s < 0:
@@ -57,6 +62,7 @@ class ToyCompletionsServer(LocalCompletionsServer):
         self.latency_s = latency_s
         self.support_n = support_n
         self.support_prompt_lists = support_prompt_lists
+        self.ignore_n = ignore_n
         self.failures: deque[int] = deque(failures)
         self.retry_after_s = retry_after_s
         self.requests: list[dict[str, Any]] = []
@@ -102,16 +108,14 @@ class ToyCompletionsServer(LocalCompletionsServer):
         finally:
             self.in_flight -= 1
 
-    async def respond(self, raw: bytes) -> web.Response:
-        try:
-            batch = self.parse(raw)
-        except ApiError as e:
-            return e.response()
+    async def run(self, batch: list[CompletionParams]) -> list[tuple[list[Choice], int]]:
         if batch[0].n > 1 and not self.support_n:
-            return ApiError(400, "n > 1 is not supported by this server", param="n").response()
+            raise ApiError(400, "n > 1 is not supported by this server", param="n")
         if len(batch) > 1 and not self.support_prompt_lists:
-            return ApiError(400, "prompt must be a single string on this server", param="prompt").response()
-        return await super().respond(raw)
+            raise ApiError(400, "prompt must be a single string on this server", param="prompt")
+        if self.ignore_n:
+            batch = [replace(p, n=1) for p in batch]
+        return await super().run(batch)
 
 
 async def _serve(args: argparse.Namespace) -> None:

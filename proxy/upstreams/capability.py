@@ -11,9 +11,15 @@ A configured answer (`known`) is never second-guessed.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from proxy.types import sample_seed
 
 log = logging.getLogger("w2s.upstream")
+R = TypeVar("R")
 
 
 class Capability:
@@ -64,3 +70,27 @@ class Capability:
     def on(self) -> bool:
         """Without counting: is the feature on now?"""
         return self.known if self.known is not None else not self.off
+
+
+async def n_choices(n: int, seed: int | None, n_cap: Capability, ask: Callable[[int, int | None], Awaitable[R]],
+                    count: Callable[[R], int], refuses_n: Callable[[Exception], bool]) -> list[R]:
+    """Answers whose choices add up to `n`: one request for all n where the upstream honours n
+    (`ask(n, seed)`), the missing ones as parallel requests for one each, sample i seeded as
+    `proxy.types.sample_seed` says. Every answer is returned, so what each billed is counted."""
+    answers: list[R] = []
+    if n > 1 and n_cap.use():
+        try:
+            answers.append(await ask(n, seed))
+        except Exception as e:
+            if not refuses_n(e):
+                raise
+            n_cap.refused(f"refused n={n}")
+    answered = sum(count(a) for a in answers)
+    if answers:
+        if answered >= n:
+            n_cap.hit()
+        else:
+            n_cap.miss(f"answered n={n} with {answered} choices")
+    if answered < n:
+        answers.extend(await asyncio.gather(*(ask(1, sample_seed(seed, i)) for i in range(answered, n))))
+    return answers

@@ -1,13 +1,17 @@
 """OpenAI completions API (gpt-3.5-turbo-instruct, davinci-002, vLLM, any compatible server).
 
+The conversation is rendered through the upstream's template (proxy.prompts.render) and the
+partial answer appended: the prompt a completions model continues.
+
 One request with n=K per beam; servers that refuse n>1 (a 400 naming `n`) or silently
 return fewer choices get the missing samples as parallel n=1 requests (seeded per sample,
-`proxy.types.sample_seed`), and the upstream remembers not to ask for n>1 again. The beams of
-a search step go in one request too (`prompt` as a list, up to `max_prompts_per_call`; choices
-come back prompt-major by `index`; seeded from all the beams' seeds, `proxy.types.request_seed`):
-fewer requests against the API's rate limit and less CPU per beam. A server that refuses a
-list, or answers it with the wrong choices, is asked one prompt per request from then on; the
-requests it billed are still counted, in the result and in the running `usage`.
+`proxy.types.sample_seed`). The beams of a search step go in one request too (`prompt` as a
+list, up to `max_prompts_per_call`; choices come back prompt-major by `index`; seeded from all
+the beams' seeds, `proxy.types.request_seed`): fewer requests against the API's rate limit and
+less CPU per beam. A server that refuses a list, or answers it with the wrong choices, is asked
+one prompt per request. What the upstream honours is learned per upstream and never switched
+off for good by one odd answer (proxy.upstreams.capability); the requests it billed are still
+counted, in the result and in the running `usage`.
 
 The request goes through `AsyncOpenAI.post` (auth, headers, status errors and timeouts are
 the SDK's) over our aiohttp transport, and the body is read by our own pydantic model: the
@@ -29,9 +33,10 @@ from proxy.config import UpstreamConfig, upstream_api_key
 from proxy.cost import count_tokens
 from proxy.protocol.engine import EngineCompletion as Completion
 from proxy.prompts import render
-from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
+from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage, request_seed
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
 from proxy.upstreams.base import Upstream
+from proxy.upstreams.capability import Capability, n_choices
 from proxy.upstreams.retry import retrying
 
 log = logging.getLogger("w2s.upstream")
@@ -71,12 +76,12 @@ class OpenAICompletionsUpstream(Upstream):
         self.name = cfg.model
         self.client = client or new_client(cfg)
         self._limit = asyncio.Semaphore(cfg.max_concurrency)
-        self.supports_n = True
-        self.supports_prompt_lists = True
+        self.n_choices = Capability("n>1", self.name, known=cfg.supports_n)
+        self.prompt_lists = Capability("lists of prompts", self.name, known=cfg.supports_prompt_lists)
 
     @property  # type: ignore[override]
     def max_prompts_per_call(self) -> int:
-        return self.cfg.max_prompts_per_call if self.supports_prompt_lists and self.supports_n else 1
+        return self.cfg.max_prompts_per_call if self.prompt_lists.on and self.n_choices.on else 1
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -120,22 +125,9 @@ class OpenAICompletionsUpstream(Upstream):
         if max_tokens < 1:  # the context window is full: nothing more can be generated
             return SampleResult([Continuation("", False, 0, "length")] * n, Usage(), 0)
         body = self._body(prompt, params, max_tokens)
-        responses: list[Completion] = []
-        if n > 1 and self.supports_n:
-            try:
-                responses.append(await self._create({**body, "n": n}, params.seed))
-            except openai.BadRequestError as e:
-                if not _refuses_n(e):
-                    raise
-                log.info("upstream %s refused n=%d; falling back to parallel n=1 requests", self.name, n)
-                self.supports_n = False
-        answered = sum(len(r.choices) for r in responses)
-        if answered < n and responses:
-            self.supports_n = False  # it answered with fewer choices than asked
-        if answered < n:  # sample i of the n, seeded as proxy.types.sample_seed says
-            singles = await asyncio.gather(*(
-                self._create({**body, "n": 1}, sample_seed(params.seed, i)) for i in range(answered, n)))
-            responses.extend(singles)
+        responses = await n_choices(n, params.seed, self.n_choices,
+                                    lambda k, seed: self._create({**body, "n": k}, seed),
+                                    lambda r: len(r.choices), _refuses_n)
         return self._collect(responses, n, max_tokens)
 
     async def sample_batch(self, conversation: Conversation, partials: Sequence[str], params: SamplingParams,
@@ -155,7 +147,8 @@ class OpenAICompletionsUpstream(Upstream):
             return SampleResult.joined(results)
 
         budgets = {self._prompt_budget(p, params.max_tokens) for p in prompts}
-        if len(prompts) == 1 or self.max_prompts_per_call == 1 or len(budgets) > 1 or min(budgets) < 1:
+        if (len(prompts) == 1 or self.max_prompts_per_call == 1 or len(budgets) > 1 or min(budgets) < 1
+                or not self.prompt_lists.use()):
             return await one_by_one()
         [max_tokens] = budgets
         body = {**self._body(list(prompts), params, max_tokens), "n": params.n}
@@ -163,22 +156,19 @@ class OpenAICompletionsUpstream(Upstream):
             resp = await self._create(body, request_seed(seeds))
         except openai.BadRequestError as e:
             if _refuses_n(e):
-                log.info("upstream %s refused n=%d; falling back to parallel n=1 requests", self.name, params.n)
-                self.supports_n = False
+                self.n_choices.refused(f"refused n={params.n}")
             elif not _about_prompt(e):
                 raise
             alone = await one_by_one()
-            if self.supports_n and self.supports_prompt_lists:  # each prompt alone was fine: the list was not
-                log.info("upstream %s refused a list of prompts; sending one prompt per request", self.name)
-                self.supports_prompt_lists = False
+            if self.n_choices.on:  # each prompt alone was fine: the list was not
+                self.prompt_lists.refused("refused a list of prompts")
             return alone
         expected = params.n * len(prompts)
         answered = self._collect([resp], expected, max_tokens)
         if _all_choices(resp, expected):
+            self.prompt_lists.hit()
             return answered
-        log.info("upstream %s answered %d prompts with %d choices (expected %d); sending one prompt per request",
-                 self.name, len(prompts), len(resp.choices), expected)
-        self.supports_prompt_lists = False
+        self.prompt_lists.miss(f"answered {len(prompts)} prompts with {len(resp.choices)} choices (expected {expected})")
         rest = await one_by_one()
         return SampleResult(rest.continuations, rest.usage + answered.usage, rest.calls + answered.calls)
 

@@ -1,4 +1,4 @@
-"""Builds the upstream a config names."""
+"""Builds the upstream a config names: one module per API family, imported only when used."""
 from __future__ import annotations
 
 from proxy.config import UpstreamConfig
@@ -10,4 +10,12 @@ def make_upstream(cfg: UpstreamConfig) -> Upstream:
         from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 
         return OpenAICompletionsUpstream(cfg)
+    if cfg.kind == "openai-chat":
+        from proxy.upstreams.openai_chat import OpenAIChatUpstream
+
+        return OpenAIChatUpstream(cfg)
+    if cfg.kind == "anthropic":
+        from proxy.upstreams.anthropic_messages import AnthropicMessagesUpstream
+
+        return AnthropicMessagesUpstream(cfg)
     raise ValueError(f"upstream.kind: unknown kind {cfg.kind!r}")
