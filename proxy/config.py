@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -248,12 +249,19 @@ def search_with(base: SearchConfig, **overrides: Any) -> SearchConfig:
         raise ConfigError(format_validation_error(e, "search")) from None
 
 
+def _on_this_machine(base_url: str | None) -> bool:
+    host = urlsplit(base_url).hostname if base_url else None
+    return host in ("localhost", "::1") or (host is not None and host.startswith("127."))
+
+
 def upstream_api_key(cfg: UpstreamConfig) -> SecretStr:
-    """The upstream key from the environment; a local server without auth accepts any value."""
+    """The upstream key from the environment. A server on this machine (vLLM without --api-key)
+    accepts any value; a hosted API without its key is refused here, before any request."""
     value = os.environ.get(cfg.api_key_env)
     if not value:
-        if cfg.base_url is None:
-            raise ConfigError(f"upstream: set {cfg.api_key_env} (or upstream.base_url for a keyless local server)")
+        if not _on_this_machine(cfg.base_url):
+            raise ConfigError(f"upstream: set {cfg.api_key_env} (the key of {cfg.base_url or 'the API'}; "
+                              "only a server on this machine needs none)")
         value = "no-key"
     return SecretStr(value)
 

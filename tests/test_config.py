@@ -7,7 +7,16 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.cli import main
-from proxy.config import AppConfig, ConfigError, ScorerConfig, SearchConfig, ServerConfig, search_with
+from proxy.config import (
+    AppConfig,
+    ConfigError,
+    ScorerConfig,
+    SearchConfig,
+    ServerConfig,
+    UpstreamConfig,
+    search_with,
+    upstream_api_key,
+)
 from proxy.presets import build_config, load_config, preset_names, presets_dir
 
 PAPER = ["base", "bon4", "bon8", "bon16", "cbs-w2k2l30", "cbs-w4k4l30"]
@@ -144,3 +153,19 @@ def test_presets_are_package_data_and_the_models_read_no_file(tmp_path: Path,
     (tmp_path / "mine.yaml").write_text("upstream: {model: m}\nsearch: mine\n")
     assert preset_names("search") == ["mine"] and preset_names() == ["mine"]
     assert load_config("mine").search.mode == "cbs-w2k3l9"
+
+
+@pytest.mark.parametrize("base_url, needs_key", [
+    (None, True), ("https://api.together.xyz/v1", True), ("http://10.0.0.5:8000/v1", True),
+    ("http://127.0.0.1:8000/v1", False), ("http://localhost:8000/v1", False), ("http://[::1]:8000/v1", False)])
+def test_a_hosted_api_without_its_key_is_refused_before_any_request(
+        base_url: str | None, needs_key: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("W2S_TEST_KEY", raising=False)
+    cfg = UpstreamConfig(model="m", base_url=base_url, api_key_env="W2S_TEST_KEY")
+    if needs_key:
+        with pytest.raises(ConfigError, match="W2S_TEST_KEY"):
+            upstream_api_key(cfg)
+    else:
+        assert upstream_api_key(cfg).get_secret_value() == "no-key"
+    monkeypatch.setenv("W2S_TEST_KEY", "sk-test")
+    assert upstream_api_key(cfg).get_secret_value() == "sk-test"
