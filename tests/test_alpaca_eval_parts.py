@@ -25,8 +25,8 @@ from proxy.alpaca_eval.dataset import (
 )
 from proxy.alpaca_eval.identity import config_fingerprint, generator_name
 from proxy.alpaca_eval.progress import ProgressBar, format_duration
-from proxy.config import ConfigError
-from proxy.presets import load_config
+from proxy.config import ConfigError, UpstreamConfig
+from proxy.presets import load_config, load_preset
 
 # Strings alpaca_eval must get back unchanged: whitespace at both ends, CRLF, tabs, non-ASCII.
 ODD = ["  leading and trailing spaces  ", "line one\r\nline two\n", "tab\there", "naïve café — 東京 🙂",
@@ -142,6 +142,9 @@ def test_fingerprint_follows_what_shapes_answers_only() -> None:
     assert config_fingerprint(moved) == config_fingerprint(base)
     assert config_fingerprint(load_config("paper-cbs-w2k2l30", seed=1)) != config_fingerprint(base)
     assert config_fingerprint(load_config("paper-cbs-w2k2l30", l=20)) != config_fingerprint(base)
+    chat = base.model_copy(update={"upstream": UpstreamConfig.model_validate(load_preset("upstream", "vllm-chat"))})
+    prefix = chat.model_copy(update={"upstream": chat.upstream.model_copy(update={"continuation": "prefix"})})
+    assert len({config_fingerprint(c) for c in (base, chat, prefix)}) == 3
 
 
 # ---------------------------------------------------------------- checkpoint

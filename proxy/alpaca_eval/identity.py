@@ -65,4 +65,11 @@ def config_fingerprint(cfg: AppConfig) -> str:
             "expo_alpha": cfg.scorer.expo_alpha},
         "search": cfg.search.model_dump(),
     }
+    # How a chat family continues an answer shapes it too; added only where it applies, so the
+    # fingerprints of completions runs (and their checkpoints) stay what they were.
+    if up.kind != "openai-completions":
+        shaping["upstream"].update(continuation=up.continuation, seed_param=up.seed_param,
+                                   hold_trailing_whitespace=up.hold_trailing_whitespace)
+    if up.extra_body:
+        shaping["upstream"]["extra_body"] = up.extra_body
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
