@@ -181,6 +181,20 @@ async def test_server_refusing_n_gets_parallel_single_requests() -> None:
     assert len(second.continuations) == 3
 
 
+@pytest.mark.parametrize("n", [1, 3])
+async def test_a_200_that_is_not_an_answer_is_retried_and_only_answers_are_billed(n: int) -> None:
+    faults = ["truncated", "no-choices", "empty-length"]
+    async with ToyCompletionsServer(failures=faults) as server:
+        async with OpenAICompletionsUpstream(upstream_config(server)) as up:
+            res = await up.sample_prompt("P", SamplingParams(n=n, max_tokens=4, seed=5))
+            with pytest.raises(openai.APIResponseValidationError, match="no choices"):
+                server.failures.extend(["no-choices"] * 6)  # every attempt: it gives up with why
+                await up.sample_prompt("P", SamplingParams(n=1, max_tokens=4))
+    assert len(server.requests) == 4 + 6 and res.calls == 1 and len(res.continuations) == n
+    assert all(c.text and c.num_tokens == 4 for c in res.continuations if not c.finished)
+    assert res.usage == up.usage and res.usage.prompt_tokens == count_tokens("P")  # the bad 200s billed nothing
+
+
 async def test_transient_failures_are_retried_honouring_retry_after() -> None:
     async with ToyCompletionsServer(failures=[429, 500, 503, 408], retry_after_s=0.05) as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:

@@ -4,8 +4,10 @@ Why it exists: the suite needs an upstream that speaks the real OpenAI wire form
 `openai.AsyncOpenAI` client, its error classes and its retry headers are exercised) but needs no
 network, no API key and no model weights, and whose outputs are reproducible.
 
-Knobs: `failures` (a queue of HTTP statuses to answer first, to test retries, with `Retry-After`
-when `retry_after_s` is set), `latency_s` (each answer leaves that long after its request
+Knobs: `failures` (a queue of faults to answer first, to test retries: an HTTP status, with
+`Retry-After` when `retry_after_s` is set, or one of the 200s that are not answers:
+"truncated" (a body cut short), "no-choices", "empty-length" (a choice with no text finished by
+the length limit)), `latency_s` (each answer leaves that long after its request
 arrived; to test timeouts and cancellation, see `in_flight`, and for benchmarks),
 `support_n=False` (a server that refuses n > 1, like some vLLM deployments and proxies),
 `support_prompt_lists=False` (one that refuses a list of several prompts), `ignore_n=True` (one
@@ -50,7 +52,7 @@ class ToyCompletionsServer(LocalCompletionsServer):
 
     def __init__(self, *, model: str = "toy-instruct", eos_prob: float = 0.08, latency_s: float = 0.0,
                  support_n: bool = True, support_prompt_lists: bool = True, ignore_n: bool = False,
-                 failures: Sequence[int] = (),
+                 failures: Sequence[int | str] = (),
                  retry_after_s: float | None = None, encoding: str = "cl100k_base",
                  vocab: Sequence[str] | None = None) -> None:
         if latency_s < 0:
@@ -63,7 +65,7 @@ class ToyCompletionsServer(LocalCompletionsServer):
         self.support_n = support_n
         self.support_prompt_lists = support_prompt_lists
         self.ignore_n = ignore_n
-        self.failures: deque[int] = deque(failures)
+        self.failures: deque[int | str] = deque(failures)
         self.retry_after_s = retry_after_s
         self.requests: list[dict[str, Any]] = []
         self.completed = 0
@@ -73,7 +75,10 @@ class ToyCompletionsServer(LocalCompletionsServer):
         await self.start()
         return self
 
-    def _failure(self, status: int) -> web.Response:
+    def _failure(self, fault: int | str) -> web.Response:
+        if isinstance(fault, str):
+            return self._bad_answer(fault)
+        status = fault
         type_ = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
         headers = None
         if self.retry_after_s is not None:
@@ -83,6 +88,18 @@ class ToyCompletionsServer(LocalCompletionsServer):
             headers = {"Retry-After": str(int(seconds)) if seconds.is_integer() else repr(seconds),
                        "retry-after-ms": str(round(seconds * 1000))}
         return ApiError(status, f"injected failure: HTTP {status}", type_=type_, headers=headers).response()
+
+    def _bad_answer(self, fault: str) -> web.Response:
+        usage = {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+        if fault == "truncated":
+            return web.Response(text='{"id": "cmpl-1", "object": "text_completion", "choices": [{"te',
+                                 content_type="application/json")
+        if fault == "no-choices":
+            return web.json_response({"object": "text_completion", "model": self.model, "choices": [], "usage": usage})
+        if fault == "empty-length":
+            return web.json_response({"object": "text_completion", "model": self.model, "usage": usage, "choices": [
+                {"index": 0, "text": "", "finish_reason": "length", "logprobs": None}]})
+        raise ValueError(f"unknown fault {fault!r}")
 
     async def _completions(self, request: web.Request) -> web.Response:
         self.in_flight += 1

@@ -62,6 +62,25 @@ def _about_prompt(exc: openai.BadRequestError) -> bool:
     return body.get("param") == "prompt" or "prompt" in str(body.get("message") or exc.message).lower()
 
 
+def _read(raw: httpx2.Response) -> Completion:
+    """The body of a 200, or APIResponseValidationError (retried, like a 5xx) when it is not a
+    usable answer: not JSON or cut short, no choices at all, or a choice cut at the length
+    limit with no text (a length finish spends max_tokens; an empty one would count as a chunk)."""
+    try:
+        resp = Completion.model_validate_json(raw.content)
+    except ValidationError as e:
+        problem = e.errors()[0]["msg"]
+    else:
+        if not resp.choices:
+            problem = "no choices"
+        elif any(c.finish_reason == "length" and not c.text for c in resp.choices):
+            problem = "an empty choice cut at the length limit"
+        else:
+            return resp
+    raise openai.APIResponseValidationError(response=raw, body=None,
+                                            message=f"the upstream's completion is malformed: {problem}")
+
+
 def _all_choices(resp: Completion, expected: int) -> bool:
     return sorted(c.index for c in resp.choices) == list(range(expected))
 
@@ -94,12 +113,7 @@ class OpenAICompletionsUpstream(Upstream):
             with attempt:
                 async with self._limit:
                     raw = await self.client.post("/completions", body=body, cast_to=httpx2.Response)
-        try:
-            resp = Completion.model_validate_json(raw.content)
-        except ValidationError as e:
-            raise openai.APIResponseValidationError(
-                response=raw, body=None, message=f"the upstream's completion is malformed: {e.errors()[0]['msg']}"
-            ) from None
+                resp = _read(raw)  # inside the retry: a malformed or truncated 200 is asked again
         self.record(_usage_of(resp))
         return resp
 

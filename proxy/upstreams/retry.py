@@ -1,7 +1,7 @@
 """The one retry policy every upstream call goes through.
 
 Transient failures (rate limits, timeouts, lock conflicts, server errors, dropped
-connections) are retried with exponential backoff and full jitter; a server that says how
+connections, a 200 whose body is malformed or cut short) are retried with exponential backoff and full jitter; a server that says how
 long to wait (Retry-After / retry-after-ms) is believed, up to the backoff ceiling times two.
 Everything else (bad request, auth, not found) fails at once: retrying cannot fix it.
 
@@ -58,7 +58,7 @@ def failure_kind(exc: BaseException) -> str:
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError)):
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in RETRY_STATUSES or exc.status_code >= 500
