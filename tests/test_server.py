@@ -357,7 +357,7 @@ async def test_proxy_keys_are_required_when_configured(loopback: ToyCompletionsS
         for wrong in ("key-three", "key-one,key-two", "key-"):
             with pytest.raises(openai.AuthenticationError) as e:
                 await client.with_options(api_key=wrong).completions.create(model=MODEL, prompt="x")
-            assert e.value.body["code"] == "invalid_api_key"
+            assert e.value.body["code"] == "invalid_api_key" and e.value.body["type"] == "authentication_error"
         async with aiohttp.ClientSession() as s:
             async with s.get(srv.base_url + "/models") as no_key:
                 assert no_key.status == 401
@@ -369,6 +369,22 @@ async def test_proxy_keys_are_required_when_configured(loopback: ToyCompletionsS
     monkeypatch.delenv("W2S_TEST_PROXY_KEYS")
     with pytest.raises(ConfigError, match="server.api_keys_env: set W2S_TEST_PROXY_KEYS"):
         GuidanceServer(cfg)
+
+
+async def test_models_retrieve_and_a_body_that_does_not_decode(loopback: ToyCompletionsServer) -> None:
+    async with served(app_config(loopback)) as (srv, client):
+        card = await client.models.retrieve(MODEL)
+        listed = [m.id for m in (await client.models.list()).data]
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.models.retrieve("no-such-model")
+        async with aiohttp.ClientSession() as s:
+            async with s.post(srv.base_url + "/completions", data=b"\x1f\x8b not gzip at all",
+                              headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}) as r:
+                bad_gzip = (r.status, await r.json())
+    assert card.id == MODEL and MODEL in listed
+    assert missing.value.body["code"] == "model_not_found"
+    assert bad_gzip[0] == 400 and bad_gzip[1]["error"]["code"] == "invalid_encoding"
+    assert loopback.requests == []
 
 
 async def test_concurrency_limit_is_429() -> None:

@@ -76,6 +76,7 @@ class GuidanceServer:
         for endpoint in endpoints:
             app.router.add_post(endpoint.path, self._route(endpoint))
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model:.+}", self._model)
         app.router.add_get("/health", self._health)
         app.router.add_get("/health/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)
@@ -177,6 +178,13 @@ class GuidanceServer:
 
     async def _models(self, request: web.Request) -> web.Response:
         return json_response(ModelList(data=[ModelCard(id=m) for m in self.modes.model_ids()]))
+
+    async def _model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: the openai SDK's `models.retrieve` (ids may contain slashes)."""
+        wanted = request.match_info["model"]
+        if wanted not in self.modes.model_ids():
+            raise ApiError(404, f"The model `{wanted}` does not exist.", param="model", code="model_not_found")
+        return json_response(ModelCard(id=wanted))
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.render(request.headers.get("Accept"))

@@ -19,7 +19,10 @@ from proxy.protocol.responses import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("w2s.server")
 
-_ERROR_TYPES = {429: "rate_limit_error", 502: "upstream_error", 504: "upstream_error"}
+# OpenAI's types, which clients map to exception classes (a 401 typed otherwise becomes LiteLLM's
+# BadRequestError instead of AuthenticationError).
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
+                502: "upstream_error", 504: "upstream_error"}
 # Pydantic names the member of a union that failed (`prompt.str`); the client only knows fields.
 _UNION_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")
 

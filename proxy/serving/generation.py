@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import openai
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from proxy.config import AppConfig
@@ -46,7 +48,11 @@ async def parse_body(request: web.Request, model: type[_Req], max_bytes: int) ->
     """The body as `model`, or a 400 naming the bad field (413 past `max_bytes`)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large(max_bytes)
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    except (ContentEncodingError, RequestPayloadError):
+        raise ApiError(400, "The request body could not be decoded as its Content-Encoding says.",
+                       code="invalid_encoding") from None
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
