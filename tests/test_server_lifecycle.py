@@ -3,6 +3,7 @@ startup off the event loop, /metrics against the traffic that produced it, and `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
@@ -23,7 +24,7 @@ from proxy.config import AppConfig, ScorerConfig, SearchConfig, UpstreamConfig
 from proxy.testing.toy_server import ToyCompletionsServer
 from tests.conftest import upstream_config
 from tests.doubles import FnScorer
-from tests.test_server import MODEL, distinct_words, metric, root, served
+from tests.test_server import MODEL, distinct_words, metric, root, served, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -221,3 +222,28 @@ async def test_w2s_serve_command(loopback: ToyCompletionsServer, tmp_path: Path)
             proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 120)  # generous for a loaded box
     assert proc.returncode == 130 and b"Traceback" not in err
+
+
+async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
+    """A request in flight when SIGTERM arrives still gets its answer; then the process exits 0."""
+    async with ToyCompletionsServer(latency_s=1.0) as slow:
+        cfg = tmp_path / "serve.yaml"
+        cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": slow.base_url}}))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", "0", cwd=REPO,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            base_url = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().split()[2]
+            async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
+                pending = asyncio.create_task(client.completions.create(model=MODEL, prompt="hi", max_tokens=3))
+                await wait_for(lambda: slow.in_flight == 1, "the request to reach the upstream")
+                proc.send_signal(signal.SIGTERM)
+                answer = await asyncio.wait_for(pending, 60)
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert answer.choices and answer.choices[0].text
+    assert proc.returncode == 0 and b"draining" in out and b"Traceback" not in err

@@ -1,4 +1,9 @@
-"""`w2s serve`: the guidance server as a process, until interrupted.
+"""`w2s serve`: the guidance server as a process, until interrupted or terminated.
+
+SIGTERM (what Docker, Kubernetes and systemd send, and the only stop a shell's background job
+gets, since such a job ignores SIGINT) drains like Ctrl-C: the server stops taking requests,
+lets those in flight finish within its shutdown timeout, ends open streams with an error event
+and `[DONE]`, and the process exits 0.
 
     w2s serve --config configs/paper-cbs-w4k4l30.yaml
 
@@ -12,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import signal
 from typing import Any
 
 from proxy.presets import load_config
@@ -55,7 +61,11 @@ async def serve(args: argparse.Namespace) -> int:
                 freeze_heap()
 
             loaded = asyncio.create_task(freeze_when_loaded())
-        await asyncio.Event().wait()
+        terminated = asyncio.Event()
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' loop
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminated.set)
+        await terminated.wait()
+        print("w2s: SIGTERM: draining in-flight requests", flush=True)
     finally:
         if loaded is not None:
             loaded.cancel()
