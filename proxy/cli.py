@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import sys
@@ -17,6 +18,7 @@ from proxy.local import command as serve_local_command
 from proxy.presets import load_config
 from proxy.search_flags import add_search_flags, search_overrides
 from proxy.serving import command as serve_command
+from proxy.serving.errors import upstream_error
 from scorers.tuning import cli as tune_command
 
 
@@ -81,6 +83,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - what a user can act on, not a traceback
+        known = upstream_error(e)
+        if known is not None:  # the upstream's own message is not repeated: it may echo the key
+            print(f"w2s: error: {known.body.error.message} Check upstream.base_url, upstream.model and "
+                  "the key in the variable upstream.api_key_env names.", file=sys.stderr)
+            return 1
+        if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+            print(f"w2s: error: cannot listen: {e.strerror} (is another server on that port? try --port)",
+                  file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

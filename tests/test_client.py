@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,24 @@ async def test_cli_generate_prints_answer_score_steps_and_tokens(
     rc = await asyncio.to_thread(main, ["generate", "--config", str(cfg), "Tell me a story."])
     out = capsys.readouterr().out
     assert rc == 0 and "mode base" in out and "steps 1" in out and "upstream tokens" in out
+
+
+def test_cli_names_an_unreachable_upstream_and_a_busy_port_without_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"upstream: {{model: m, base_url: 'http://127.0.0.1:{port}/v1', max_attempts: 1}}\n")
+        assert main(["serve", "--config", str(cfg), "--port", str(port)]) == 1
+        assert "cannot listen" in capsys.readouterr().err
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    cfg.write_text(f"upstream: {{model: m, base_url: 'http://127.0.0.1:{dead}/v1', max_attempts: 1}}\n")
+    assert main(["generate", "--config", str(cfg), "hello"]) == 1
+    err = capsys.readouterr().err
+    assert "could not be reached" in err and "Traceback" not in err
