@@ -202,6 +202,11 @@ class ServerConfig(Strict):
     max_concurrent_requests: int = Field(64, ge=1)
     """Generation requests served at once; more are refused with 429 rather than queued."""
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    idle_timeout_s: float = Field(15.0, gt=0)
+    """A connection that has not sent a whole request head for this long is closed (idle
+    keep-alive connections, and clients that trickle their headers)."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body not received in full within this long is answered 408."""
 
     @model_validator(mode="after")
     def _modes_fit_caps(self) -> "ServerConfig":

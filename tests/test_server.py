@@ -471,3 +471,44 @@ async def test_client_disconnect_cancels_the_search_and_its_upstream_calls(strea
             assert len(slow.requests) == 1 and slow.completed == 0
             assert srv.metrics.total("w2s_generations_in_flight") == 0 and scorer.open_sessions == 0
             assert scorer.calls == []
+
+
+async def test_slow_clients_are_timed_out(loopback: ToyCompletionsServer) -> None:
+    """Clients that trickle their request head are closed after idle_timeout_s; one that trickles
+    its body gets a 408 after body_timeout_s. Bounded: 20 sockets, a few seconds."""
+    cfg = app_config(loopback, server={"idle_timeout_s": 1.0, "body_timeout_s": 1.0})
+    async with served(cfg) as (srv, _):
+        host, port = "127.0.0.1", int(srv.base_url.split(":")[2].split("/")[0])
+
+        async def trickle_head() -> float:
+            reader, writer = await asyncio.open_connection(host, port)
+            t0 = asyncio.get_running_loop().time()
+            try:
+                for byte in b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n":
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    if await _closed_within(reader, 0.3):
+                        return asyncio.get_running_loop().time() - t0
+                return -1.0  # still open after the whole head: never timed out
+            finally:
+                writer.close()
+
+        lifetimes = await asyncio.wait_for(asyncio.gather(*(trickle_head() for _ in range(20))), 20)
+
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\": ")
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+    assert all(0 < t < 5 for t in lifetimes), lifetimes
+    assert status_line.startswith(b"HTTP/1.1 408")
+    assert loopback.requests == []
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True when the server closed the connection (EOF) within `seconds`."""
+    try:
+        return await asyncio.wait_for(reader.read(1), seconds) == b""
+    except TimeoutError:
+        return False

@@ -95,7 +95,10 @@ class GuidanceServer:
         host = host or self.config.server.host
         port = self.config.server.port if port is None else port
         self.engine.open()
+        # keepalive_timeout also closes a connection still sending its request head at that
+        # age (aiohttp counts it idle), which is what bounds slow clients before a handler runs.
         runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout_s,
+                               keepalive_timeout=self.config.server.idle_timeout_s,
                                **({} if self._access_log else {"access_log": None}))
         await runner.setup()
         try:

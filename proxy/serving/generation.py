@@ -44,12 +44,17 @@ def too_large(max_bytes: int) -> ApiError:
     return ApiError(413, f"The request body exceeds {max_bytes} bytes.", code="request_too_large")
 
 
-async def parse_body(request: web.Request, model: type[_Req], max_bytes: int) -> _Req:
-    """The body as `model`, or a 400 naming the bad field (413 past `max_bytes`)."""
+async def parse_body(request: web.Request, model: type[_Req], max_bytes: int, timeout_s: float) -> _Req:
+    """The body as `model`, or a 400 naming the bad field (413 past `max_bytes`, 408 when it has
+    not all arrived within `timeout_s`)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large(max_bytes)
     try:
-        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s.",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     except (ContentEncodingError, RequestPayloadError):
         raise ApiError(400, "The request body could not be decoded as its Content-Encoding says.",
                        code="invalid_encoding") from None
@@ -77,7 +82,8 @@ class Generation:
 
     async def handle(self, request: web.Request, endpoint: Endpoint[Any]) -> web.StreamResponse:
         limits = self.config.server
-        req: SamplingRequest = await parse_body(request, endpoint.request_type, limits.max_body_bytes)
+        req: SamplingRequest = await parse_body(request, endpoint.request_type, limits.max_body_bytes,
+                                                limits.body_timeout_s)
         plan = self._plan(req, endpoint.max_tokens(req))
         conversation = endpoint.conversation(req)
         self._check_scorer(plan)
