@@ -5,4 +5,6 @@
     engine     a plain completions engine's side: the requests our local model server accepts
                (OpenAI's rules, fields that do not change the output ignored) and the lenient
                reading of an upstream's completions (extra fields ignored)
+    chat_reading  the lenient reading of an upstream's chat completions: the answer text only,
+               never a reasoning part
 """

@@ -27,66 +27,40 @@ from dataclasses import replace
 
 import httpx2
 import openai
-from pydantic import ValidationError
 
-from proxy.config import UpstreamConfig, upstream_api_key
+from proxy.config import UpstreamConfig
 from proxy.cost import count_tokens
 from proxy.protocol.engine import EngineCompletion as Completion
 from proxy.prompts import render
 from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage, request_seed
-from proxy.upstreams.aiohttp_transport import AiohttpTransport
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.capability import Capability, n_choices
-from proxy.upstreams.retry import retrying
+from proxy.upstreams.openai_http import (
+    about_prompt,
+    malformed,
+    new_client,
+    post,
+    probe_models,
+    read_as,
+    refuses_n,
+    usage_of,
+)
 
 log = logging.getLogger("w2s.upstream")
 
 
-def new_client(cfg: UpstreamConfig) -> openai.AsyncOpenAI:
-    """The SDK client over our aiohttp transport, SDK retries off (one retry policy: ours)."""
-    http = httpx2.AsyncClient(transport=AiohttpTransport(), timeout=cfg.timeout_s, follow_redirects=True)
-    return openai.AsyncOpenAI(base_url=cfg.base_url, api_key=upstream_api_key(cfg).get_secret_value(),
-                              max_retries=0, timeout=cfg.timeout_s, http_client=http)
-
-
-def _refuses_n(exc: openai.BadRequestError) -> bool:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    if body.get("param") == "n":
-        return True
-    msg = str(body.get("message") or exc.message).lower()
-    return "'n'" in msg or " n " in f" {msg} " or "n>1" in msg.replace(" ", "") or "n must be 1" in msg
-
-
-def _about_prompt(exc: openai.BadRequestError) -> bool:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    return body.get("param") == "prompt" or "prompt" in str(body.get("message") or exc.message).lower()
-
-
 def _read(raw: httpx2.Response) -> Completion:
-    """The body of a 200, or APIResponseValidationError (retried, like a 5xx) when it is not a
-    usable answer: not JSON or cut short, no choices at all, or a choice cut at the length
-    limit with no text (a length finish spends max_tokens; an empty one would count as a chunk)."""
-    try:
-        resp = Completion.model_validate_json(raw.content)
-    except ValidationError as e:
-        problem = e.errors()[0]["msg"]
-    else:
-        if not resp.choices:
-            problem = "no choices"
-        elif any(c.finish_reason == "length" and not c.text for c in resp.choices):
-            problem = "an empty choice cut at the length limit"
-        else:
-            return resp
-    raise openai.APIResponseValidationError(response=raw, body=None,
-                                            message=f"the upstream's completion is malformed: {problem}")
+    """The completion in a 200, or `malformed` (retried, like a 5xx): not JSON or cut short, no
+    choices, or a choice cut at the length limit with no text (a length finish spends max_tokens;
+    an empty one would count as a chunk of L tokens)."""
+    resp = read_as(Completion, raw)
+    if any(c.finish_reason == "length" and not c.text for c in resp.choices):
+        raise malformed(raw, "an empty choice cut at the length limit")
+    return resp
 
 
 def _all_choices(resp: Completion, expected: int) -> bool:
     return sorted(c.index for c in resp.choices) == list(range(expected))
-
-
-def _usage_of(resp: Completion) -> Usage:
-    return Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens) if resp.usage else Usage()
 
 
 class OpenAICompletionsUpstream(Upstream):
@@ -109,12 +83,8 @@ class OpenAICompletionsUpstream(Upstream):
         """One API call under the retry policy and the concurrency limit, billed as it returns."""
         if seed is not None:
             body = {**body, "seed": seed}
-        async for attempt in retrying(self.cfg.max_attempts, self.cfg.backoff_initial_s, self.cfg.backoff_max_s):
-            with attempt:
-                async with self._limit:
-                    raw = await self.client.post("/completions", body=body, cast_to=httpx2.Response)
-                resp = _read(raw)  # inside the retry: a malformed or truncated 200 is asked again
-        self.record(_usage_of(resp))
+        resp = await post(self.client, self.cfg, self._limit, "/completions", body, _read)
+        self.record(usage_of(resp.usage))
         return resp
 
     def _prompt_budget(self, prompt: str, max_tokens: int) -> int:
@@ -141,7 +111,7 @@ class OpenAICompletionsUpstream(Upstream):
         body = self._body(prompt, params, max_tokens)
         responses = await n_choices(n, params.seed, self.n_choices,
                                     lambda k, seed: self._create({**body, "n": k}, seed),
-                                    lambda r: len(r.choices), _refuses_n)
+                                    lambda r: len(r.choices), refuses_n)
         return self._collect(responses, n, max_tokens)
 
     async def sample_batch(self, conversation: Conversation, partials: Sequence[str], params: SamplingParams,
@@ -169,9 +139,9 @@ class OpenAICompletionsUpstream(Upstream):
         try:
             resp = await self._create(body, request_seed(seeds))
         except openai.BadRequestError as e:
-            if _refuses_n(e):
+            if refuses_n(e):
                 self.n_choices.refused(f"refused n={params.n}")
-            elif not _about_prompt(e):
+            elif not about_prompt(e):
                 raise
             alone = await one_by_one()
             if self.n_choices.on:  # each prompt alone was fine: the list was not
@@ -190,7 +160,7 @@ class OpenAICompletionsUpstream(Upstream):
         usage = Usage()
         conts: list[Continuation] = []
         for resp in responses:
-            usage = usage + _usage_of(resp)
+            usage = usage + usage_of(resp.usage)
             choices = sorted(resp.choices, key=lambda c: c.index)
             for c in choices:
                 reason = c.finish_reason
@@ -204,17 +174,4 @@ class OpenAICompletionsUpstream(Upstream):
         return SampleResult(conts[:n], usage, len(responses))
 
     async def probe(self) -> Probe:
-        """GET /models once, without retries (reachability now, not eventually), and look for
-        the configured model in what it lists."""
-        try:
-            page = await self.client.with_options(timeout=min(5.0, self.cfg.timeout_s), max_retries=0).models.list()
-        except openai.APIStatusError as e:
-            return Probe(False, f"refused: HTTP {e.status_code}")
-        except openai.APIConnectionError as e:
-            return Probe(False, f"unreachable: {type(e).__name__}")
-        except openai.APIError as e:
-            return Probe(False, f"failed: {type(e).__name__}")
-        listed = {m.id for m in page.data}
-        if listed and self.cfg.model not in listed and not page.has_next_page():
-            return Probe(False, f"model unknown: the upstream does not list {self.cfg.model!r}")
-        return Probe(True, "reachable")
+        return await probe_models(self.client, self.cfg)

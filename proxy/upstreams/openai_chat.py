@@ -1,0 +1,153 @@
+"""OpenAI-compatible chat completions that continue a partial answer (vLLM, SGLang, DeepSeek,
+Mistral, OpenRouter and other chat-only hosts).
+
+Many strong models are served only behind POST /v1/chat/completions, where a prompt cannot be
+extended as text. Their servers can still continue an assistant turn: the messages go as they
+are and the partial answer goes last, as `{"role": "assistant", "content": partial}`, marked to
+be continued rather than answered. How it is marked is the dialect (`UpstreamConfig.continuation`):
+
+  continue_final_message  vLLM, SGLang: `"continue_final_message": true,
+                          "add_generation_prompt": false` in the body (both true is refused).
+  prefix                  DeepSeek (its beta base URL, https://api.deepseek.com/beta), Mistral:
+                          `"prefix": true` on the final assistant message.
+
+An empty partial answer (the first step of a search) is sent as a plain chat request: the
+conversation only, no assistant turn, no marker. A template renders an empty assistant turn
+that is continued exactly as the generation prompt it would add for a new one, so the model
+sees the same text; but an empty final message breaks on some deployments: transformers
+before the tag-based `continue_final_message` cut the rendered chat at `rindex("")`, its very
+end, so the empty turn's end-of-turn token stayed in the prompt, and a strict API may refuse an
+assistant message without content. A plain request is what every chat API serves.
+
+The answer text is `choices[i].message.content` alone; reasoning fields (`reasoning_content`,
+`reasoning`, Mistral's thinking parts) are ignored, since reasoning is never part of the
+answer. A choice cut at `max_tokens` that returned no answer text (a reasoning model that spent
+the chunk thinking, a provider that writes null) is an unfinished continuation of 0 tokens, so
+the search sees a stalled beam instead of a chunk of L tokens of nothing. The seed goes under
+`seed_param` (Mistral: `random_seed`; None sends none), `extra_body` adds provider fields
+(DeepSeek's `{"thinking": {"type": "disabled"}}`, vLLM's `chat_template_kwargs`) under ours,
+never overriding what the search decides. APIs that refuse or strip trailing whitespace in a
+continued turn get the partial without it (`hold_trailing_whitespace`, proxy.upstreams.seam).
+
+n > 1, retries (a malformed 200 included), the concurrency limit, the client and the probe are
+shared with the completions family (proxy.upstreams.openai_http, proxy.upstreams.capability): one request with n, the missing
+samples as parallel seeded n=1 requests where a provider refuses n (DeepSeek) or ignores it
+(OpenRouter). Every beam is its own request (`sample_batch`'s default): chat APIs take one
+conversation per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import openai
+
+from proxy.config import UpstreamConfig
+from proxy.cost import count_tokens
+from proxy.protocol.chat_reading import EngineChatChoice, EngineChatCompletion
+from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage
+from proxy.upstreams.base import Upstream
+from proxy.upstreams.capability import Capability, n_choices
+from proxy.upstreams.openai_http import new_client, post, probe_models, read_as, refuses_n, usage_of
+from proxy.upstreams.seam import hold_trailing_whitespace, join_held
+
+log = logging.getLogger("w2s.upstream")
+
+UNFINISHED = frozenset({"length", "model_length"})
+"""Finish reasons of a choice the model did not end: the token limit, or (Mistral's
+`model_length`) the context window."""
+
+
+class OpenAIChatUpstream(Upstream):
+    """A chat completions API that continues the final assistant turn, in `cfg.continuation`'s dialect."""
+
+    def __init__(self, cfg: UpstreamConfig, client: openai.AsyncOpenAI | None = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.model
+        self.client = client or new_client(cfg)
+        self._limit = asyncio.Semaphore(cfg.max_concurrency)
+        self.n_choices = Capability("n>1", self.name, known=cfg.supports_n)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    def messages(self, conversation: Conversation, partial: str) -> list[dict[str, Any]]:
+        """The request's messages: the conversation, then the partial answer to continue (none
+        when it is empty, see the module docstring)."""
+        messages: list[dict[str, Any]] = [{"role": m["role"], "content": m["content"]} for m in conversation.messages]
+        if partial:
+            final: dict[str, Any] = {"role": "assistant", "content": partial}
+            if self.cfg.continuation == "prefix":
+                final["prefix"] = True
+            messages.append(final)
+        return messages
+
+    def body(self, conversation: Conversation, partial: str, params: SamplingParams,
+             max_tokens: int) -> dict[str, Any]:
+        """Everything but n and the seed; `extra_body` under our fields."""
+        body: dict[str, Any] = dict(self.cfg.extra_body)
+        body.update(model=self.cfg.model, messages=self.messages(conversation, partial), max_tokens=max_tokens,
+                    temperature=params.temperature, top_p=params.top_p)
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if partial and self.cfg.continuation == "continue_final_message":
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return body
+
+    def _budget(self, conversation: Conversation, partial: str, max_tokens: int) -> int:
+        """max_tokens, less what the context window cannot hold; the prompt's tokens are
+        approximated by its texts' (a chat template adds a few per turn)."""
+        if self.cfg.context_window is None:
+            return max_tokens
+        used = sum(count_tokens(m["content"], self.cfg.encoding) for m in conversation.messages)
+        return min(max_tokens, self.cfg.context_window - used - count_tokens(partial, self.cfg.encoding))
+
+    async def _create(self, body: dict[str, Any], n: int, seed: int | None) -> EngineChatCompletion:
+        """One API call under the retry policy and the concurrency limit, billed as it returns."""
+        body = {**body, "n": n} if n > 1 else body  # n=1 is every API's default: never sent
+        if seed is not None and self.cfg.seed_param is not None:
+            body = {**body, self.cfg.seed_param: seed}
+        resp = await post(self.client, self.cfg, self._limit, "/chat/completions", body,
+                          lambda raw: read_as(EngineChatCompletion, raw))
+        self.record(usage_of(resp.usage))
+        return resp
+
+    async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
+        sent, held = hold_trailing_whitespace(partial) if self.cfg.hold_trailing_whitespace else (partial, "")
+        max_tokens = self._budget(conversation, sent, params.max_tokens)
+        if max_tokens < 1:  # the context window is full: nothing more can be generated
+            return SampleResult([Continuation("", False, 0, "length")] * params.n, Usage(), 0)
+        body = self.body(conversation, sent, params, max_tokens)
+        responses = await n_choices(params.n, params.seed, self.n_choices,
+                                    lambda k, seed: self._create(body, k, seed),
+                                    lambda r: len(r.choices), refuses_n)
+        return self._collect(responses, params.n, max_tokens, held)
+
+    def _collect(self, responses: list[EngineChatCompletion], n: int, max_tokens: int, held: str) -> SampleResult:
+        usage = Usage()
+        conts: list[Continuation] = []
+        for resp in responses:
+            usage = usage + usage_of(resp.usage)
+            choices = sorted(resp.choices, key=lambda c: c.index)
+            for c in choices:
+                conts.append(self._continuation(c, resp, len(choices), max_tokens, held))
+        return SampleResult(conts[:n], usage, len(responses))
+
+    def _continuation(self, c: EngineChatChoice, resp: EngineChatCompletion, choices: int, max_tokens: int,
+                      held: str) -> Continuation:
+        raw = c.message.text
+        reason = c.finish_reason
+        text = join_held(held, raw) if held else raw
+        if reason == "length":
+            if not raw:
+                log.debug("upstream %s: a choice cut at max_tokens=%d without answer text", self.name, max_tokens)
+            return Continuation(text, False, max_tokens if raw else 0, reason)
+        if choices == 1 and resp.usage is not None and not c.message.has_reasoning:
+            used = resp.usage.completion_tokens - resp.usage.reasoning_tokens
+        else:  # several choices share the usage, or it counts reasoning we cannot see: count the text
+            used = count_tokens(raw, self.cfg.encoding)
+        return Continuation(text, reason not in UNFINISHED, used, reason)
+
+    async def probe(self) -> Probe:
+        return await probe_models(self.client, self.cfg)

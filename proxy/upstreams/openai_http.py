@@ -1,0 +1,99 @@
+"""What the OpenAI-compatible families (completions, chat) share: the SDK client over our
+transport, one call under the retry policy with the body read inside it, how a refusal of n or
+of a prompt list is recognised, the usage, and the readiness probe.
+
+The body is read inside the retry loop: a 200 that is not a usable answer (cut short, not JSON,
+no choices) is asked again like a 5xx rather than failing the whole search; only answers that
+were read are billed.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx2
+import openai
+from pydantic import BaseModel, ValidationError
+
+from proxy.config import UpstreamConfig, upstream_api_key
+from proxy.protocol.engine import EngineUsage
+from proxy.types import Probe, Usage
+from proxy.upstreams.aiohttp_transport import AiohttpTransport
+from proxy.upstreams.retry import retrying
+
+Answer = TypeVar("Answer", bound=BaseModel)
+
+
+def new_client(cfg: UpstreamConfig) -> openai.AsyncOpenAI:
+    """The SDK client over our aiohttp transport, SDK retries off (one retry policy: ours)."""
+    http = httpx2.AsyncClient(transport=AiohttpTransport(), timeout=cfg.timeout_s, follow_redirects=True)
+    return openai.AsyncOpenAI(base_url=cfg.base_url, api_key=upstream_api_key(cfg).get_secret_value(),
+                              max_retries=0, timeout=cfg.timeout_s, http_client=http)
+
+
+def _complaint(exc: openai.APIStatusError) -> tuple[str | None, str]:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return body.get("param"), str(body.get("message") or exc.message).lower()
+
+
+def refuses_n(exc: BaseException) -> bool:
+    """A client error about `n` (a 400, or a 422 from a schema-validating API such as Mistral's)."""
+    if not isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
+        return False
+    param, msg = _complaint(exc)
+    return param == "n" or "'n'" in msg or " n " in f" {msg} " or "n>1" in msg.replace(" ", "") or "n must be 1" in msg
+
+
+def about_prompt(exc: openai.BadRequestError) -> bool:
+    param, msg = _complaint(exc)
+    return param == "prompt" or "prompt" in msg
+
+
+def usage_of(usage: EngineUsage | None) -> Usage:
+    return Usage(usage.prompt_tokens, usage.completion_tokens) if usage is not None else Usage()
+
+
+def malformed(raw: httpx2.Response, problem: str) -> openai.APIResponseValidationError:
+    return openai.APIResponseValidationError(response=raw, body=None,
+                                             message=f"the upstream's answer is malformed: {problem}")
+
+
+async def post(client: openai.AsyncOpenAI, cfg: UpstreamConfig, limit: asyncio.Semaphore, path: str,
+               body: dict[str, Any], read: Callable[[httpx2.Response], Answer]) -> Answer:
+    """One API call under the retry policy and the concurrency limit; `read` turns the 200 into
+    an answer or raises `malformed(...)`, which is retried."""
+    async for attempt in retrying(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s):
+        with attempt:
+            async with limit:
+                raw = await client.post(path, body=body, cast_to=httpx2.Response)
+            answer = read(raw)
+    return answer
+
+
+def read_as(model: type[Answer], raw: httpx2.Response) -> Answer:
+    """The 200's body as `model` with at least one choice, or `malformed`."""
+    try:
+        answer = model.model_validate_json(raw.content)
+    except ValidationError as e:
+        raise malformed(raw, e.errors()[0]["msg"]) from None
+    if not getattr(answer, "choices", None):
+        raise malformed(raw, "no choices")
+    return answer
+
+
+async def probe_models(client: openai.AsyncOpenAI, cfg: UpstreamConfig) -> Probe:
+    """GET /models once, without retries (reachability now, not eventually), and look for the
+    configured model in what it lists."""
+    try:
+        page = await client.with_options(timeout=min(5.0, cfg.timeout_s), max_retries=0).models.list()
+    except openai.APIStatusError as e:
+        return Probe(False, f"refused: HTTP {e.status_code}")
+    except openai.APIConnectionError as e:
+        return Probe(False, f"unreachable: {type(e).__name__}")
+    except openai.APIError as e:
+        return Probe(False, f"failed: {type(e).__name__}")
+    listed = {m.id for m in page.data}
+    if listed and cfg.model not in listed and not page.has_next_page():
+        return Probe(False, f"model unknown: the upstream does not list {cfg.model!r}")
+    return Probe(True, "reachable")
