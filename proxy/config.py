@@ -85,6 +85,8 @@ class UpstreamConfig(Strict):
     model: str
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    """The environment variable holding the key; by default the family's usual one
+    (OPENAI_API_KEY, ANTHROPIC_API_KEY), so one provider's key is never sent to another."""
     prompt_template: str = "Instruction: {instruction}\nOutput:"
     """Completions only: how an instruction becomes the prompt (chat families send messages)."""
     chat: ChatRenderConfig = ChatRenderConfig()
@@ -114,6 +116,13 @@ class UpstreamConfig(Strict):
     backoff_initial_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     prices: Prices = Prices()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "anthropic" and "api_key_env" not in data:
+            return {**data, "api_key_env": "ANTHROPIC_API_KEY"}
+        return data
 
     @model_validator(mode="after")
     def _template_has_slot(self) -> "UpstreamConfig":

@@ -106,7 +106,7 @@ def test_bad_files(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml"):
         load_config(str(tmp_path / "missing.yaml"))
-    with pytest.raises(ConfigError, match=r"no file and no preset named 'paper-bon5' \(presets: paper-base, .*paper-bon4"):
+    with pytest.raises(ConfigError, match=r"no file and no preset named .paper-bon5. \(presets: .*paper-base, .*paper-bon4"):
         load_config("paper-bon5")
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstream: [unclosed")

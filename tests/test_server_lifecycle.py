@@ -237,7 +237,7 @@ async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
             base_url = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().split()[2]
             async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
                 pending = asyncio.create_task(client.completions.create(model=MODEL, prompt="hi", max_tokens=3))
-                await wait_for(lambda: slow.in_flight == 1, "the request to reach the upstream")
+                await wait_for(lambda: slow.in_flight == 1, "the request to reach the upstream", limit_s=60)
                 proc.send_signal(signal.SIGTERM)
                 answer = await asyncio.wait_for(pending, 60)
         finally:

@@ -16,6 +16,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from proxy.protocol.responses import ErrorInfo, ErrorResponse
+from proxy.upstreams.base import UpstreamUnsuitable
 
 log = logging.getLogger("w2s.server")
 
@@ -77,6 +78,8 @@ def validation_error(err: ValidationError) -> ApiError:
 def upstream_error(exc: BaseException) -> ApiError | None:
     """The answer for an upstream failure after retries (502, or 504 for a timeout); None when
     `exc` is not an upstream failure."""
+    if isinstance(exc, UpstreamUnsuitable):
+        return ApiError(502, str(exc), code="upstream_unsuitable")
     if isinstance(exc, openai.APITimeoutError):
         return ApiError(504, "The upstream did not answer in time (after retries).", code="upstream_timeout")
     if isinstance(exc, openai.APIStatusError):

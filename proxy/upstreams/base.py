@@ -21,6 +21,11 @@ from dataclasses import replace
 from proxy.types import Conversation, Probe, SampleResult, SamplingParams, Usage
 
 
+class UpstreamUnsuitable(Exception):
+    """The upstream cannot do what guided search needs (a model that refuses to continue a
+    partial answer): retrying cannot help, and the message is ours, safe to show a client."""
+
+
 class Upstream(ABC):
     """A model reachable only through its API.
 
