@@ -37,19 +37,14 @@ conversation per request.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-import openai
-
-from proxy.config import UpstreamConfig
 from proxy.cost import count_tokens
 from proxy.protocol.chat_reading import EngineChatChoice, EngineChatCompletion
-from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage
-from proxy.upstreams.base import Upstream
-from proxy.upstreams.capability import Capability, n_choices
-from proxy.upstreams.openai_http import new_client, post, probe_models, read_as, refuses_n, usage_of
+from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage
+from proxy.upstreams.capability import n_choices
+from proxy.upstreams.openai_http import OpenAICompatibleUpstream, read_as, refuses_n, usage_of
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
 log = logging.getLogger("w2s.upstream")
@@ -59,18 +54,8 @@ UNFINISHED = frozenset({"length", "model_length"})
 `model_length`) the context window."""
 
 
-class OpenAIChatUpstream(Upstream):
+class OpenAIChatUpstream(OpenAICompatibleUpstream):
     """A chat completions API that continues the final assistant turn, in `cfg.continuation`'s dialect."""
-
-    def __init__(self, cfg: UpstreamConfig, client: openai.AsyncOpenAI | None = None) -> None:
-        self.cfg = cfg
-        self.name = cfg.model
-        self.client = client or new_client(cfg)
-        self._limit = asyncio.Semaphore(cfg.max_concurrency)
-        self.n_choices = Capability("n>1", self.name, known=cfg.supports_n)
-
-    async def aclose(self) -> None:
-        await self.client.close()
 
     def messages(self, conversation: Conversation, partial: str) -> list[dict[str, Any]]:
         """The request's messages: the conversation, then the partial answer to continue (none
@@ -106,12 +91,7 @@ class OpenAIChatUpstream(Upstream):
     async def _create(self, body: dict[str, Any], n: int, seed: int | None) -> EngineChatCompletion:
         """One API call under the retry policy and the concurrency limit, billed as it returns."""
         body = {**body, "n": n} if n > 1 else body  # n=1 is every API's default: never sent
-        if seed is not None and self.cfg.seed_param is not None:
-            body = {**body, self.cfg.seed_param: seed}
-        resp = await post(self.client, self.cfg, self._limit, "/chat/completions", body,
-                          lambda raw: read_as(EngineChatCompletion, raw))
-        self.record(usage_of(resp.usage))
-        return resp
+        return await self.call("/chat/completions", body, seed, lambda raw: read_as(EngineChatCompletion, raw))
 
     async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
         sent, held = hold_trailing_whitespace(partial) if self.cfg.hold_trailing_whitespace else (partial, "")
@@ -148,6 +128,3 @@ class OpenAIChatUpstream(Upstream):
         else:  # several choices share the usage, or it counts reasoning we cannot see: count the text
             used = count_tokens(raw, self.cfg.encoding)
         return Continuation(text, reason not in UNFINISHED, used, reason)
-
-    async def probe(self) -> Probe:
-        return await probe_models(self.client, self.cfg)

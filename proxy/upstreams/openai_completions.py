@@ -32,19 +32,9 @@ from proxy.config import UpstreamConfig
 from proxy.cost import count_tokens
 from proxy.protocol.engine import EngineCompletion as Completion
 from proxy.prompts import render
-from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage, request_seed
-from proxy.upstreams.base import Upstream
+from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage, request_seed
 from proxy.upstreams.capability import Capability, n_choices
-from proxy.upstreams.openai_http import (
-    about_prompt,
-    malformed,
-    new_client,
-    post,
-    probe_models,
-    read_as,
-    refuses_n,
-    usage_of,
-)
+from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, malformed, read_as, refuses_n, usage_of
 
 log = logging.getLogger("w2s.upstream")
 
@@ -63,29 +53,18 @@ def _all_choices(resp: Completion, expected: int) -> bool:
     return sorted(c.index for c in resp.choices) == list(range(expected))
 
 
-class OpenAICompletionsUpstream(Upstream):
+class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
     def __init__(self, cfg: UpstreamConfig, client: openai.AsyncOpenAI | None = None) -> None:
-        self.cfg = cfg
-        self.name = cfg.model
-        self.client = client or new_client(cfg)
-        self._limit = asyncio.Semaphore(cfg.max_concurrency)
-        self.n_choices = Capability("n>1", self.name, known=cfg.supports_n)
+        super().__init__(cfg, client)
         self.prompt_lists = Capability("lists of prompts", self.name, known=cfg.supports_prompt_lists)
 
     @property  # type: ignore[override]
     def max_prompts_per_call(self) -> int:
         return self.cfg.max_prompts_per_call if self.prompt_lists.on and self.n_choices.on else 1
 
-    async def aclose(self) -> None:
-        await self.client.close()
-
     async def _create(self, body: dict[str, object], seed: int | None) -> Completion:
         """One API call under the retry policy and the concurrency limit, billed as it returns."""
-        if seed is not None:
-            body = {**body, "seed": seed}
-        resp = await post(self.client, self.cfg, self._limit, "/completions", body, _read)
-        self.record(usage_of(resp.usage))
-        return resp
+        return await self.call("/completions", body, seed, _read)
 
     def _prompt_budget(self, prompt: str, max_tokens: int) -> int:
         if self.cfg.context_window is None:
@@ -172,6 +151,3 @@ class OpenAICompletionsUpstream(Upstream):
                     used = count_tokens(c.text, self.cfg.encoding)
                 conts.append(Continuation(c.text, reason != "length", used, reason))
         return SampleResult(conts[:n], usage, len(responses))
-
-    async def probe(self) -> Probe:
-        return await probe_models(self.client, self.cfg)

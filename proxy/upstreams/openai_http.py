@@ -19,6 +19,8 @@ from pydantic import BaseModel, ValidationError
 from proxy.config import UpstreamConfig, upstream_api_key
 from proxy.protocol.engine import EngineUsage
 from proxy.types import Probe, Usage
+from proxy.upstreams.base import Upstream
+from proxy.upstreams.capability import Capability
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
 from proxy.upstreams.retry import retrying
 
@@ -80,6 +82,33 @@ def read_as(model: type[Answer], raw: httpx2.Response) -> Answer:
     if not getattr(answer, "choices", None):
         raise malformed(raw, "no choices")
     return answer
+
+
+class OpenAICompatibleUpstream(Upstream):
+    """What an OpenAI-compatible family holds: the config, the SDK client, the concurrency limit,
+    what n does; one billed call (`call`), closing, and the probe."""
+
+    def __init__(self, cfg: UpstreamConfig, client: openai.AsyncOpenAI | None = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.model
+        self.client = client or new_client(cfg)
+        self._limit = asyncio.Semaphore(cfg.max_concurrency)
+        self.n_choices = Capability("n>1", self.name, known=cfg.supports_n)
+
+    async def call(self, path: str, body: dict[str, Any], seed: int | None,
+                   read: Callable[[httpx2.Response], Answer]) -> Answer:
+        """One API call (the seed under `seed_param`), retried, billed as it returns."""
+        if seed is not None and self.cfg.seed_param is not None:
+            body = {**body, self.cfg.seed_param: seed}
+        answer = await post(self.client, self.cfg, self._limit, path, body, read)
+        self.record(usage_of(getattr(answer, "usage", None)))
+        return answer
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    async def probe(self) -> Probe:
+        return await probe_models(self.client, self.cfg)
 
 
 async def probe_models(client: openai.AsyncOpenAI, cfg: UpstreamConfig) -> Probe:
