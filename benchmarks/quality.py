@@ -83,7 +83,7 @@ if str(ROOT) not in sys.path:
 from proxy.config import UpstreamConfig  # noqa: E402
 from proxy.film_reviews.guides import BON_SIZES, CBS_SHAPES, GUIDES, Method, bon_methods, cbs_methods  # noqa: E402
 from proxy.film_reviews.stats import Estimate, estimate, paired  # noqa: E402
-from proxy.demo.judge import JUDGES  # noqa: E402
+from proxy.film_reviews.judges import JUDGES  # noqa: E402
 from proxy.search import search  # noqa: E402
 from proxy.types import Conversation, SamplingParams, derive_seed  # noqa: E402
 from proxy.upstreams.base import Upstream  # noqa: E402

@@ -13,7 +13,7 @@ from proxy.demo.command import DemoSettings, format_report, run_demo, verdict, w
 from proxy.engine import Engine
 from proxy.film_reviews.openings import TEST_OPENINGS
 from proxy.film_reviews.stats import Estimate
-from proxy.demo.judge import JUDGES, pattern_polarity, positivity
+from proxy.film_reviews.judges import JUDGES, pattern_polarity, positivity
 from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.search import search
 from proxy.demo.trace_html import TracedSearch, render_trace

@@ -65,7 +65,7 @@ def test_paired_difference_uses_common_keys() -> None:
 
 
 def test_openings_are_many_distinct_neutral_and_unfinished() -> None:
-    from proxy.demo.judge import positivity
+    from proxy.film_reviews.judges import positivity
 
     assert len(TEST_OPENINGS) >= 120
     assert len(set(TEST_OPENINGS)) == len(TEST_OPENINGS)

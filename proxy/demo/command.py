@@ -157,7 +157,7 @@ def guide_scorer_config(settings: DemoSettings) -> ScorerConfig:
 
 async def demo_command(args: argparse.Namespace) -> int:
     from proxy.film_reviews.models import fetch_gemma3_270m
-    from proxy.demo.judge import JUDGES
+    from proxy.film_reviews.judges import JUDGES
     from proxy.local.server import LocalCompletionsServer
 
     fields = {"openings": args.openings, "max_new_tokens": args.max_new_tokens, "seed": args.seed,

@@ -56,7 +56,7 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
 def _run(args: argparse.Namespace) -> dict[str, object]:
     from proxy.config import ModelSpec
     from proxy.film_reviews.train_openings import TRAIN_OPENINGS
-    from proxy.demo.judge import JUDGES
+    from proxy.film_reviews.judges import JUDGES
     from scorers.tuning.run import run_tune
 
     if args.model:
