@@ -15,7 +15,7 @@ from aiohttp import web
 from proxy.alpaca_eval.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from proxy.alpaca_eval.dataset import Instruction, Selection, Shard, read_instruction_file, select
 from proxy.alpaca_eval.merge import merge_shards
-from proxy.alpaca_eval.outputs import OUTPUTS_NAME, SUMMARY_NAME, RunSummary
+from proxy.alpaca_eval.outputs import OUTPUTS_NAME, SUMMARY_NAME, RunSummary, _umask
 from proxy.alpaca_eval.runner import run_alpaca_eval
 from proxy.cli import build_parser
 from proxy.client import GuidedClient
@@ -60,8 +60,8 @@ async def run(cfg: AppConfig, selection: Selection, out: Path, concurrency: int 
         return await run_alpaca_eval(client, selection, out, concurrency=concurrency, progress=False)
 
 
-def outputs(directory: Path) -> list[dict[str, str]]:
-    return json.loads((directory / OUTPUTS_NAME).read_text(encoding="utf-8"))
+def outputs(directory: Path, name: str = OUTPUTS_NAME) -> list[dict[str, str]]:
+    return json.loads((directory / name).read_text(encoding="utf-8"))
 
 
 async def test_thirty_instructions_guided_by_the_tiny_scorer(tmp_path: Path, tiny_scorer_config: ScorerConfig) -> None:
@@ -84,7 +84,7 @@ async def test_thirty_instructions_guided_by_the_tiny_scorer(tmp_path: Path, tin
     assert [r["instruction"] for r in rows] == [it.instruction for it in items]
     assert [r["dataset"] for r in rows] == [it.dataset for it in items]
     assert {r["generator"] for r in rows} == {name}
-    assert [r["output"] for r in rows] == [records[i].output for i in range(30)]
+    assert [r["output"] for r in rows] == [records[i].output.lstrip() for i in range(30)]  # as the chat endpoint shows it
 
     frame = pd.read_json(tmp_path / OUTPUTS_NAME, dtype=False)
     assert list(frame.columns) == ["instruction", "output", "generator", "dataset"]
@@ -158,6 +158,10 @@ async def test_shards_merged_equal_one_unsharded_run(tmp_path: Path) -> None:
             tmp_path / "other")
     assert [(p.selection.start, p.selection.stop) for p in parts] == [(0, 3), (3, 6), (6, 10)]
     shard_dirs = [tmp_path / f"s{i}" for i in (3, 1, 2)]  # any order
+    # A shard's part is named for what it is: no shard directory holds a model_outputs.json.
+    assert [sorted(p.name for p in d.glob("model_outputs*")) for d in shard_dirs] == [
+        [f"model_outputs.shard-{i}-of-3.json"] for i in (3, 1, 2)]
+    assert (tmp_path / "whole" / OUTPUTS_NAME).stat().st_mode & 0o777 == 0o666 & ~_umask()
 
     merged = merge_shards(shard_dirs, tmp_path / "merged", instructions=items)
     assert outputs(tmp_path / "merged") == outputs(tmp_path / "whole")
@@ -189,12 +193,12 @@ async def test_shards_merged_equal_one_unsharded_run(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="differ from the dataset at item 4"):
         merge_shards([s1, s2, s3], tmp_path / "m5",
                      instructions=items[:4] + [Instruction(instruction="changed")] + items[5:])
-    rows = outputs(s2)
+    rows = outputs(s2, "model_outputs.shard-2-of-3.json")
     rows[0], rows[1] = rows[1], rows[0]
-    (s2 / OUTPUTS_NAME).write_text(json.dumps(rows))
+    (s2 / "model_outputs.shard-2-of-3.json").write_text(json.dumps(rows))
     with pytest.raises(ConfigError, match="not the ones its run answered"):
         merge_shards([s1, s2, s3], tmp_path / "m6")
-    (s2 / OUTPUTS_NAME).write_text(json.dumps(rows[:2]))
+    (s2 / "model_outputs.shard-2-of-3.json").write_text(json.dumps(rows[:2]))
     with pytest.raises(ConfigError, match="has 2 rows, its run answered 3"):
         merge_shards([s1, s2, s3], tmp_path / "m7")
 

@@ -23,6 +23,7 @@ from proxy.alpaca_eval.outputs import (
     OutputRow,
     RunSummary,
     alpaca_eval_command,
+    outputs_name,
     read_outputs,
     write_json_atomic,
 )
@@ -85,13 +86,14 @@ def _load_shard(directory: Path) -> tuple[RunSummary, list[OutputRow]]:
     if not summary.complete:
         raise ConfigError(f"{directory}: shard {summary.selection.shard or ''} is incomplete "
                           f"({summary.failed} of {summary.items} items missing); run its command again first")
-    rows = read_outputs(directory / OUTPUTS_NAME)
     sel = summary.selection
+    part = outputs_name(sel.shard)
+    rows = read_outputs(directory / part)
     if len(rows) != sel.stop - sel.start:
-        raise ConfigError(f"{directory}: {OUTPUTS_NAME} has {len(rows)} rows, its run answered "
+        raise ConfigError(f"{directory}: {part} has {len(rows)} rows, its run answered "
                           f"{sel.stop - sel.start} (items {sel.start}..{sel.stop - 1})")
     if instructions_digest([r.instruction for r in rows]) != sel.digest:
-        raise ConfigError(f"{directory}: the instructions in {OUTPUTS_NAME} are not the ones its run answered "
+        raise ConfigError(f"{directory}: the instructions in {part} are not the ones its run answered "
                           "(edited, reordered or from another run)")
     if any(r.generator != summary.generator for r in rows):
         raise ConfigError(f"{directory}: rows name a generator other than {summary.generator!r}")

@@ -21,6 +21,16 @@ from proxy.alpaca_eval.dataset import Selection
 from proxy.config import ConfigError
 
 OUTPUTS_NAME = "model_outputs.json"
+
+
+def outputs_name(shard: object | None) -> str:
+    """model_outputs.json for a whole run; a shard's part is named for what it is
+    (`model_outputs.shard-2-of-4.json`), so a part is never submitted for the whole by mistake.
+    `w2s alpaca-eval merge` joins the parts into model_outputs.json."""
+    if shard is None:
+        return OUTPUTS_NAME
+    index, count = str(shard).split("/")
+    return f"model_outputs.shard-{index}-of-{count}.json"
 SUMMARY_NAME = "summary.json"
 ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 """AlpacaEval 2.0's judge (length-controlled win rate against gpt-4-turbo)."""
@@ -135,10 +145,17 @@ def alpaca_eval_command(outputs: Path) -> str:
     return f"alpaca_eval --model_outputs {shlex.quote(str(outputs.resolve()))} --annotators_config {ANNOTATOR}"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Readers see the old file or the whole new one, never half of it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it (mkstemp makes 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, indent=2)
             f.write("\n")

@@ -19,7 +19,6 @@ from proxy.alpaca_eval.checkpoint import Checkpoint, CheckpointState, ItemRecord
 from proxy.alpaca_eval.dataset import Instruction, Selection
 from proxy.alpaca_eval.identity import config_fingerprint, generator_name
 from proxy.alpaca_eval.outputs import (
-    OUTPUTS_NAME,
     SUMMARY_NAME,
     Failure,
     ItemStats,
@@ -28,6 +27,7 @@ from proxy.alpaca_eval.outputs import (
     SelectionInfo,
     ThisRun,
     alpaca_eval_command,
+    outputs_name,
     write_json_atomic,
 )
 from proxy.alpaca_eval.progress import ProgressBar
@@ -109,13 +109,16 @@ async def _answer_pending(client: GuidedClient, ckpt: Checkpoint, pending: list[
 
 def _write_results(state: CheckpointState, selection: Selection, out: Path, name: str) -> tuple[
         list[ItemRecord], list[Failure], Path | None]:
-    """model_outputs.json when every item has an answer; otherwise no such file at all."""
+    """model_outputs.json (a shard's named part) when every item has an answer; otherwise no such
+    file at all."""
     done = [state.done[i] for i in selection.indices if i in state.done]
     failures = [Failure(index=i, error=state.failed[i].error if i in state.failed else None)
                 for i in selection.indices if i not in state.done]
-    path = out / OUTPUTS_NAME
+    path = out / outputs_name(selection.shard)
     if not failures:
-        rows = [OutputRow(instruction=item.instruction, output=rec.output, generator=name, dataset=item.dataset)
+        # The answer without a completion's leading space ("Output: The..."), as the chat endpoint gives it.
+        rows = [OutputRow(instruction=item.instruction, output=rec.output.lstrip(), generator=name,
+                          dataset=item.dataset)
                 for item, rec in zip(selection.items, done)]
         write_json_atomic(path, [r.model_dump() for r in rows])
         return done, failures, path
