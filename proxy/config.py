@@ -216,6 +216,9 @@ class ServerConfig(Strict):
     keep-alive connections, and clients that trickle their headers)."""
     body_timeout_s: float = Field(30.0, gt=0)
     """A request body not received in full within this long is answered 408."""
+    stream_keepalive_s: float = Field(10.0, gt=0)
+    """A stream with nothing to say for this long gets an SSE comment, so proxies that cut idle
+    connections do not cut a search step that is still running."""
 
     @model_validator(mode="after")
     def _modes_fit_caps(self) -> "ServerConfig":

@@ -132,8 +132,10 @@ class Engine:
             log.info("scorer loaded")
         except Exception as e:  # noqa: BLE001 - reported by probe(), wait_ready() and every guided search
             self._load_error = e
-            self.scorer_state = f"failed: {type(e).__name__}: {e}"
-            log.error("scorer failed to load: %s", self.scorer_state)
+            # What clients see (the 503, /health/ready) names the kind of failure only: the message
+            # may hold the server's local paths. The log has all of it.
+            self.scorer_state = f"failed: {type(e).__name__} (see the server log)"
+            log.error("scorer failed to load: %s: %s", type(e).__name__, e)
 
     async def wait_ready(self) -> None:
         """Return once the scorer is loaded (at once without one); ScorerUnavailable if it failed."""

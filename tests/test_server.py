@@ -512,3 +512,21 @@ async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
         return await asyncio.wait_for(reader.read(1), seconds) == b""
     except TimeoutError:
         return False
+
+
+async def test_a_quiet_stream_gets_keepalive_comments_the_client_skips() -> None:
+    async with ToyCompletionsServer(latency_s=0.4) as slow:
+        cfg = app_config(slow, server={"stream_keepalive_s": 0.1})
+        async with served(cfg) as (srv, client):
+            async with aiohttp.ClientSession() as s:
+                async with s.post(srv.base_url + "/completions", json={
+                        "model": MODEL, "prompt": "a", "max_tokens": 3, "stream": True, "seed": 1}) as r:
+                    raw = (await r.read()).decode()
+            chunks = [c async for c in await client.completions.create(
+                model=MODEL, prompt="a", max_tokens=3, stream=True, seed=1)]
+    events = [e for e in raw.split("\n\n") if e]
+    assert events.count(": keepalive") >= 2  # one upstream call of 0.4 s, nothing to say meanwhile
+    assert events[-1] == "data: [DONE]"
+    streamed = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events
+                       if e.startswith("data: {") and json.loads(e[6:])["choices"])
+    assert streamed == "".join(c.choices[0].text for c in chunks if c.choices) != ""

@@ -99,7 +99,7 @@ class Generation:
                 return wire_summary(self.engine.summarize(result, plan.mode))
 
             if req.stream:
-                return await stream_search(request, endpoint, req, run, summarize)
+                return await stream_search(request, endpoint, req, run, summarize, limits.stream_keepalive_s)
             result = await run(None)
             return json_response(endpoint.answer(req, result.text, finish_reason(result), usage_info(result),
                                                  summarize(result)))

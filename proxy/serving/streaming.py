@@ -9,6 +9,8 @@ search ends, then `[DONE]`. A failure after the 200 went out is reported in-band
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,11 +19,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
+from proxy.protocol.requests import SamplingRequest
+from proxy.protocol.responses import SearchSummary, new_id, now
 from proxy.search import Candidate, SearchResult, StepTrace
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, internal_error
-from proxy.protocol.requests import SamplingRequest
-from proxy.protocol.responses import SearchSummary, new_id, now
 
 log = logging.getLogger("w2s.server")
 
@@ -67,21 +69,41 @@ def sse(model: BaseModel) -> bytes:
 
 
 async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: SamplingRequest, run: SearchRun,
-                        summarize: Callable[[SearchResult], SearchSummary]) -> web.StreamResponse:
-    """SSE: text as soon as every surviving beam agrees on it, the rest at the end, then [DONE]."""
+                        summarize: Callable[[SearchResult], SearchSummary],
+                        keepalive_s: float = 10.0) -> web.StreamResponse:
+    """SSE: text as soon as every surviving beam agrees on it, the rest at the end, then [DONE];
+    an SSE comment (`: keepalive`) whenever nothing was sent for `keepalive_s` (a step can take
+    longer than an idle-timeout proxy waits; clients skip comments)."""
     rid, created = new_id(endpoint.id_prefix), now()
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()
+    writing = asyncio.Lock()  # the keepalive and the search never write into each other's event
+
+    async def send(data: bytes) -> None:
+        nonlocal last_sent
+        async with writing:
+            await response.write(data)
+            last_sent = loop.time()
+
+    async def keepalive() -> None:
+        while True:
+            await asyncio.sleep(max(0.0, last_sent + keepalive_s - loop.time()))
+            if loop.time() - last_sent >= keepalive_s:
+                await send(b": keepalive\n\n")
+
     for opening in endpoint.opening(rid, created, req):
-        await response.write(sse(opening))
+        await send(sse(opening))
     settled = SettledText(endpoint.display)
 
     async def on_step(trace: StepTrace, survivors: list[Candidate]) -> None:
         delta = settled.advance(common_prefix([s.text for s in survivors]))
         if delta:
-            await response.write(sse(endpoint.chunk(rid, created, req, delta)))
+            await send(sse(endpoint.chunk(rid, created, req, delta)))
 
+    beat = asyncio.create_task(keepalive())
     try:
         result = await run(on_step)
     except ConnectionResetError:
@@ -91,9 +113,12 @@ async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: Samp
             log.exception("unhandled error in a streamed search")
         error = e if isinstance(e, ApiError) else internal_error()
         request[STREAM_STATUS] = error.status
+        await _stop(beat)
         await response.write(error.sse())
         await response.write_eof()
         return response
+    finally:
+        await _stop(beat)
     rest = settled.advance(result.text)
     if rest:
         await response.write(sse(endpoint.chunk(rid, created, req, rest)))
@@ -104,3 +129,9 @@ async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: Samp
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
