@@ -27,7 +27,7 @@ from proxy.search import SearchResult, StepCallback, search
 from proxy.types import Conversation, Usage
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.registry import make_upstream
-from scorers.base import Scorer
+from scorers.base import Scorer, check_room
 
 log = logging.getLogger("w2s.engine")
 
@@ -234,6 +234,14 @@ class Engine:
         cfg = search_config if search_config is not None else self.config.search
         scorer = self.scorer_for(cfg, score_plain=score_plain)
         return await search(conversation, self.upstream, scorer, cfg, on_step=on_step)
+
+    def check_room(self, conversation: Conversation, search_config: SearchConfig, *, score_plain: bool = True) -> None:
+        """ScorerContextError now if the search could not fit the scorer's context (the search
+        checks too; a server asks first, so a stream is refused before its 200 goes out)."""
+        scorer = self.scorer_for(search_config, score_plain=score_plain)
+        if scorer is not None:
+            with scorer.open(conversation.scorer_prompt) as session:
+                check_room(session, search_config.max_new_tokens)
 
     def summarize(self, result: SearchResult, mode: str | None = None) -> ResultSummary:
         return summarize(result, self.config.upstream.prices, mode)

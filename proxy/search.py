@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from proxy.config import SearchConfig, require_scorer
 from proxy.types import Continuation, Conversation, SamplingParams, Usage, derive_seed, first_stop
 from proxy.upstreams.base import Upstream
-from scorers.base import Scorer, ScoringSession
+from scorers.base import Scorer, ScoringSession, check_room
 
 
 @dataclass
@@ -248,12 +248,15 @@ async def search(
     The upstream renders the conversation and each beam's partial answer its own way; the
     scoring pair sees `conversation.scorer_prompt`, rendered by each model's own template.
     Without a scorer only plain sampling (w = k = 1) is possible; with one, every candidate is
-    scored.
+    scored, and a prompt or `max_new_tokens` that cannot fit the scorer's context is refused
+    (ScorerContextError) before the upstream is called.
     """
     require_scorer(cfg, scorer is not None)
     conv = Conversation.completion(conversation) if isinstance(conversation, str) else conversation
     session = scorer.open(conv.scorer_prompt) if scorer else None
     try:
+        if session is not None:
+            check_room(session, cfg.max_new_tokens)  # before the upstream is paid for anything
         return await _Search(conv, upstream, session, cfg, on_step).run()
     finally:
         if session is not None:

@@ -23,6 +23,30 @@ def as_messages(prompt: ScorerPrompt) -> list[ChatMessage]:
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
+class ScorerContextError(ValueError):
+    """The prompt, or the answer asked for, does not fit the scoring models' context. `field` is
+    what to change: "prompt" or "max_tokens"."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_room(session: "ScoringSession", max_new_tokens: int) -> None:
+    """ScorerContextError unless a response of `max_new_tokens` tokens (counted one scorer token
+    per upstream token: the check is before any call, so it cannot see the real text) and its
+    EOS fit after the session's prompt."""
+    room = session.response_room()
+    if room is None:
+        return
+    if room < 2:
+        raise ScorerContextError("prompt", f"the prompt fills the guide's context ({-room + 2} tokens too many "
+                                           "for even a one-token answer)")
+    if max_new_tokens > room - 1:
+        raise ScorerContextError("max_tokens", f"at most {room - 1} for this prompt: the guide's context "
+                                               f"holds the prompt and {room - 1} more tokens (and the end of text)")
+
+
 class ScoringSession(ABC):
     """Scores responses to one prompt; owns whatever per-prompt state (tokens, caches) it needs."""
 
@@ -32,6 +56,12 @@ class ScoringSession(ABC):
 
     def keep(self, texts: Sequence[str]) -> None:
         """Only these responses will be extended (the survivors); a scorer may free the rest now."""
+
+    def response_room(self) -> int | None:
+        """How many tokens (in the scorer's own tokenizer, EOS included) a response may have
+        before prompt + response passes the scoring models' context; None: no limit known. The
+        search checks it before it calls the upstream, so an impossible request costs nothing."""
+        return None
 
     @abstractmethod
     def close(self) -> None:

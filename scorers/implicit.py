@@ -59,6 +59,11 @@ class ImplicitRewardSession(ScoringSession):
         self._prompts: tuple[PromptEncoding, PromptEncoding] | None = None
         self._cache: SessionCache | None = SessionCache() if scorer.incremental else None
 
+    def response_room(self) -> int | None:
+        rooms = [r for r in (self._scorer.tuned.response_room(self.prompt_texts[0]),
+                             self._scorer.untuned.response_room(self.prompt_texts[1])) if r is not None]
+        return min(rooms) if rooms else None
+
     @property
     def prompt_texts(self) -> tuple[str, str]:
         """The rendered prompt as (tuned, untuned) see it."""

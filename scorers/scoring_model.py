@@ -142,6 +142,14 @@ class ScoringModel:
             full.append(self.eos_id())
         return ResponseTokens(full, boundary)
 
+    def response_room(self, prompt_text: str) -> int | None:
+        """Tokens a response (EOS included) can have after this prompt before the sequence
+        passes the model's positions; None when the model names no limit."""
+        limit = max_positions(self.model)
+        if limit is None:
+            return None
+        return limit - len(self.encode_prompt(prompt_text).ids)
+
     def eos_id(self) -> int:
         eos = self.tokenizer.eos_token_id
         if eos is None:

@@ -15,7 +15,7 @@ from proxy.local.backend import Choice, CompletionParams
 from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.search import search
 from proxy.serving.errors import ApiError
-from proxy.types import Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
+from proxy.types import Conversation, Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from proxy.upstreams.retry import retry_after_seconds
 from tests.conftest import upstream_config
@@ -325,3 +325,19 @@ async def test_running_usage_counts_every_billed_call_and_probe_says_why_not(
         dead = server.base_url
     async with OpenAICompletionsUpstream(upstream_config(loopback, base_url=dead)) as up:
         assert await up.probe() == Probe(False, "unreachable: APIConnectionError")
+
+
+async def test_trailing_whitespace_held_back_is_joined_on_exactly(loopback: ToyCompletionsServer) -> None:
+    """The toy's words carry their leading space: a partial ending in a space, sent as is, would
+    double it; held back (hold_trailing_whitespace), the continuation's own space takes its place."""
+    conv = Conversation.completion("the cat sat on")
+    params = SamplingParams(n=3, max_tokens=4, seed=9)
+    async with OpenAICompletionsUpstream(upstream_config(loopback)) as plain:
+        unheld = await plain.sample_batch(conv, [" the mat ", " a"], params, seeds=[9, 10])
+    async with OpenAICompletionsUpstream(upstream_config(loopback, hold_trailing_whitespace=True)) as up:
+        held = await up.sample_batch(conv, [" the mat ", " a"], params, seeds=[9, 10])
+        stripped = await up.sample_batch(conv, [" the mat", " a"], params, seeds=[9, 10])
+    assert [r["prompt"] for r in loopback.requests[-2:]] == [["the cat sat on the mat", "the cat sat on a"]] * 2
+    assert [c.text for c in held.continuations[:3]] == [c.text[1:] for c in stripped.continuations[:3]]
+    assert held.continuations[3:] == stripped.continuations[3:]  # nothing held: as sent
+    assert all(c.text.startswith(" ") for c in unheld.continuations[:3])  # the doubled space it avoids

@@ -22,6 +22,7 @@ from tiny_models import TinyModelDirs, cpu_scorer_config
 from proxy.client import GuidedClient
 from proxy.config import AppConfig, ScorerConfig, SearchConfig, UpstreamConfig
 from proxy.testing.toy_server import ToyCompletionsServer
+from scorers.base import ScorerContextError
 from tests.conftest import upstream_config
 from tests.doubles import FnScorer
 from tests.test_server import MODEL, distinct_words, metric, root, served, wait_for
@@ -112,6 +113,39 @@ async def test_real_tiny_scorer_loaded_at_startup_guides_the_answer(
     w2s = r.model_extra["w2s"]
     assert r.choices[0].message.content == ref.text.lstrip() and w2s["steps"] == len(ref.steps) >= 2
     assert w2s["score"] == pytest.approx(ref.score, abs=1e-6) and rescored == pytest.approx(w2s["score"], abs=1e-4)
+
+
+async def test_what_cannot_fit_the_guides_context_is_refused_before_the_upstream_is_paid(
+        loopback: ToyCompletionsServer, tiny_model_dirs: TinyModelDirs) -> None:  # noqa: F811
+    """The tiny guides position 512 tokens: a longer prompt, or an answer that could not fit after
+    the prompt, is a 400 naming the field, streamed or not, and the upstream never hears of it."""
+    scorer_cfg = cpu_scorer_config(tiny_model_dirs.llama_tuned, tiny_model_dirs.llama_untuned)
+    cfg = AppConfig(upstream=upstream_config(loopback), scorer=scorer_cfg, search=SearchConfig(max_new_tokens=12),
+                    server={"port": 0, "caps": {"max_tokens": 4096}})
+    long_text = " ".join(["the cat sat on the mat"] * 150)
+    async with served(cfg) as (srv, client):
+        await srv.wait_ready()
+        refusals = []
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as long_prompt:
+                await client.completions.create(model=f"{MODEL}+bon4", prompt=long_text, stream=stream)
+            with pytest.raises(openai.BadRequestError) as long_chat:
+                await client.chat.completions.create(model=f"{MODEL}+bon4", stream=stream,
+                                                     messages=[{"role": "user", "content": long_text}])
+            with pytest.raises(openai.BadRequestError) as long_answer:
+                await client.completions.create(model=f"{MODEL}+bon4", prompt="hi", max_tokens=600, stream=stream)
+            refusals += [long_prompt.value.body, long_chat.value.body, long_answer.value.body]
+        fits = await client.completions.create(model=f"{MODEL}+bon4", prompt="hi", max_tokens=400)
+    sent = len(loopback.requests)
+    async with GuidedClient(cfg) as guided:  # the same rule in-process: the search checks before it calls
+        with pytest.raises(ScorerContextError, match="fills the guide's context"):
+            await guided.instruct(long_text, w=1, k=4)
+    assert len(loopback.requests) == sent
+    assert [r["param"] for r in refusals] == ["prompt", "messages", "max_tokens"] * 2
+    assert {r["code"] for r in refusals} == {"context_length_exceeded"}
+    assert "at most" in refusals[2]["message"]
+    assert len(loopback.requests) >= 1 and all(r["prompt"] != long_text for r in loopback.requests)
+    assert fits.choices
 
 
 async def test_metrics_add_up_to_the_traffic(loopback: ToyCompletionsServer) -> None:

@@ -29,6 +29,7 @@ class ChatEndpoint(Endpoint[ChatCompletionRequest]):
     path: ClassVar[str] = "/v1/chat/completions"
     request_type = ChatCompletionRequest
     id_prefix: ClassVar[str] = "chatcmpl"
+    prompt_field: ClassVar[str] = "messages"
 
     def max_tokens(self, req: ChatCompletionRequest) -> int | None:
         return req.token_limit

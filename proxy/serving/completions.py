@@ -16,6 +16,7 @@ class CompletionsEndpoint(Endpoint[CompletionRequest]):
     path: ClassVar[str] = "/v1/completions"
     request_type = CompletionRequest
     id_prefix: ClassVar[str] = "cmpl"
+    prompt_field: ClassVar[str] = "prompt"
 
     def max_tokens(self, req: CompletionRequest) -> int | None:
         return req.max_tokens

@@ -29,6 +29,8 @@ class Endpoint(ABC, Generic[Req]):
     """The wire model the body is parsed into (strictly: a bad field is a 400)."""
     id_prefix: ClassVar[str]
     """Of response ids: "cmpl", "chatcmpl"."""
+    prompt_field: ClassVar[str]
+    """The request field that holds the prompt: "prompt", "messages"."""
 
     @abstractmethod
     def max_tokens(self, req: Req) -> int | None:

@@ -22,16 +22,17 @@ from pydantic import BaseModel, ValidationError
 from proxy.config import AppConfig
 from proxy.cost import cost_usd
 from proxy.engine import Engine, ResultSummary, ScorerUnavailable
+from proxy.protocol.requests import SamplingRequest
+from proxy.protocol.responses import SearchSummary
 from proxy.search import Candidate, SearchResult, StepCallback, StepTrace
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, upstream_error, validation_error
 from proxy.serving.guidance import GuidanceError, GuidanceModes, Plan
 from proxy.serving.metrics import ServerMetrics
-from proxy.protocol.requests import SamplingRequest
-from proxy.protocol.responses import SearchSummary
 from proxy.serving.streaming import StepHook, stream_search
-from proxy.upstreams.retry import retries_reported_to
 from proxy.types import Conversation
+from proxy.upstreams.retry import retries_reported_to
+from scorers.base import ScorerContextError
 
 _Req = TypeVar("_Req", bound=BaseModel)
 
@@ -86,7 +87,7 @@ class Generation:
                                                 limits.body_timeout_s)
         plan = self._plan(req, endpoint.max_tokens(req))
         conversation = endpoint.conversation(req)
-        self._check_scorer(plan)
+        self._check_scorer(plan, conversation, endpoint)
         if self.active >= limits.max_concurrent_requests:
             raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
                            "requests; retry shortly.", code="concurrency_limit", headers={"Retry-After": "1"})
@@ -107,13 +108,18 @@ class Generation:
             self.active -= 1
             self.metrics.in_flight.dec()
 
-    def _check_scorer(self, plan: Plan) -> None:
-        """A 503 while the scorer a guided plan needs is loading, or after it failed."""
+    def _check_scorer(self, plan: Plan, conversation: Conversation, endpoint: Endpoint[Any]) -> None:
+        """A 503 while the scorer a guided plan needs is loading, or after it failed; a 400 naming
+        the field when the prompt or max_tokens cannot fit the scorer's context. Before any
+        upstream call, and before a stream's 200."""
         try:
-            self.engine.scorer_for(plan.search, score_plain=False)
+            self.engine.check_room(conversation, plan.search, score_plain=False)
         except ScorerUnavailable as e:
             raise ApiError(503, f"guided modes are unavailable: {e}", code="scorer_unavailable",
                            headers={"Retry-After": "5"} if e.loading else None) from None
+        except ScorerContextError as e:
+            param = endpoint.prompt_field if e.field == "prompt" else "max_tokens"
+            raise ApiError(400, f"{param}: {e}", param=param, code="context_length_exceeded") from None
 
     def _plan(self, req: SamplingRequest, max_tokens: int | None) -> Plan:
         try:

@@ -35,6 +35,7 @@ from proxy.prompts import render
 from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage, request_seed
 from proxy.upstreams.capability import Capability, n_choices
 from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, malformed, read_as, refuses_n, usage_of
+from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
 log = logging.getLogger("w2s.upstream")
 
@@ -79,7 +80,7 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         return body
 
     async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
-        return await self.sample_prompt(render(conversation, self.cfg) + partial, params)
+        return await self.sample_batch(conversation, [partial], params, [params.seed])
 
     async def sample_prompt(self, prompt: str, params: SamplingParams) -> SampleResult:
         """`params.n` continuations of one completion prompt, as sent."""
@@ -95,8 +96,18 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
 
     async def sample_batch(self, conversation: Conversation, partials: Sequence[str], params: SamplingParams,
                            seeds: Sequence[int | None] | None = None) -> SampleResult:
+        """The template's prompt + each partial answer. With `hold_trailing_whitespace` a partial is
+        sent without its trailing whitespace (a tokenizer that attaches a space to the next word
+        would otherwise see a lone space token the model never wrote, and continue differently)
+        and each continuation is joined on exactly (proxy.upstreams.seam)."""
         head = render(conversation, self.cfg)
-        return await self.sample_prompts([head + p for p in partials], params, seeds)
+        if not self.cfg.hold_trailing_whitespace:
+            return await self.sample_prompts([head + p for p in partials], params, seeds)
+        sent, held = zip(*(hold_trailing_whitespace(p) for p in partials))
+        res = await self.sample_prompts([head + p for p in sent], params, seeds)
+        n = params.n
+        joined = [replace(c, text=join_held(held[i // n], c.text)) for i, c in enumerate(res.continuations)]
+        return replace(res, continuations=joined)
 
     async def sample_prompts(self, prompts: Sequence[str], params: SamplingParams,
                              seeds: Sequence[int | None] | None = None) -> SampleResult:
