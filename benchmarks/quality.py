@@ -443,7 +443,7 @@ def _adapter_digest(path: str | None) -> str | None:
 
 def available_guides(names: Sequence[str]) -> dict[str, Any]:
     """ScorerConfigs of the guides asked for; an unavailable one is refused, saying why."""
-    from proxy.demo.model import fetch_demo_model
+    from proxy.film_reviews.guide_model import fetch_demo_model
     from proxy.film_reviews.guides import GuideUnavailable, guide_config
 
     smol = fetch_demo_model()

