@@ -44,7 +44,7 @@ from proxy.cost import count_tokens
 from proxy.protocol.chat_reading import EngineChatChoice, EngineChatCompletion
 from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage
 from proxy.upstreams.capability import n_choices
-from proxy.upstreams.openai_http import OpenAICompatibleUpstream, read_as, refuses_n, usage_of
+from proxy.upstreams.openai_http import OpenAICompatibleUpstream, read_as, refuses_n
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
 log = logging.getLogger("w2s.upstream")
@@ -102,17 +102,8 @@ class OpenAIChatUpstream(OpenAICompatibleUpstream):
         responses = await n_choices(params.n, params.seed, self.n_choices,
                                     lambda k, seed: self._create(body, k, seed),
                                     lambda r: len(r.choices), refuses_n)
-        return self._collect(responses, params.n, max_tokens, held)
-
-    def _collect(self, responses: list[EngineChatCompletion], n: int, max_tokens: int, held: str) -> SampleResult:
-        usage = Usage()
-        conts: list[Continuation] = []
-        for resp in responses:
-            usage = usage + usage_of(resp.usage)
-            choices = sorted(resp.choices, key=lambda c: c.index)
-            for c in choices:
-                conts.append(self._continuation(c, resp, len(choices), max_tokens, held))
-        return SampleResult(conts[:n], usage, len(responses))
+        return self.collect(responses, params.n,
+                            lambda c, resp, count: self._continuation(c, resp, count, max_tokens, held))
 
     def _continuation(self, c: EngineChatChoice, resp: EngineChatCompletion, choices: int, max_tokens: int,
                       held: str) -> Continuation:

@@ -30,11 +30,12 @@ import openai
 
 from proxy.config import UpstreamConfig
 from proxy.cost import count_tokens
+from proxy.protocol.engine import EngineChoice
 from proxy.protocol.engine import EngineCompletion as Completion
 from proxy.prompts import render
 from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage, request_seed
 from proxy.upstreams.capability import Capability, n_choices
-from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, malformed, read_as, refuses_n, usage_of
+from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, malformed, read_as, refuses_n
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
 log = logging.getLogger("w2s.upstream")
@@ -147,18 +148,13 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         return SampleResult(rest.continuations, rest.usage + answered.usage, rest.calls + answered.calls)
 
     def _collect(self, responses: list[Completion], n: int, max_tokens: int) -> SampleResult:
-        usage = Usage()
-        conts: list[Continuation] = []
-        for resp in responses:
-            usage = usage + usage_of(resp.usage)
-            choices = sorted(resp.choices, key=lambda c: c.index)
-            for c in choices:
-                reason = c.finish_reason
-                if reason == "length":
-                    used = max_tokens
-                elif len(choices) == 1 and resp.usage is not None:
-                    used = resp.usage.completion_tokens
-                else:
-                    used = count_tokens(c.text, self.cfg.encoding)
-                conts.append(Continuation(c.text, reason != "length", used, reason))
-        return SampleResult(conts[:n], usage, len(responses))
+        def continuation(c: EngineChoice, resp: Completion, choices: int) -> Continuation:
+            if c.finish_reason == "length":
+                used = max_tokens
+            elif choices == 1 and resp.usage is not None:
+                used = resp.usage.completion_tokens
+            else:
+                used = count_tokens(c.text, self.cfg.encoding)
+            return Continuation(c.text, c.finish_reason != "length", used, c.finish_reason)
+
+        return self.collect(responses, n, continuation)

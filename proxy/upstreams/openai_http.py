@@ -9,7 +9,7 @@ were read are billed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import httpx2
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from proxy.config import UpstreamConfig, upstream_api_key
 from proxy.protocol.engine import EngineUsage
-from proxy.types import Probe, Usage
+from proxy.types import Continuation, Probe, SampleResult, Usage
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.capability import Capability
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
@@ -103,6 +103,18 @@ class OpenAICompatibleUpstream(Upstream):
         answer = await post(self.client, self.cfg, self._limit, path, body, read)
         self.record(usage_of(getattr(answer, "usage", None)))
         return answer
+
+    @staticmethod
+    def collect(answers: Sequence[Any], n: int, continuation: Callable[[Any, Any, int], Continuation]) -> SampleResult:
+        """The first `n` choices of `answers` in order (each answer's by index) as continuations,
+        `continuation(choice, answer, choices in that answer)`; usage summed over every answer."""
+        usage = Usage()
+        conts: list[Continuation] = []
+        for answer in answers:
+            usage = usage + usage_of(answer.usage)
+            choices = sorted(answer.choices, key=lambda c: c.index)
+            conts.extend(continuation(c, answer, len(choices)) for c in choices)
+        return SampleResult(conts[:n], usage, len(answers))
 
     async def aclose(self) -> None:
         await self.client.close()
