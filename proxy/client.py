@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.budget import Budget, BudgetExhausted
 from proxy.config import AppConfig, ConfigError, require_scorer, search_with
 from proxy.engine import Engine, ResultSummary, Spend
 from proxy.presets import load_config
@@ -86,32 +87,35 @@ class GuidedClient:
         if self._owns_engine:
             await self.engine.aclose()
 
-    async def _search(self, conversation: Conversation, on_step: StepCallback | None,
+    async def _search(self, conversation: Conversation, on_step: StepCallback | None, budget: Budget | None,
                       overrides: dict[str, Any]) -> SearchResult:
         self._require_open()
         cfg = search_with(self.config.search, **overrides)
-        return await self.engine.search(conversation, cfg, on_step=on_step)
+        return await self.engine.search(conversation, cfg, on_step=on_step, budget=budget)
 
-    async def complete(self, prompt: str, *, on_step: StepCallback | None = None, **overrides: Any) -> SearchResult:
-        """Continue a raw completion prompt; the scorer sees the prompt as one user turn."""
-        return await self._search(Conversation.completion(prompt), on_step, overrides)
+    async def complete(self, prompt: str, *, on_step: StepCallback | None = None, budget: Budget | None = None,
+                       **overrides: Any) -> SearchResult:
+        """Continue a raw completion prompt; the scorer sees the prompt as one user turn.
+        `budget` (proxy.budget): a cap shared with other searches, e.g. a whole run's."""
+        return await self._search(Conversation.completion(prompt), on_step, budget, overrides)
 
     async def chat(self, messages: Sequence[ChatMessage], *, on_step: StepCallback | None = None,
-                   **overrides: Any) -> SearchResult:
+                   budget: Budget | None = None, **overrides: Any) -> SearchResult:
         """Answer the last user turn; PromptError (a ValueError) naming the field when the
         messages cannot be answered."""
-        return await self._search(chat_conversation(messages), on_step, overrides)
+        return await self._search(chat_conversation(messages), on_step, budget, overrides)
 
     async def instruct(self, instruction: str, **overrides: Any) -> SearchResult:
         """Answer one instruction (the AlpacaEval setting)."""
         return await self.chat([{"role": "user", "content": instruction}], **overrides)
 
     async def generate_many(self, prompts: Iterable[str | Sequence[ChatMessage]], *, concurrency: int = 8,
-                            **overrides: Any) -> AsyncIterator[Generated]:
+                            budget: Budget | None = None, **overrides: Any) -> AsyncIterator[Generated]:
         """Answers as they finish (not in input order); a failed item carries its error.
 
         A string is an instruction; a list is chat messages. At most `concurrency` searches
-        run at once; leaving the loop early cancels the rest.
+        run at once; leaving the loop early cancels the rest. With a shared `budget`, an item
+        that would start after it is spent fails with BudgetExhausted instead.
         """
         if concurrency < 1:
             raise ConfigError("concurrency: must be at least 1")
@@ -121,9 +125,11 @@ class GuidedClient:
         async def one(i: int, p: str | Sequence[ChatMessage]) -> Generated:
             async with gate:
                 try:
+                    if budget is not None and budget.exhausted:
+                        raise BudgetExhausted("the budget was spent before this item started")
                     if isinstance(p, str):
-                        return Generated(i, p, await self.instruct(p, **overrides))
-                    return Generated(i, p, await self.chat(p, **overrides))
+                        return Generated(i, p, await self.instruct(p, budget=budget, **overrides))
+                    return Generated(i, p, await self.chat(p, budget=budget, **overrides))
                 except Exception as e:  # noqa: BLE001 - reported per item, never dropped
                     return Generated(i, p, error=e)
 

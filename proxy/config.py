@@ -40,6 +40,10 @@ class SearchConfig(Strict):
     finishing counts only through the EOS term of the score. On: a beam that ran out of budget
     unfinished ranks below every finished or growing one, and the answer is the best finished
     beam when there is one (best-of-N then means "best complete answer")."""
+    max_upstream_tokens: int | None = Field(None, ge=1)
+    """Tokens (prompt + completion) one search may be billed; None: no cap (proxy.budget)."""
+    max_cost_usd: float | None = Field(None, gt=0)
+    """US dollars one search may cost at the upstream's prices; None: no cap."""
 
     @property
     def needs_scorer(self) -> bool:
@@ -216,6 +220,11 @@ class ServerConfig(Strict):
     keep-alive connections, and clients that trickle their headers)."""
     body_timeout_s: float = Field(30.0, gt=0)
     """A request body not received in full within this long is answered 408."""
+    key_budget_usd: float | None = Field(None, gt=0)
+    """US dollars each proxy key (all requests together, without keys) may spend upstream, at
+    the upstream's prices, for the life of this process; then 429 insufficient_quota."""
+    key_budget_tokens: int | None = Field(None, ge=1)
+    """The same cap in upstream tokens (prompt + completion)."""
     stream_keepalive_s: float = Field(10.0, gt=0)
     """A stream with nothing to say for this long gets an SSE comment, so proxies that cut idle
     connections do not cut a search step that is still running."""

@@ -21,6 +21,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from proxy.budget import Budget
 from proxy.config import AppConfig, Prices, ScorerConfig, SearchConfig, require_scorer
 from proxy.cost import cost_usd
 from proxy.search import SearchResult, StepCallback, search
@@ -77,6 +78,8 @@ class ResultSummary:
     completion_tokens: int
     cost_usd: float
     wall_s: float
+    stopped_by: str | None = None
+    """"budget" when a budget ended the search before its beams ended (proxy.budget)."""
 
 
 def summarize(result: SearchResult, prices: Prices, mode: str | None = None) -> ResultSummary:
@@ -85,7 +88,7 @@ def summarize(result: SearchResult, prices: Prices, mode: str | None = None) -> 
     return ResultSummary(mode=mode or result.config.mode, score=result.score, finished=result.finished,
                          steps=len(result.steps), upstream_calls=result.calls, tokens=result.tokens,
                          prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                         cost_usd=cost_usd(u, prices), wall_s=round(result.wall_s, 4))
+                         cost_usd=cost_usd(u, prices), wall_s=round(result.wall_s, 4), stopped_by=result.stopped_by)
 
 
 def _load_scorer(cfg: ScorerConfig) -> Scorer:
@@ -228,20 +231,25 @@ class Engine:
         return self._scorer if score_plain or search_config.needs_scorer else None
 
     async def search(self, conversation: Conversation | str, search_config: SearchConfig | None = None, *,
-                     on_step: StepCallback | None = None, score_plain: bool = True) -> SearchResult:
+                     on_step: StepCallback | None = None, score_plain: bool = True,
+                     budget: Budget | None = None) -> SearchResult:
         """One search answering `conversation` (a string: a raw completion prompt; default
-        config: `config.search`); see proxy.search.search and `scorer_for`."""
+        config: `config.search`); see proxy.search.search and `scorer_for`. The search's own caps
+        (`max_upstream_tokens`, `max_cost_usd`, at the upstream's prices) nest under `budget`
+        (an API key's, a run's) when one is given."""
         cfg = search_config if search_config is not None else self.config.search
         scorer = self.scorer_for(cfg, score_plain=score_plain)
-        return await search(conversation, self.upstream, scorer, cfg, on_step=on_step)
+        capped = cfg.max_upstream_tokens is not None or cfg.max_cost_usd is not None
+        if capped or budget is not None:
+            budget = Budget(cfg.max_upstream_tokens, cfg.max_cost_usd, self.config.upstream.prices, parent=budget)
+        return await search(conversation, self.upstream, scorer, cfg, on_step=on_step, budget=budget)
 
     def check_room(self, conversation: Conversation, search_config: SearchConfig, *, score_plain: bool = True) -> None:
         """ScorerContextError now if the search could not fit the scorer's context (the search
         checks too; a server asks first, so a stream is refused before its 200 goes out)."""
         scorer = self.scorer_for(search_config, score_plain=score_plain)
         if scorer is not None:
-            with scorer.open(conversation.scorer_prompt) as session:
-                check_room(session, search_config.max_new_tokens)
+            check_room(scorer, conversation.scorer_prompt, search_config.max_new_tokens)
 
     def summarize(self, result: SearchResult, mode: str | None = None) -> ResultSummary:
         return summarize(result, self.config.upstream.prices, mode)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from proxy.budget import Budget
 from proxy.config import SearchConfig, require_scorer
 from proxy.types import Continuation, Conversation, SamplingParams, Usage, derive_seed, first_stop
 from proxy.upstreams.base import Upstream
@@ -80,6 +81,10 @@ class SearchResult:
     wall_s: float = 0.0
     chosen: int = 0
     nodes: dict[int, Candidate] = field(default_factory=dict)
+    stopped_by: str | None = None
+    """Why the search ended before its beams did: "budget" (the next step could have cost more
+    than the search's own cap allowed) or "shared budget" (more than a budget it shares, an API
+    key's or a run's, had left); None when it ran its course."""
 
     @property
     def path(self) -> list[int]:
@@ -116,8 +121,9 @@ class _Search:
     """State of one search; `run` drives it."""
 
     def __init__(self, conversation: Conversation, upstream: Upstream, session: ScoringSession | None,
-                 cfg: SearchConfig, on_step: StepCallback | None) -> None:
+                 cfg: SearchConfig, on_step: StepCallback | None, budget: Budget | None = None) -> None:
         self.conversation = conversation
+        self.budget = budget
         self.upstream = upstream
         self.session = session
         self.cfg = cfg
@@ -183,6 +189,17 @@ class _Search:
                 c.score = s
         return cands, res.usage, res.calls, t1 - t0, time.perf_counter() - t1
 
+    def _step_bound(self, live: list[Candidate]) -> Usage:
+        """The most the next step can be billed: every live beam's K samples at their token
+        limit, and per beam the prompt tokens the last step was billed per beam (fan-out
+        included), grown by one chunk; before the first step the prompt is not known yet."""
+        completion = sum(self.cfg.k * self._max_tokens(b) for b in live)
+        if not self.result.steps:
+            return Usage(0, completion)
+        last = self.result.steps[-1]
+        per_beam = last.usage.prompt_tokens / max(1, len(last.expanded))
+        return Usage(int(len(live) * per_beam) + completion, completion)
+
     @staticmethod
     def _distinct(pool: list[Candidate]) -> list[Candidate]:
         """Identical responses would take several slots for one beam: keep the first."""
@@ -200,6 +217,10 @@ class _Search:
         beams = [self.nodes[0]]
         step = 0
         while live := [b for b in beams if self.expandable(b)]:
+            blocker = None if self.budget is None else self.budget.blocker(self._step_bound(live))
+            if blocker is not None:
+                self.result.stopped_by = "budget" if blocker is self.budget else "shared budget"
+                break
             step += 1
             t0 = time.perf_counter()
             outs = await asyncio.gather(*(self._expand(r, step) for r in self._requests(live)))
@@ -220,6 +241,8 @@ class _Search:
                 wall_s=time.perf_counter() - t0,
             )
             self.result.steps.append(trace)
+            if self.budget is not None:
+                self.budget.charge(trace.usage)
             if self.on_step is not None:
                 maybe = self.on_step(trace, survivors)
                 if maybe is not None:
@@ -242,6 +265,7 @@ async def search(
     cfg: SearchConfig,
     *,
     on_step: StepCallback | None = None,
+    budget: Budget | None = None,
 ) -> SearchResult:
     """Guided generation of an answer to `conversation` (a string: a raw completion prompt).
 
@@ -249,15 +273,17 @@ async def search(
     scoring pair sees `conversation.scorer_prompt`, rendered by each model's own template.
     Without a scorer only plain sampling (w = k = 1) is possible; with one, every candidate is
     scored, and a prompt or `max_new_tokens` that cannot fit the scorer's context is refused
-    (ScorerContextError) before the upstream is called.
+    (ScorerContextError) before the upstream is called. With a `budget` (proxy.budget) the search
+    stops before a step that could exceed it and answers with its best beam, `stopped_by` saying
+    whose budget it was.
     """
     require_scorer(cfg, scorer is not None)
     conv = Conversation.completion(conversation) if isinstance(conversation, str) else conversation
+    if scorer is not None:
+        check_room(scorer, conv.scorer_prompt, cfg.max_new_tokens)  # before the upstream is paid for anything
     session = scorer.open(conv.scorer_prompt) if scorer else None
     try:
-        if session is not None:
-            check_room(session, cfg.max_new_tokens)  # before the upstream is paid for anything
-        return await _Search(conv, upstream, session, cfg, on_step).run()
+        return await _Search(conv, upstream, session, cfg, on_step, budget).run()
     finally:
         if session is not None:
             session.close()

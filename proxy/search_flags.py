@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-_KEYS = ("w", "k", "l", "max_new_tokens", "temperature", "top_p", "seed", "prefer_finished")
+_KEYS = ("w", "k", "l", "max_new_tokens", "temperature", "top_p", "seed", "prefer_finished",
+         "max_upstream_tokens", "max_cost_usd")
 
 
 def add_search_flags(p: argparse.ArgumentParser) -> None:
@@ -18,6 +19,10 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--prefer-finished", action="store_const", const=True, default=None,
                    help="answer with the best finished beam when there is one (default: the top-scored beam)")
+    g.add_argument("--max-upstream-tokens", type=int, metavar="N",
+                   help="each search stops before a step that could be billed more than N tokens in all")
+    g.add_argument("--search-max-cost-usd", dest="max_cost_usd", type=float, metavar="USD",
+                   help="each search stops before a step that could cost more than USD in all")
 
 
 def search_overrides(args: argparse.Namespace) -> dict[str, object]:

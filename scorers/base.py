@@ -32,11 +32,11 @@ class ScorerContextError(ValueError):
         self.field = field
 
 
-def check_room(session: "ScoringSession", max_new_tokens: int) -> None:
+def check_room(scorer: "Scorer", prompt: "ScorerPrompt", max_new_tokens: int) -> None:
     """ScorerContextError unless a response of `max_new_tokens` tokens (counted one scorer token
     per upstream token: the check is before any call, so it cannot see the real text) and its
-    EOS fit after the session's prompt."""
-    room = session.response_room()
+    EOS fit after `prompt` in the scorer's context."""
+    room = scorer.response_room(prompt)
     if room is None:
         return
     if room < 2:
@@ -57,12 +57,6 @@ class ScoringSession(ABC):
     def keep(self, texts: Sequence[str]) -> None:
         """Only these responses will be extended (the survivors); a scorer may free the rest now."""
 
-    def response_room(self) -> int | None:
-        """How many tokens (in the scorer's own tokenizer, EOS included) a response may have
-        before prompt + response passes the scoring models' context; None: no limit known. The
-        search checks it before it calls the upstream, so an impossible request costs nothing."""
-        return None
-
     @abstractmethod
     def close(self) -> None:
         """Free everything the session holds. Idempotent."""
@@ -82,6 +76,12 @@ class Scorer(ABC):
     @abstractmethod
     def open(self, prompt: ScorerPrompt) -> ScoringSession:
         """Start scoring responses to `prompt` (an instruction or a list of chat messages)."""
+
+    def response_room(self, prompt: ScorerPrompt) -> int | None:
+        """How many tokens (in the scorer's own tokenizer, EOS included) a response to `prompt`
+        may have before prompt + response passes the scoring models' context; None: no limit
+        known. Checked before the upstream is called, so an impossible request costs nothing."""
+        return None
 
     async def aclose(self) -> None:
         """Release models and worker threads."""

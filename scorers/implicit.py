@@ -59,11 +59,6 @@ class ImplicitRewardSession(ScoringSession):
         self._prompts: tuple[PromptEncoding, PromptEncoding] | None = None
         self._cache: SessionCache | None = SessionCache() if scorer.incremental else None
 
-    def response_room(self) -> int | None:
-        rooms = [r for r in (self._scorer.tuned.response_room(self.prompt_texts[0]),
-                             self._scorer.untuned.response_room(self.prompt_texts[1])) if r is not None]
-        return min(rooms) if rooms else None
-
     @property
     def prompt_texts(self) -> tuple[str, str]:
         """The rendered prompt as (tuned, untuned) see it."""
@@ -228,6 +223,11 @@ class ImplicitRewardScorer(Scorer):
 
     def open(self, prompt: ScorerPrompt) -> ImplicitRewardSession:
         return ImplicitRewardSession(self, as_messages(prompt))
+
+    def response_room(self, prompt: ScorerPrompt) -> int | None:
+        messages = as_messages(prompt)
+        rooms = [r for m in self._pair() if (r := m.response_room(m.render(messages))) is not None]
+        return min(rooms) if rooms else None
 
     def _release(self, cache: SessionCache) -> None:
         cache.release()

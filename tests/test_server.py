@@ -96,7 +96,7 @@ async def test_plain_completion_passes_the_openai_fields_through(loopback: ToyCo
     assert r.model_extra["w2s"] == {"mode": "base", "steps": 1, "upstream_calls": 1, "score": None,
                                     "finished": d.choices[0].finish_reason == "stop",
                                     "tokens": d.usage.completion_tokens, "cost_usd": 0.0,
-                                    "wall_s": r.model_extra["w2s"]["wall_s"]}
+                                    "wall_s": r.model_extra["w2s"]["wall_s"], "stopped_by": None}
 
 
 async def test_guided_completion_equals_the_in_process_search(loopback: ToyCompletionsServer) -> None:

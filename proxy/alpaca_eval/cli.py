@@ -25,6 +25,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="only the first N instructions")
     p.add_argument("--shard", metavar="i/n", help="the i-th of n contiguous parts (1-based), after --limit")
     p.add_argument("--concurrency", type=int, default=8, metavar="C", help="instructions in flight (default 8)")
+    p.add_argument("--max-cost-usd", dest="run_max_cost_usd", type=float, metavar="USD",
+                   help="stop starting items once this run has spent USD upstream (at the upstream's prices); "
+                        "items it cut short are failed and redone by the next run")
     p.add_argument("--generator", help="generator name in the output (default: model_guidance_wkl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_search_flags(p)
@@ -67,6 +70,7 @@ async def _run(args: argparse.Namespace) -> int:
     preflight(args.output, cfg, selection, args.generator or generator_name(cfg))
     async with GuidedClient(cfg) as client:
         summary = await run_alpaca_eval(client, selection, args.output, concurrency=args.concurrency,
+                                        max_cost_usd=args.run_max_cost_usd,
                                         generator=args.generator, progress=not args.no_progress)
     print(json.dumps(summary.model_dump(), indent=2))
     if summary.complete:

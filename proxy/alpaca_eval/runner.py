@@ -31,6 +31,7 @@ from proxy.alpaca_eval.outputs import (
     write_json_atomic,
 )
 from proxy.alpaca_eval.progress import ProgressBar
+from proxy.budget import Budget, BudgetExhausted
 from proxy.client import Generated, GuidedClient
 from proxy.config import AppConfig, ConfigError
 from proxy.cost import cost_usd
@@ -39,7 +40,11 @@ from proxy.types import Usage
 log = logging.getLogger("w2s.alpaca_eval")
 
 def item_record(index: int, item: Instruction, g: Generated, client: GuidedClient) -> ItemRecord:
-    """A failure keeps its error and no output: it is retried, never written as an empty answer."""
+    """A failure keeps its error and no output: it is retried, never written as an empty answer.
+    An answer the run's budget cut short is a failure too (the next run, with money, redoes it);
+    one cut by its own per-search cap is an answer, as configured."""
+    if g.result is not None and g.result.stopped_by == "shared budget":
+        g = Generated(g.index, g.prompt, error=BudgetExhausted("the run's budget ran out during this item"))
     if g.result is None:
         err = g.error
         return ItemRecord(index=index, instruction=item.instruction, dataset=item.dataset, status="failed",
@@ -86,11 +91,11 @@ class _Tally:
 
 async def _answer_pending(client: GuidedClient, ckpt: Checkpoint, pending: list[tuple[int, Instruction]],
                           concurrency: int, bar: ProgressBar | None, spent_before_usd: float,
-                          billed_before: Usage) -> _Tally:
+                          billed_before: Usage, budget: Budget | None) -> _Tally:
     """Run the searches; every result goes to the checkpoint the moment it arrives."""
     tally = _Tally(attempted=len(pending))
     prices = client.config.upstream.prices
-    gen = client.generate_many([it.instruction for _, it in pending], concurrency=concurrency)
+    gen = client.generate_many([it.instruction for _, it in pending], concurrency=concurrency, budget=budget)
     async with contextlib.aclosing(gen):
         async for g in gen:
             index, item = pending[g.index]
@@ -136,8 +141,13 @@ async def run_alpaca_eval(
     concurrency: int = 8,
     generator: str | None = None,
     progress: bool | TextIO = True,
+    max_cost_usd: float | None = None,
 ) -> RunSummary:
     """Answer every item of `selection` not answered yet in `output_dir`; `client` must be open.
+
+    `max_cost_usd` caps what this invocation spends upstream (at the upstream's prices): once it
+    is spent no item starts, and items it cut short are recorded as failed, so the next run
+    (with a new budget) answers exactly those.
 
     Returns the summary (also written to summary.json); `complete` is False when some item
     failed, and running again retries exactly those. `progress`: a bar on stderr (True), on
@@ -163,7 +173,8 @@ async def run_alpaca_eval(
             bar.draw(force=True)
         billed_before = client.usage.usage
         try:
-            tally = await _answer_pending(client, ckpt, pending, concurrency, bar, resumed_cost, billed_before)
+            budget = Budget(max_usd=max_cost_usd, prices=cfg.upstream.prices) if max_cost_usd is not None else None
+            tally = await _answer_pending(client, ckpt, pending, concurrency, bar, resumed_cost, billed_before, budget)
         finally:
             if bar is not None:
                 bar.close()

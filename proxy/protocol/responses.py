@@ -41,6 +41,8 @@ class SearchSummary(_Response):
     """Upstream tokens in the answer."""
     cost_usd: float
     wall_s: float
+    stopped_by: str | None = None
+    """"budget" when a budget ended the search early (the answer is its best beam so far)."""
 
 
 class CompletionChoice(_Response):

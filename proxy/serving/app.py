@@ -26,6 +26,7 @@ from proxy.config import AppConfig, server_api_keys
 from proxy.engine import Engine
 from proxy.presets import server_modes
 from proxy.serving.auth import ApiKeys
+from proxy.serving.generation import CALLER_KEY
 from proxy.serving.chat import ChatEndpoint
 from proxy.serving.completions import CompletionsEndpoint
 from proxy.serving.endpoint import Endpoint
@@ -143,7 +144,7 @@ class GuidanceServer:
         status = 500
         try:
             if request.path.startswith("/v1/"):
-                self._keys.check(request)
+                request[CALLER_KEY] = self._keys.check(request)
             response = await handler(request)
             status = request.get(STREAM_STATUS, response.status)
             return response

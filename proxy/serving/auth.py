@@ -28,16 +28,19 @@ class ApiKeys:
     def __bool__(self) -> bool:
         return bool(self._digests)
 
-    def check(self, request: web.Request) -> None:
-        """Raise a 401 unless the request carries a valid key (or no keys are set)."""
+    def check(self, request: web.Request) -> int | None:
+        """Raise a 401 unless the request carries a valid key (or no keys are set); return which
+        key (its index among the operator's keys; None when there are none), never the key."""
         if not self._digests:
-            return
+            return None
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        ok = False
+        matched: int | None = None
         if scheme.lower() == "bearer" and given:
             digest = _digest(given.strip())
-            for d in self._digests:  # no early exit: the time does not tell which key matched
-                ok |= hmac.compare_digest(digest, d)
-        if not ok:
+            for i, d in enumerate(self._digests):  # no early exit: the time does not tell which key matched
+                if hmac.compare_digest(digest, d):
+                    matched = i
+        if matched is None:
             raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                            code="invalid_api_key")
+        return matched

@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
+from proxy.budget import Budget
 from proxy.config import AppConfig
 from proxy.cost import cost_usd
 from proxy.engine import Engine, ResultSummary, ScorerUnavailable
@@ -30,7 +31,7 @@ from proxy.serving.errors import ApiError, upstream_error, validation_error
 from proxy.serving.guidance import GuidanceError, GuidanceModes, Plan
 from proxy.serving.metrics import ServerMetrics
 from proxy.serving.streaming import StepHook, stream_search
-from proxy.types import Conversation
+from proxy.types import Conversation, Usage
 from proxy.upstreams.retry import retries_reported_to
 from scorers.base import ScorerContextError
 
@@ -65,6 +66,10 @@ async def parse_body(request: web.Request, model: type[_Req], max_bytes: int, ti
         raise validation_error(e) from None
 
 
+CALLER_KEY = web.RequestKey("w2s_caller_key", object)
+"""Which proxy key a request came with (its index; None without keys): whose budget it spends."""
+
+
 def wire_summary(summary: ResultSummary) -> SearchSummary:
     """The engine's summary as the `w2s` field of a response."""
     return SearchSummary(**{name: getattr(summary, name) for name in SearchSummary.model_fields})
@@ -80,6 +85,7 @@ class Generation:
         self.metrics = metrics
         self.engine = engine
         self.active = 0
+        self._key_budgets: dict[object, Budget] = {}
 
     async def handle(self, request: web.Request, endpoint: Endpoint[Any]) -> web.StreamResponse:
         limits = self.config.server
@@ -88,13 +94,19 @@ class Generation:
         plan = self._plan(req, endpoint.max_tokens(req))
         conversation = endpoint.conversation(req)
         self._check_scorer(plan, conversation, endpoint)
+        budget = self._key_budget(request.get(CALLER_KEY))
+        first = plan.search
+        if budget is not None and not budget.allows(Usage(0, first.k * min(first.l or first.max_new_tokens,
+                                                                             first.max_new_tokens))):
+            raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
+                           "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
         if self.active >= limits.max_concurrent_requests:
             raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
                            "requests; retry shortly.", code="concurrency_limit", headers={"Retry-After": "1"})
         self.active += 1
         self.metrics.in_flight.inc()
         try:
-            run = partial(self._search, plan, conversation)
+            run = partial(self._search, plan, conversation, budget)
 
             def summarize(result: SearchResult) -> SearchSummary:
                 return wire_summary(self.engine.summarize(result, plan.mode))
@@ -129,7 +141,19 @@ class Generation:
         except GuidanceError as e:
             raise ApiError(e.status, e.message, param=e.param, code=e.code) from None
 
-    async def _search(self, plan: Plan, conversation: Conversation, hook: StepHook | None) -> SearchResult:
+    def _key_budget(self, key: object) -> Budget | None:
+        """The budget of the key a request came with (all requests share one without keys); in
+        this process's memory: replicas each hold their own."""
+        server = self.config.server
+        if server.key_budget_usd is None and server.key_budget_tokens is None:
+            return None
+        if key not in self._key_budgets:
+            self._key_budgets[key] = Budget(server.key_budget_tokens, server.key_budget_usd,
+                                            self.config.upstream.prices)
+        return self._key_budgets[key]
+
+    async def _search(self, plan: Plan, conversation: Conversation, budget: Budget | None,
+                      hook: StepHook | None) -> SearchResult:
         """The search, counted in the metrics step by step (so a cancelled or failed search counts
         what it spent), its retries too; upstream failures after retries raised as 502 / 504."""
         prices = self.config.upstream.prices
@@ -145,7 +169,8 @@ class Generation:
         outcome = "error"
         try:
             with retries_reported_to(self.metrics.upstream_retried):
-                result = await self.engine.search(conversation, plan.search, on_step=on_step, score_plain=False)
+                result = await self.engine.search(conversation, plan.search, on_step=on_step, score_plain=False,
+                                                  budget=budget)
             outcome = "finished" if result.finished else "length"
             return result
         except (asyncio.CancelledError, ConnectionResetError):  # the client went away
