@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from proxy.local.backend import Choice, CompletionBackend
 from proxy.protocol.engine import CompletionParams, EngineCompletionRequest
 from proxy.protocol.responses import CompletionChoice, CompletionResponse, ModelCard, ModelList, UsageInfo
+from proxy.serving.body import read_body
 from proxy.serving.errors import ApiError, validation_error
 
 SHUTDOWN_TIMEOUT_S = 0.5
@@ -47,7 +48,7 @@ class LocalCompletionsServer:
         # handler_cancellation: a client that gives up (timeout, cancelled task) cancels our
         # handler, as a real server stops generating; aiohttp disables this by default.
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-                               access_log=None)
+                               access_log=None, auto_decompress=False)  # decoded by proxy.serving.body
         await runner.setup()
         try:
             await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -80,7 +81,11 @@ class LocalCompletionsServer:
         return ApiError(404, f"Unknown route: {request.method} {request.path}", code="unknown_url").response()
 
     async def _completions(self, request: web.Request) -> web.Response:
-        return await self.respond(await request.read())
+        try:
+            raw = await read_body(request)
+        except ApiError as e:
+            return e.response()
+        return await self.respond(raw)
 
     async def respond(self, raw: bytes) -> web.Response:
         """The answer to one POSTed body: 200, or an OpenAI-shaped 400 naming the bad field."""
@@ -99,7 +104,7 @@ class LocalCompletionsServer:
     def parse(raw: bytes) -> list[CompletionParams]:
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past what the parser can hold
             raise ApiError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
         try:
             return EngineCompletionRequest.model_validate(body).params()

@@ -31,7 +31,8 @@ from proxy.serving.chat import ChatEndpoint
 from proxy.serving.completions import CompletionsEndpoint
 from proxy.serving.endpoint import Endpoint
 from proxy.serving.errors import ApiError, internal_error
-from proxy.serving.generation import Generation, json_response, too_large
+from proxy.serving.body import too_large
+from proxy.serving.generation import Generation, json_response
 from proxy.serving.guidance import GuidanceModes
 from proxy.serving.metrics import ServerMetrics
 from proxy.protocol.responses import ModelCard, ModelList
@@ -100,6 +101,7 @@ class GuidanceServer:
         # age (aiohttp counts it idle), which is what bounds slow clients before a handler runs.
         runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout_s,
                                keepalive_timeout=self.config.server.idle_timeout_s,
+                               auto_decompress=False,  # bodies are decoded by proxy.serving.body
                                **({} if self._access_log else {"access_log": None}))
         await runner.setup()
         try:

@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 
 import openai
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError
-from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from proxy.budget import Budget
@@ -26,6 +24,7 @@ from proxy.engine import Engine, ResultSummary, ScorerUnavailable
 from proxy.protocol.requests import SamplingRequest
 from proxy.protocol.responses import SearchSummary
 from proxy.search import Candidate, SearchResult, StepCallback, StepTrace
+from proxy.serving.body import read_body
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, upstream_error, validation_error
 from proxy.serving.guidance import GuidanceError, GuidanceModes, Plan
@@ -42,24 +41,9 @@ def json_response(model: BaseModel) -> web.Response:
     return web.Response(text=model.model_dump_json(), content_type="application/json")
 
 
-def too_large(max_bytes: int) -> ApiError:
-    return ApiError(413, f"The request body exceeds {max_bytes} bytes.", code="request_too_large")
-
-
 async def parse_body(request: web.Request, model: type[_Req], max_bytes: int, timeout_s: float) -> _Req:
-    """The body as `model`, or a 400 naming the bad field (413 past `max_bytes`, 408 when it has
-    not all arrived within `timeout_s`)."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise too_large(max_bytes)
-    try:
-        async with asyncio.timeout(timeout_s):
-            raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
-    except TimeoutError:
-        raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s.",
-                       code="request_timeout", headers={"Connection": "close"}) from None
-    except (ContentEncodingError, RequestPayloadError):
-        raise ApiError(400, "The request body could not be decoded as its Content-Encoding says.",
-                       code="invalid_encoding") from None
+    """The body as `model`, or a 400 naming the bad field (the body's own refusals: body.read_body)."""
+    raw = await read_body(request, max_bytes, timeout_s)
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
