@@ -102,6 +102,9 @@ class UpstreamConfig(Strict):
     """The request field that carries the seed (Mistral: `random_seed`); None: the API takes none."""
     extra_body: dict[str, Any] = {}
     """Fields merged into every request body, e.g. DeepSeek's `{"thinking": {"type": "disabled"}}`."""
+    response_cache_dir: str | None = None
+    """A directory where answers to seeded requests are kept, so a rerun pays nothing twice
+    (proxy.upstreams.cache); None: no cache."""
     hold_trailing_whitespace: bool = False
     """Send the partial answer without its trailing whitespace (APIs that refuse or strip it in a
     prefilled turn: Anthropic); see proxy.upstreams.seam."""

@@ -6,6 +6,15 @@ from proxy.upstreams.base import Upstream
 
 
 def make_upstream(cfg: UpstreamConfig) -> Upstream:
+    upstream = _family(cfg)
+    if cfg.response_cache_dir is None:
+        return upstream
+    from proxy.upstreams.cache import CachedUpstream
+
+    return CachedUpstream(upstream, cfg, cfg.response_cache_dir)
+
+
+def _family(cfg: UpstreamConfig) -> Upstream:
     if cfg.kind == "openai-completions":
         from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 
