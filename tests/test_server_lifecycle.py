@@ -260,7 +260,8 @@ async def test_w2s_serve_command(loopback: ToyCompletionsServer, tmp_path: Path)
 
 
 async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
-    """A request in flight when SIGTERM arrives still gets its answer; then the process exits 0."""
+    """Requests in flight when SIGTERM arrives, whole and streamed, still get their answers (the
+    stream to its [DONE]); then the process exits 0."""
     async with ToyCompletionsServer(latency_s=1.0) as slow:
         cfg = tmp_path / "serve.yaml"
         cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": slow.base_url}}))
@@ -272,9 +273,18 @@ async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
             base_url = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().split()[2]
             async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
                 pending = asyncio.create_task(client.completions.create(model=MODEL, prompt="hi", max_tokens=3))
-                await wait_for(lambda: slow.in_flight == 1, "the request to reach the upstream", limit_s=60)
+
+                async def streamed() -> str:
+                    async with aiohttp.ClientSession() as http:
+                        async with http.post(base_url + "/completions", json={
+                                "model": MODEL, "prompt": "yo", "max_tokens": 3, "stream": True}) as r:
+                            return (await r.read()).decode()
+
+                streaming = asyncio.create_task(streamed())
+                await wait_for(lambda: slow.in_flight == 2, "both requests to reach the upstream", limit_s=60)
                 proc.send_signal(signal.SIGTERM)
                 answer = await asyncio.wait_for(pending, 60)
+                stream_text = await asyncio.wait_for(streaming, 60)
         finally:
             try:  # it stops by itself after the SIGTERM above; a second one would race its exit
                 out, err = await asyncio.wait_for(proc.communicate(), 120)
@@ -283,4 +293,5 @@ async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
                     proc.kill()
                 raise
     assert answer.choices and answer.choices[0].text
+    assert stream_text.rstrip().endswith("data: [DONE]") and '"error"' not in stream_text
     assert proc.returncode == 0 and b"draining" in out and b"Traceback" not in err
