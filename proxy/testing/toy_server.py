@@ -54,34 +54,19 @@ from proxy.local.server import LocalCompletionsServer
 from proxy.protocol.engine import CompletionParams
 from proxy.serving.body import read_body
 from proxy.serving.errors import ApiError
+from proxy.testing.faults import (
+    BAD_ANSWERS,
+    FAULT_KINDS,
+    QUIRKS,
+    Fault,
+    check_fault,
+    bad_answer,
+    body_key,
+    status_response,
+)
 from proxy.testing.toy_model import DEFAULT_VOCAB, ToyBackend
 
 __all__ = ["DEFAULT_VOCAB", "FAULT_KINDS", "QUIRKS", "ToyCompletionsServer", "body_key", "main"]
-
-Fault = int | str
-
-QUIRKS: tuple[str, ...] = ("fewer-choices", "empty-text")
-"""Odd answers a correct client accepts as answers (see the module docstring)."""
-
-BAD_ANSWERS: tuple[str, ...] = ("malformed", "truncated", "no-choices", "empty-length")
-"""200s whose body is not a usable completion."""
-
-FAULT_KINDS: tuple[Fault, ...] = (429, 500, 503, "hang", "reset", "short-body", *BAD_ANSWERS, *QUIRKS)
-"""What `fault_rate` draws from by default: every kind this server can inject."""
-
-_NAMED = frozenset({"hang", "reset", "short-body", *BAD_ANSWERS, *QUIRKS})
-
-
-def body_key(body: object) -> str:
-    """A request body as a canonical string (sorted keys), to recognise the same request again."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":"))
-
-
-def _check_fault(fault: Fault) -> Fault:
-    if isinstance(fault, bool) or not (isinstance(fault, int) and 400 <= fault <= 599 or fault in _NAMED):
-        raise ValueError(f"unknown fault {fault!r}: an HTTP status 400..599 or one of {sorted(_NAMED)}")
-    return fault
-
 
 class ToyCompletionsServer(LocalCompletionsServer):
     """`LocalCompletionsServer` over `ToyBackend`, with fault injection.
@@ -112,7 +97,7 @@ class ToyCompletionsServer(LocalCompletionsServer):
         if fault_rate and not fault_kinds:
             raise ValueError("fault_rate > 0 needs at least one fault kind")
         for fault in (*failures, *fault_kinds):
-            _check_fault(fault)
+            check_fault(fault)
         if any(q not in QUIRKS for q in (quirks or {}).values()):
             raise ValueError(f"quirks must map body keys to one of {QUIRKS}")
         self.toy = ToyBackend(vocab, eos_prob, encoding)
@@ -156,33 +141,13 @@ class ToyCompletionsServer(LocalCompletionsServer):
         return None
 
     def _status(self, status: int) -> web.Response:
-        type_ = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
-        headers = None
         retry_after = self.retry_after_s
         if retry_after is None and status == 429 and self.fault_rate:
             retry_after = 0.05  # a drawn 429 always says when to come back, as rate limiters do
-        if retry_after is not None:
-            # Fractional seconds are allowed, so tests can ask for short waits: the openai SDK
-            # and proxy.upstreams.retry parse floats (and prefer retry-after-ms anyway).
-            seconds = float(retry_after)
-            headers = {"Retry-After": str(int(seconds)) if seconds.is_integer() else repr(seconds),
-                       "retry-after-ms": str(round(seconds * 1000))}
-        return ApiError(status, f"injected failure: HTTP {status}", type_=type_, headers=headers).response()
+        return status_response(status, retry_after)
 
     def _bad_answer(self, fault: str) -> web.Response:
-        usage = {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
-        if fault == "truncated":
-            return web.Response(text='{"id": "cmpl-1", "object": "text_completion", "choices": [{"te',
-                                content_type="application/json")
-        if fault == "malformed":
-            return web.Response(text='{"object": "text_completion", "choices": [{"text": " the", "index": 0,}]}',
-                                content_type="application/json")
-        if fault == "no-choices":
-            return web.json_response({"object": "text_completion", "model": self.model, "choices": [], "usage": usage})
-        if fault == "empty-length":
-            return web.json_response({"object": "text_completion", "model": self.model, "usage": usage, "choices": [
-                {"index": 0, "text": "", "finish_reason": "length", "logprobs": None}]})
-        raise ValueError(f"unknown fault {fault!r}")
+        return bad_answer(fault, self.model)
 
     # ------------------------------------------------------------------ answering
 
