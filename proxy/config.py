@@ -44,6 +44,9 @@ class SearchConfig(Strict):
     """Tokens (prompt + completion) one search may be billed; None: no cap (proxy.budget)."""
     max_cost_usd: float | None = Field(None, gt=0)
     """US dollars one search may cost at the upstream's prices; None: no cap."""
+    deadline_s: float | None = Field(None, gt=0)
+    """Seconds one search may take, retries included; then it answers with its best beam so
+    far (`stopped_by="deadline"`), and a step still running is cancelled with its upstream calls."""
 
     @property
     def needs_scorer(self) -> bool:

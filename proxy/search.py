@@ -84,7 +84,7 @@ class SearchResult:
     stopped_by: str | None = None
     """Why the search ended before its beams did: "budget" (the next step could have cost more
     than the search's own cap allowed) or "shared budget" (more than a budget it shares, an API
-    key's or a run's, had left); None when it ran its course."""
+    key's or a run's, had left), or "deadline" (`deadline_s` passed); None when it ran its course."""
 
     @property
     def path(self) -> list[int]:
@@ -221,9 +221,18 @@ class _Search:
             if blocker is not None:
                 self.result.stopped_by = "budget" if blocker is self.budget else "shared budget"
                 break
+            left = None if self.cfg.deadline_s is None else self.cfg.deadline_s - (time.perf_counter() - t_start)
+            if left is not None and left <= 0:
+                self.result.stopped_by = "deadline"
+                break
             step += 1
             t0 = time.perf_counter()
-            outs = await asyncio.gather(*(self._expand(r, step) for r in self._requests(live)))
+            try:
+                async with asyncio.timeout(left):
+                    outs = await asyncio.gather(*(self._expand(r, step) for r in self._requests(live)))
+            except TimeoutError:  # the step is dropped; what it was billed is in upstream.usage
+                self.result.stopped_by = "deadline"
+                break
             new = [c for out in outs for c in out[0]]
             carried = [b for b in beams if not self.expandable(b) and b.id != 0]
             pool = self._distinct(carried + new)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 _KEYS = ("w", "k", "l", "max_new_tokens", "temperature", "top_p", "seed", "prefer_finished",
-         "max_upstream_tokens", "max_cost_usd")
+         "max_upstream_tokens", "max_cost_usd", "deadline_s")
 
 
 def add_search_flags(p: argparse.ArgumentParser) -> None:
@@ -23,6 +23,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
                    help="each search stops before a step that could be billed more than N tokens in all")
     g.add_argument("--search-max-cost-usd", dest="max_cost_usd", type=float, metavar="USD",
                    help="each search stops before a step that could cost more than USD in all")
+    g.add_argument("--deadline-s", type=float, metavar="S",
+                   help="each search answers with its best beam so far after S seconds")
 
 
 def search_overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -2,6 +2,7 @@
 say so when a budget ended their work."""
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -100,3 +101,18 @@ async def test_a_run_budget_stops_starting_items_and_the_next_run_finishes_them(
     assert second.complete and second.resumed == first.this_run.answered
     read = lambda d: json.loads((tmp_path / d / OUTPUTS_NAME).read_text())  # noqa: E731
     assert read("run") == read("whole")  # the items the budget stopped were redone, the same
+
+
+async def test_a_deadline_answers_with_the_best_beam_so_far_and_cancels_the_step_in_flight() -> None:
+    async with ToyCompletionsServer(latency_s=0.3) as slow:
+        async with OpenAICompletionsUpstream(upstream_config(slow)) as up:
+            cfg = CBS.model_copy(update={"deadline_s": 1.0})  # ten steps of 0.3 s each would take 3 s
+            r = await search("the cat sat", up, FnScorer(words), cfg)
+            free = await search("the cat sat", up, FnScorer(words), CBS)
+        await asyncio.sleep(0.05)  # the cancelled step's handlers notice the disconnect
+        in_flight = slow.in_flight
+    assert r.stopped_by == "deadline" and 1 <= len(r.steps) < len(free.steps)
+    assert r.chosen in r.steps[-1].survivors  # the best beam of the last step it finished
+    for mine, theirs in zip(r.steps, free.steps):  # the steps it finished are the free search's (seeded)
+        assert [c.text for c in mine.candidates] == [c.text for c in theirs.candidates]
+    assert free.stopped_by is None and in_flight == 0

@@ -63,8 +63,9 @@ def config_fingerprint(cfg: AppConfig) -> str:
         "scorer": None if cfg.scorer is None else {
             "kind": cfg.scorer.kind, "tuned": cfg.scorer.tuned.model_dump(), "untuned": cfg.scorer.untuned.model_dump(),
             "expo_alpha": cfg.scorer.expo_alpha},
-        "search": {k: v for k, v in cfg.search.model_dump().items()  # caps only where set: older
-                   if v is not None or k not in ("max_upstream_tokens", "max_cost_usd")},  # fingerprints hold
+        # Caps and deadlines only where set, so fingerprints made before they existed still hold.
+        "search": {k: v for k, v in cfg.search.model_dump().items()
+                   if v is not None or k not in ("max_upstream_tokens", "max_cost_usd", "deadline_s")},
     }
     # How a chat family continues an answer shapes it too; added only where it applies, so the
     # fingerprints of completions runs (and their checkpoints) stay what they were.

@@ -37,6 +37,8 @@ class W2SOptions(_Request):
     """Cap on the tokens this request's search may be billed upstream."""
     max_cost_usd: float | None = Field(None, gt=0)
     """Cap on what this request's search may cost at the upstream's prices."""
+    deadline_s: float | None = Field(None, gt=0)
+    """Seconds this request's search may take; then its best beam so far is the answer."""
 
 
 class StreamOptions(_Request):
