@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import sys
@@ -21,11 +22,12 @@ from tiny_models import TinyModelDirs, cpu_scorer_config
 
 from proxy.client import GuidedClient
 from proxy.config import AppConfig, ScorerConfig, SearchConfig, UpstreamConfig
+from proxy.serving.app import GuidanceServer
 from proxy.testing.toy_server import ToyCompletionsServer
 from scorers.base import ScorerContextError
 from tests.conftest import upstream_config
 from tests.doubles import FnScorer
-from tests.test_server import MODEL, distinct_words, metric, root, served, wait_for
+from tests.test_server import MODEL, app_config, distinct_words, metric, root, served, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -292,6 +294,24 @@ async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 raise
-    assert answer.choices and answer.choices[0].text
+    assert answer.choices and answer.choices[0].finish_reason in ("stop", "length")
     assert stream_text.rstrip().endswith("data: [DONE]") and '"error"' not in stream_text
     assert proc.returncode == 0 and b"draining" in out and b"Traceback" not in err
+
+
+async def test_a_stream_still_running_when_the_grace_period_ends_gets_an_error_event() -> None:
+    async with ToyCompletionsServer(latency_s=5.0) as slow:
+        server = GuidanceServer(app_config(slow), shutdown_timeout_s=0.3)
+        await server.start(port=0)
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(server.base_url + "/completions", json={
+                        "model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}) as r:
+                    await wait_for(lambda: slow.in_flight == 1, "the request to reach the upstream", limit_s=30)
+                    stopping = asyncio.create_task(server.stop())
+                    body = (await r.read()).decode()
+                    await stopping
+        finally:
+            await server.stop()
+    last = [e for e in body.split("\n\n") if e][-1]
+    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "server_shutting_down"

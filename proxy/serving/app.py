@@ -36,7 +36,7 @@ from proxy.serving.generation import Generation, json_response
 from proxy.serving.guidance import GuidanceModes
 from proxy.serving.metrics import ServerMetrics
 from proxy.protocol.responses import ModelCard, ModelList
-from proxy.serving.streaming import STREAM_STATUS
+from proxy.serving.streaming import RUNNING_STREAMS, STREAM_STATUS
 from proxy.upstreams.base import Upstream
 from scorers.base import Scorer
 
@@ -74,6 +74,7 @@ class GuidanceServer:
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.server.max_body_bytes, middlewares=[self._middleware])
+        app[RUNNING_STREAMS] = set()
         endpoints: list[Endpoint[Any]] = [CompletionsEndpoint(), ChatEndpoint()]
         for endpoint in endpoints:
             app.router.add_post(endpoint.path, self._route(endpoint))
@@ -122,11 +123,23 @@ class GuidanceServer:
         await self.engine.wait_ready()
 
     async def stop(self) -> None:
+        """Stop taking requests; let those in flight finish within the grace period
+        (`shutdown_timeout_s`); streams still running near its end are ended with an error
+        event, anything else left at its end is cancelled."""
         if self._runner is not None:
             runner, self._runner = self._runner, None
-            await runner.cleanup()
+            ending = asyncio.create_task(self._end_streams_after(self._shutdown_timeout_s * 0.8))
+            try:
+                await runner.cleanup()
+            finally:
+                ending.cancel()
         if self._owns_engine:
             await self.engine.aclose()
+
+    async def _end_streams_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        for search in list(self.app[RUNNING_STREAMS]):
+            search.cancel()
 
     async def __aenter__(self) -> GuidanceServer:
         await self.start()
