@@ -20,6 +20,7 @@ from proxy.protocol.engine import CompletionParams, EngineCompletionRequest
 from proxy.protocol.responses import CompletionChoice, CompletionResponse, ModelCard, ModelList, UsageInfo
 from proxy.serving.body import read_body
 from proxy.serving.errors import ApiError, validation_error
+from proxy.serving.site import listen
 
 SHUTDOWN_TIMEOUT_S = 0.5
 """stop() waits this long for in-flight handlers, then cancels them."""
@@ -47,16 +48,10 @@ class LocalCompletionsServer:
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         # handler_cancellation: a client that gives up (timeout, cancelled task) cancels our
         # handler, as a real server stops generating; aiohttp disables this by default.
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-                               access_log=None, auto_decompress=False)  # decoded by proxy.serving.body
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        self._runner, root = await listen(app, "127.0.0.1", port, handler_cancellation=True,
+                                          shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None,
+                                          auto_decompress=False)  # decoded by proxy.serving.body
+        self.base_url = f"{root}/v1"
         return self.base_url
 
     async def stop(self) -> None:

@@ -25,17 +25,17 @@ from aiohttp import web
 from proxy.config import AppConfig, server_api_keys
 from proxy.engine import Engine
 from proxy.presets import server_modes
+from proxy.protocol.responses import ModelCard, ModelList
 from proxy.serving.auth import ApiKeys
-from proxy.serving.generation import CALLER_KEY
+from proxy.serving.body import too_large
 from proxy.serving.chat import ChatEndpoint
 from proxy.serving.completions import CompletionsEndpoint
 from proxy.serving.endpoint import Endpoint
 from proxy.serving.errors import ApiError, internal_error
-from proxy.serving.body import too_large
-from proxy.serving.generation import Generation, json_response
+from proxy.serving.generation import CALLER_KEY, Generation, json_response
 from proxy.serving.guidance import GuidanceModes
 from proxy.serving.metrics import ServerMetrics
-from proxy.protocol.responses import ModelCard, ModelList
+from proxy.serving.site import listen
 from proxy.serving.streaming import RUNNING_STREAMS, STREAM_STATUS
 from proxy.upstreams.base import Upstream
 from scorers.base import Scorer
@@ -100,21 +100,18 @@ class GuidanceServer:
         self.engine.open()
         # keepalive_timeout also closes a connection still sending its request head at that
         # age (aiohttp counts it idle), which is what bounds slow clients before a handler runs.
-        runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout_s,
-                               keepalive_timeout=self.config.server.idle_timeout_s,
-                               auto_decompress=False,  # bodies are decoded by proxy.serving.body
-                               **({} if self._access_log else {"access_log": None}))
-        await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            runner, root = await listen(self.app, host, port, handler_cancellation=True,
+                                        shutdown_timeout=self._shutdown_timeout_s,
+                                        keepalive_timeout=self.config.server.idle_timeout_s,
+                                        auto_decompress=False,  # bodies are decoded by proxy.serving.body
+                                        **({} if self._access_log else {"access_log": None}))
         except BaseException:
-            await runner.cleanup()
             if self._owns_engine:
                 await self.engine.aclose()
             raise
         self._runner = runner
-        bound_host, bound_port = runner.addresses[0][:2]
-        self.base_url = f"http://{bound_host}:{bound_port}/v1"
+        self.base_url = f"{root}/v1"
         self.engine.begin_loading()
         return self.base_url
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from proxy.protocol.engine import CompletionParams
+from proxy.serving.site import listen
 from proxy.testing.toy_model import ToyBackend
 from proxy.types import first_stop
 
@@ -83,10 +84,8 @@ class FakeAnthropicServer:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{model_id}", self._get_model)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"  # the SDK appends /v1/...
+        self._runner, self.base_url = await listen(app, "127.0.0.1", 0, handler_cancellation=True,
+                                                   shutdown_timeout=0.5, access_log=None)  # the SDK appends /v1/...
         return self
 
     async def __aexit__(self, *exc: object) -> None:

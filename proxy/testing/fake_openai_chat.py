@@ -43,6 +43,7 @@ from aiohttp import web
 
 from proxy.protocol.engine import CompletionParams
 from proxy.serving.errors import ApiError
+from proxy.serving.site import listen
 from proxy.testing.toy_model import ToyBackend
 
 Dialect = Literal["vllm", "deepseek", "mistral", "ignores-n"]
@@ -94,15 +95,8 @@ class FakeChatServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
-        runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        self._runner, root = await listen(app, "127.0.0.1", 0, shutdown_timeout=0.5, access_log=None)
+        self.base_url = f"{root}/v1"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
