@@ -48,6 +48,7 @@ from proxy.types import ChatMessage, Continuation, Conversation, Probe, SampleRe
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
 from proxy.upstreams.base import Upstream, UpstreamUnsuitable
 from proxy.upstreams.capability import Capability, n_choices
+from proxy.upstreams.openai_http import probe_failure
 from proxy.upstreams.retry import retrying
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
@@ -241,10 +242,6 @@ class AnthropicMessagesUpstream(Upstream):
                 await client.models.retrieve(self.cfg.model)
             except anthropic.NotFoundError:
                 return Probe(False, f"model unknown: the upstream does not know {self.cfg.model!r}")
-        except anthropic.APIStatusError as e:
-            return Probe(False, f"refused: HTTP {e.status_code}")
-        except anthropic.APIConnectionError as e:
-            return Probe(False, f"unreachable: {type(e).__name__}")
         except anthropic.APIError as e:
-            return Probe(False, f"failed: {type(e).__name__}")
+            return probe_failure(as_openai_error(e, self.cfg.model))
         return Probe(True, "reachable")

@@ -123,17 +123,23 @@ class OpenAICompatibleUpstream(Upstream):
         return await probe_models(self.client, self.cfg)
 
 
+def probe_failure(exc: openai.APIError) -> Probe:
+    """Why a probe failed, in the words every family uses (another SDK's failure is first
+    translated to the openai exception of the same meaning)."""
+    if isinstance(exc, openai.APIStatusError):
+        return Probe(False, f"refused: HTTP {exc.status_code}")
+    if isinstance(exc, openai.APIConnectionError):
+        return Probe(False, f"unreachable: {type(exc).__name__}")
+    return Probe(False, f"failed: {type(exc).__name__}")
+
+
 async def probe_models(client: openai.AsyncOpenAI, cfg: UpstreamConfig) -> Probe:
     """GET /models once, without retries (reachability now, not eventually), and look for the
     configured model in what it lists."""
     try:
         page = await client.with_options(timeout=min(5.0, cfg.timeout_s), max_retries=0).models.list()
-    except openai.APIStatusError as e:
-        return Probe(False, f"refused: HTTP {e.status_code}")
-    except openai.APIConnectionError as e:
-        return Probe(False, f"unreachable: {type(e).__name__}")
     except openai.APIError as e:
-        return Probe(False, f"failed: {type(e).__name__}")
+        return probe_failure(e)
     listed = {m.id for m in page.data}
     if listed and cfg.model not in listed and not page.has_next_page():
         return Probe(False, f"model unknown: the upstream does not list {cfg.model!r}")
