@@ -40,27 +40,13 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server import MODEL, ROOT, UpstreamProcess, cpu_seconds, pct  # noqa: E402  (benchmarks/server.py)
+from server import MODEL, ROOT, cpu_seconds, pct, toy_upstream_process  # noqa: E402  (benchmarks/server.py)
 
 MODES = {"bon4": {"w": 1, "k": 4}, "cbs": {"w": 2, "k": 2, "l": 4}}
 UPSTREAM_ERRORS = {502: "upstream_error", 504: "upstream_timeout"}
 
 
 # ------------------------------------------------------------------------------ the processes
-
-
-@asynccontextmanager
-async def faulty_upstream(latency_s: float, fault_rate: float, fault_seed: int) -> AsyncIterator[UpstreamProcess]:
-    """The toy upstream in its own process, faulting at `fault_rate`."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.testing.toy_server", "--port", "0", "--latency-s", str(latency_s),
-        "--fault-rate", str(fault_rate), "--fault-seed", str(fault_seed), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        yield UpstreamProcess((await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip(), proc.pid)
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 def tiny_scorer(root: Path) -> dict[str, Any]:
@@ -257,7 +243,8 @@ async def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     with tempfile.TemporaryDirectory() as tmp:
         scorer = await asyncio.to_thread(tiny_scorer, Path(tmp)) if args.scorer == "tiny" else None
-        async with faulty_upstream(args.latency_s, args.fault_rate, args.fault_seed) as upstream:
+        async with toy_upstream_process("--latency-s", str(args.latency_s), "--fault-rate", str(args.fault_rate),
+                                        "--fault-seed", str(args.fault_seed)) as upstream:
             async with w2s_serve(serve_config(upstream.url, args, scorer), Path(tmp)) as served:
                 rss_idle = served.peak_rss_mib
                 cpu0 = cpu_seconds(served.proc.pid)

@@ -79,11 +79,12 @@ class UpstreamProcess:
 
 
 @asynccontextmanager
-async def loopback_process(latency_s: float, eos_prob: float) -> AsyncIterator[UpstreamProcess]:
-    """The toy upstream in its own process, so its work does not share the server's event loop."""
+async def toy_upstream_process(*flags: str) -> AsyncIterator[UpstreamProcess]:
+    """The toy upstream (`python -m proxy.testing.toy_server`, with its command-line `flags`) in
+    its own process, so its work does not share the server's event loop."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.testing.toy_server", "--port", "0", "--latency-s", str(latency_s),
-        "--eos-prob", str(eos_prob), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "proxy.testing.toy_server", "--port", "0", *flags, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
         yield UpstreamProcess((await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip(), proc.pid)
@@ -161,7 +162,7 @@ class LoadClient:
 
 
 async def overhead(n: int) -> None:
-    async with loopback_process(0.0, 0.08) as upstream, LoadClient() as client:
+    async with toy_upstream_process("--latency-s", "0.0", "--eos-prob", "0.08") as upstream, LoadClient() as client:
         upstream_url = upstream.url
         async with GuidanceServer(config(upstream_url)) as server:
             c0 = time.process_time()
@@ -195,7 +196,8 @@ async def throughput(scorer_name: str, concurrencies: list[int], repeats: int) -
         scorer: Scorer = (FnScorer(lambda t, f: float(len(set(t.split())))) if scorer_name == "fn"
                           else await asyncio.to_thread(tiny_scorer, Path(tmp)))
         rows = []
-        async with loopback_process(LATENCY_S, 0.0) as upstream, LoadClient() as client:
+        async with toy_upstream_process("--latency-s", str(LATENCY_S), "--eos-prob", "0.0") as upstream, \
+                LoadClient() as client:
             async with GuidanceServer(config(upstream.url), scorer=scorer) as server:
                 body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell story {i}."}],
                         "max_tokens": MAX_TOKENS, "w2s": GUIDED}
