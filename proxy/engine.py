@@ -232,21 +232,22 @@ class Engine:
 
     async def search(self, conversation: Conversation | str, search_config: SearchConfig | None = None, *,
                      on_step: StepCallback | None = None, score_plain: bool = True,
-                     budget: Budget | None = None) -> SearchResult:
+                     budget: Budget | None = None, room_checked: bool = False) -> SearchResult:
         """One search answering `conversation` (a string: a raw completion prompt; default
         config: `config.search`); see proxy.search.search and `scorer_for`. The search's own caps
         (`max_upstream_tokens`, `max_cost_usd`, at the upstream's prices) nest under `budget`
-        (an API key's, a run's) when one is given."""
+        (an API key's, a run's) when one is given. `room_checked`: `check_room` was called."""
         cfg = search_config if search_config is not None else self.config.search
         scorer = self.scorer_for(cfg, score_plain=score_plain)
         capped = cfg.max_upstream_tokens is not None or cfg.max_cost_usd is not None
         if capped or budget is not None:
             budget = Budget(cfg.max_upstream_tokens, cfg.max_cost_usd, self.config.upstream.prices, parent=budget)
-        return await search(conversation, self.upstream, scorer, cfg, on_step=on_step, budget=budget)
+        return await search(conversation, self.upstream, scorer, cfg, on_step=on_step, budget=budget,
+                            room_checked=room_checked)
 
     def check_room(self, conversation: Conversation, search_config: SearchConfig, *, score_plain: bool = True) -> None:
-        """ScorerContextError now if the search could not fit the scorer's context (the search
-        checks too; a server asks first, so a stream is refused before its 200 goes out)."""
+        """ScorerContextError now if the search could not fit the scorer's context. A server asks
+        first, so a stream is refused before its 200 goes out, then searches with `room_checked`."""
         scorer = self.scorer_for(search_config, score_plain=score_plain)
         if scorer is not None:
             check_room(scorer, conversation.scorer_prompt, search_config.max_new_tokens)

@@ -275,6 +275,7 @@ async def search(
     *,
     on_step: StepCallback | None = None,
     budget: Budget | None = None,
+    room_checked: bool = False,
 ) -> SearchResult:
     """Guided generation of an answer to `conversation` (a string: a raw completion prompt).
 
@@ -284,11 +285,12 @@ async def search(
     scored, and a prompt or `max_new_tokens` that cannot fit the scorer's context is refused
     (ScorerContextError) before the upstream is called. With a `budget` (proxy.budget) the search
     stops before a step that could exceed it and answers with its best beam, `stopped_by` saying
-    whose budget it was.
+    whose budget it was. `room_checked`: the caller has made that context check already
+    (`scorers.base.check_room`; it renders and tokenizes the prompt, so it is done once).
     """
     require_scorer(cfg, scorer is not None)
     conv = Conversation.completion(conversation) if isinstance(conversation, str) else conversation
-    if scorer is not None:
+    if scorer is not None and not room_checked:
         check_room(scorer, conv.scorer_prompt, cfg.max_new_tokens)  # before the upstream is paid for anything
     session = scorer.open(conv.scorer_prompt) if scorer else None
     try:

@@ -154,7 +154,7 @@ class Generation:
         try:
             with retries_reported_to(self.metrics.upstream_retried):
                 result = await self.engine.search(conversation, plan.search, on_step=on_step, score_plain=False,
-                                                  budget=budget)
+                                                  budget=budget, room_checked=True)  # by _check_scorer
             outcome = "finished" if result.finished else "length"
             return result
         except (asyncio.CancelledError, ConnectionResetError):  # the client went away
