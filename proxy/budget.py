@@ -54,7 +54,3 @@ class Budget:
         self.spent = self.spent + usage
         if self.parent is not None:
             self.parent.charge(usage)
-
-    def child(self, max_tokens: int | None = None, max_usd: float | None = None,
-              prices: Prices | None = None) -> "Budget":
-        return Budget(max_tokens, max_usd, prices or self.prices, parent=self)
