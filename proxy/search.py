@@ -113,6 +113,13 @@ def cut_at_stop(prev: str, chunk: str, stop: Sequence[str]) -> tuple[str, bool]:
     return chunk[: max(cut, 0)], True
 
 
+def chunk_limit(cfg: SearchConfig, tokens: int) -> int:
+    """The next chunk's token limit for a beam that has `tokens`: L, or what is left of
+    `max_new_tokens` if less."""
+    left = cfg.max_new_tokens - tokens
+    return min(cfg.l or left, left)
+
+
 def _score(c: Candidate) -> float:
     return c.score if c.score is not None else 0.0
 
@@ -163,9 +170,7 @@ class _Search:
         return [group[j:j + per_call] for group in by_budget.values() for j in range(0, len(group), per_call)]
 
     def _max_tokens(self, beam: Candidate) -> int:
-        """The next chunk's limit: L, or what is left of the beam's budget if less."""
-        left = self.cfg.max_new_tokens - beam.tokens
-        return min(self.cfg.l or left, left)
+        return chunk_limit(self.cfg, beam.tokens)
 
     def _params(self, max_tokens: int) -> SamplingParams:
         cfg = self.cfg

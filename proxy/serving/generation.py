@@ -23,7 +23,7 @@ from proxy.cost import cost_usd
 from proxy.engine import Engine, ResultSummary, ScorerUnavailable
 from proxy.protocol.requests import SamplingRequest
 from proxy.protocol.responses import SearchSummary
-from proxy.search import Candidate, SearchResult, StepCallback, StepTrace
+from proxy.search import Candidate, SearchResult, StepCallback, StepTrace, chunk_limit
 from proxy.serving.body import read_body
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, upstream_error, validation_error
@@ -79,9 +79,8 @@ class Generation:
         conversation = endpoint.conversation(req)
         self._check_scorer(plan, conversation, endpoint)
         budget = self._key_budget(request.get(CALLER_KEY))
-        first = plan.search
-        if budget is not None and not budget.allows(Usage(0, first.k * min(first.l or first.max_new_tokens,
-                                                                             first.max_new_tokens))):
+        # Refused when the key cannot pay for even the first step's samples.
+        if budget is not None and not budget.allows(Usage(0, plan.search.k * chunk_limit(plan.search, 0))):
             raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
                            "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
         if self.active >= limits.max_concurrent_requests:
