@@ -130,7 +130,13 @@ class Engine:
 
     async def _load(self, cfg: ScorerConfig) -> None:
         try:
-            self._scorer = await asyncio.to_thread(_load_scorer, cfg)
+            scorer = await asyncio.to_thread(_load_scorer, cfg)
+            try:
+                await scorer.start()
+            except BaseException:
+                await scorer.aclose()
+                raise
+            self._scorer = scorer
             self.scorer_state = "loaded"
             log.info("scorer loaded")
         except Exception as e:  # noqa: BLE001 - reported by probe(), wait_ready() and every guided search

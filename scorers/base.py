@@ -77,6 +77,10 @@ class Scorer(ABC):
     def open(self, prompt: ScorerPrompt) -> ScoringSession:
         """Start scoring responses to `prompt` (an instruction or a list of chat messages)."""
 
+    async def start(self) -> None:
+        """What a scorer must ask the network before it serves (the remote scorer: do its engines
+        serve the models, and how long a sequence may be); called once, after loading."""
+
     def response_room(self, prompt: ScorerPrompt) -> int | None:
         """How many tokens (in the scorer's own tokenizer, EOS included) a response to `prompt`
         may have before prompt + response passes the scoring models' context; None: no limit

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from scorers.scoring_model import PromptEncoding, ResponseTokens, ScoringModel, max_positions
+from scorers.reading import PromptEncoding, ResponseTokens
+from scorers.scoring_model import ScoringModel, max_positions
 
 
 def plan_batches(

@@ -30,7 +30,8 @@ from scorers.full_recompute import batched_logprobs, forward_batch, plan_batches
 from scorers.incremental import EngineStats, IncrementalEngine, ScoreJob
 from scorers.kv_cache import CachePool, CacheStats, SessionCache
 from scorers.loading import load_causal_lm, pick_device_dtype
-from scorers.scoring_model import PromptEncoding, ResponseTokens, ScoringModel, common_prefix_len
+from scorers.reading import PromptEncoding, ResponseTokens, common_prefix_len
+from scorers.scoring_model import ScoringModel
 
 __all__ = [
     "ImplicitRewardScorer",

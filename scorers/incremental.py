@@ -26,7 +26,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from scorers.kv_cache import Chain, CachePool, Prefix, SessionCache, SideCache, common_prefix, cut_chain, key_of
-from scorers.scoring_model import PromptEncoding, ScoringModel, max_positions
+from scorers.reading import PromptEncoding
+from scorers.scoring_model import ScoringModel
 
 MIN_SHARED = 16
 """A run shared by several new sequences gets its own first-phase row when it saves this many tokens.
@@ -284,9 +285,7 @@ class IncrementalEngine:
             keys, bounds = [], []
             for sm, side, prompt in zip(self.pair, cache.sides, prompts):
                 enc = sm.encode_response(prompt, text, False)
-                limit = max_positions(sm.model)
-                if limit is not None and len(enc.ids) > limit:
-                    raise ValueError(f"sequence of {len(enc.ids)} tokens exceeds the model's {limit} positions")
+                sm.check_length(enc)
                 if finished:
                     sm.eos_id()  # a clear error now rather than a KeyError later
                 ids = np.asarray(enc.ids, dtype=np.int64)

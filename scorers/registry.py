@@ -6,12 +6,17 @@ from scorers.base import Scorer
 
 
 def load_scorer(cfg: ScorerConfig) -> Scorer:
-    """Loads model weights: slow, call it off the event loop. Changes nothing process-wide
+    """Loads model weights (a remote scorer: tokenizers): slow, call it off the event loop, then
+    `await scorer.start()` on it. Changes nothing process-wide
     (torch's thread pool is the process owner's: proxy.engine, serve-local, the benchmarks)."""
     if cfg.kind == "implicit":
         from scorers.implicit import ImplicitRewardScorer
 
         return ImplicitRewardScorer.from_config(cfg)
+    if cfg.kind == "remote":
+        from scorers.remote import RemoteScorer
+
+        return RemoteScorer.from_config(cfg)
     raise ValueError(f"scorer.kind: unknown kind {cfg.kind!r}")
 
 

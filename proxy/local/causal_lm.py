@@ -38,7 +38,7 @@ from proxy.local.backend import Choice, CompletionParams
 from proxy.types import choice_seed, first_stop
 from scorers.batcher import MicroBatcher
 from scorers.loading import load_causal_lm, pick_device_dtype
-from scorers.scoring_model import needs_bos
+from scorers.reading import needs_bos
 
 DEFAULT_MAX_BATCH_ROWS = 64
 """Rows (prompts x n) decoded together; a request larger than this still runs, alone."""

@@ -27,11 +27,14 @@ from proxy.upstreams.retry import retrying
 Answer = TypeVar("Answer", bound=BaseModel)
 
 
-def new_client(cfg: UpstreamConfig) -> openai.AsyncOpenAI:
+def sdk_client(base_url: str | None, api_key: str, timeout_s: float) -> openai.AsyncOpenAI:
     """The SDK client over our aiohttp transport, SDK retries off (one retry policy: ours)."""
-    http = httpx2.AsyncClient(transport=AiohttpTransport(), timeout=cfg.timeout_s, follow_redirects=True)
-    return openai.AsyncOpenAI(base_url=cfg.base_url, api_key=upstream_api_key(cfg).get_secret_value(),
-                              max_retries=0, timeout=cfg.timeout_s, http_client=http)
+    http = httpx2.AsyncClient(transport=AiohttpTransport(), timeout=timeout_s, follow_redirects=True)
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s, http_client=http)
+
+
+def new_client(cfg: UpstreamConfig) -> openai.AsyncOpenAI:
+    return sdk_client(cfg.base_url, upstream_api_key(cfg).get_secret_value(), cfg.timeout_s)
 
 
 def _complaint(exc: openai.APIStatusError) -> tuple[str | None, str]:
