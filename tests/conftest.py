@@ -7,6 +7,7 @@ import pytest
 
 from proxy.config import UpstreamConfig
 from proxy.testing.toy_server import ToyCompletionsServer
+from tests.vllm_engine import vllm_server  # noqa: F401  (one real vLLM per session, for every module that asks)
 from tiny_models import (  # noqa: F401  (fixtures for every test module)
     llama_pair,
     mixed_pair,

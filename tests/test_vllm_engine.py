@@ -23,7 +23,7 @@ from proxy.upstreams.base import Upstream
 from proxy.upstreams.openai_chat import OpenAIChatUpstream
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from tests.doubles import FnScorer
-from tests.vllm_engine import VllmServer, vllm_server  # noqa: F401  (the fixture)
+from tests.vllm_engine import VllmServer
 
 pytestmark = pytest.mark.slow
 
