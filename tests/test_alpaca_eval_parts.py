@@ -26,7 +26,7 @@ from proxy.alpaca_eval.dataset import (
 from proxy.alpaca_eval.identity import config_fingerprint, generator_name
 from proxy.alpaca_eval.progress import ProgressBar, format_duration
 from proxy.config import ConfigError, UpstreamConfig
-from proxy.presets import load_config, load_preset
+from proxy.presets import build_config, load_config, load_preset
 
 # Strings alpaca_eval must get back unchanged: whitespace at both ends, CRLF, tabs, non-ASCII.
 ODD = ["  leading and trailing spaces  ", "line one\r\nline two\n", "tab\there", "naïve café — 東京 🙂",
@@ -145,6 +145,23 @@ def test_fingerprint_follows_what_shapes_answers_only() -> None:
     chat = base.model_copy(update={"upstream": UpstreamConfig.model_validate(load_preset("upstream", "vllm-chat"))})
     prefix = chat.model_copy(update={"upstream": chat.upstream.model_copy(update={"continuation": "prefix"})})
     assert len({config_fingerprint(c) for c in (base, chat, prefix)}) == 3
+    assert config_fingerprint(base) == "39f91c44cc2c839d"  # as before remote scorers: old checkpoints resume
+
+
+def test_a_remote_pair_may_move_engines_but_not_weights() -> None:
+    base = load_config("paper-cbs-w2k2l30")
+    remote = build_config({"upstream": "gpt-3.5-turbo-instruct", "scorer": "zephyr-7b-beta-vllm",
+                           "search": "cbs-w2k2l30"})
+    scorer = remote.scorer
+    assert scorer is not None and scorer.tuned.engine is not None
+    moved_engine = scorer.tuned.engine.model_copy(update={"base_url": ["http://10.0.0.7:8001/v1"], "timeout_s": 5.0})
+    moved = remote.model_copy(update={"scorer": scorer.model_copy(update={
+        "tuned": scorer.tuned.model_copy(update={"engine": moved_engine})})})
+    renamed = remote.model_copy(update={"scorer": scorer.model_copy(update={
+        "tuned": scorer.tuned.model_copy(update={"engine": moved_engine.model_copy(update={"model": "zephyr-lora"})})})})
+    assert config_fingerprint(moved) == config_fingerprint(remote)
+    assert len({config_fingerprint(c) for c in (base, remote, renamed)}) == 3
+    assert generator_name(remote) == generator_name(base).replace("gpt-3.5-turbo-instruct", remote.upstream.model)
 
 
 # ---------------------------------------------------------------- checkpoint

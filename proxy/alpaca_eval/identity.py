@@ -55,13 +55,23 @@ def generator_name(cfg: AppConfig, *, scorer_label: str | None = None) -> str:
     return f"{cfg.upstream.model.rsplit('/', 1)[-1]}_{guidance}_{mode}"
 
 
+def _scoring_model(spec: ModelSpec) -> dict:
+    """A scoring model as it shapes answers: its files and rules, and for a remote one the name
+    its engine serves (which weights), not where the engine is."""
+    shaping = spec.model_dump(exclude={"engine"})
+    if spec.engine is not None:
+        shaping["engine_model"] = spec.engine.model or spec.path
+    return shaping
+
+
 def config_fingerprint(cfg: AppConfig) -> str:
     up = cfg.upstream
     shaping = {
         "upstream": {"kind": up.kind, "model": up.model, "prompt_template": up.prompt_template,
                      "chat": up.chat.model_dump(), "context_window": up.context_window},
         "scorer": None if cfg.scorer is None else {
-            "kind": cfg.scorer.kind, "tuned": cfg.scorer.tuned.model_dump(), "untuned": cfg.scorer.untuned.model_dump(),
+            "kind": cfg.scorer.kind, "tuned": _scoring_model(cfg.scorer.tuned),
+            "untuned": _scoring_model(cfg.scorer.untuned),
             "expo_alpha": cfg.scorer.expo_alpha},
         # Caps and deadlines only where set, so fingerprints made before they existed still hold.
         "search": {k: v for k, v in cfg.search.model_dump().items()
