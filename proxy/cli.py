@@ -13,12 +13,14 @@ from pathlib import Path
 
 from proxy.alpaca_eval import cli as alpaca_eval_command
 from proxy.config import ConfigError
+from proxy.engine import ScorerUnavailable
 from proxy.demo import command as demo_command
 from proxy.local import command as serve_local_command
 from proxy.presets import load_config
 from proxy.search_flags import add_search_flags, search_overrides
 from proxy.serving import command as serve_command
 from proxy.serving.errors import upstream_error
+from scorers.base import ScorerFailure
 from scorers.tuning import cli as tune_command
 
 
@@ -89,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if known is not None:  # the upstream's own message is not repeated: it may echo the key
             print(f"w2s: error: {known.body.error.message} Check upstream.base_url, upstream.model and "
                   "the key in the variable upstream.api_key_env names.", file=sys.stderr)
+            return 1
+        if isinstance(e, (ScorerUnavailable, ScorerFailure)):  # the cause is the user's own (paths, engines)
+            loading = isinstance(e, ScorerUnavailable) and e.__cause__ is not None
+            print(f"w2s: error: {f'the scorer failed to load: {e.__cause__}' if loading else e}", file=sys.stderr)
             return 1
         if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
             print(f"w2s: error: cannot listen: {e.strerror} (is another server on that port? try --port)",

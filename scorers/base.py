@@ -32,6 +32,12 @@ class ScorerContextError(ValueError):
         self.field = field
 
 
+class ScorerFailure(RuntimeError):
+    """Scoring failed for a reason outside the request (a remote engine unreachable or failing
+    after retries): the search cannot go on, and the same request may succeed later. The message
+    names the model and the kind of failure, never an engine's own words (they may echo a key)."""
+
+
 def check_room(scorer: "Scorer", prompt: "ScorerPrompt", max_new_tokens: int) -> None:
     """ScorerContextError unless a response of `max_new_tokens` tokens (counted one scorer token
     per upstream token: the check is before any call, so it cannot see the real text) and its

@@ -29,10 +29,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from proxy.config import EngineEndpoint, engine_api_key
 from proxy.upstreams.openai_http import malformed, sdk_client
-from proxy.upstreams.retry import retrying
+from proxy.upstreams.retry import failure_kind, retries_reported_to, retrying
+from scorers.base import ScorerFailure
 
 
-class EngineUnsuitable(RuntimeError):
+class EngineUnsuitable(ScorerFailure):
     """An engine that cannot serve this scorer: unreachable at start, or not serving the model."""
 
 
@@ -136,28 +137,37 @@ class LogprobEngine:
         """log p(ids[i] | ids[:i]) for i >= 1, per sequence, in one request (the caller splits)."""
         body = {"model": self.model, "prompt": [list(s) for s in seqs], "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": 0}
-        first = True
-        async for attempt in retrying(self.endpoint.max_attempts, 0.2, 5.0):
-            with attempt:
-                if not first:
-                    self.stats.retries += 1
-                first = False
-                replica = self._pick()
-                replica.in_flight += 1
-                try:
-                    async with replica.limit:
-                        raw = await replica.client.post("/completions", body=body, cast_to=httpx2.Response)
-                    values = read_logprobs(raw, seqs)
-                except Exception:
-                    replica.failures += 1
-                    raise
-                finally:
-                    replica.in_flight -= 1
-                replica.failures = 0
+        try:
+            # Retries counted here, not reported to whoever counts the upstream's (the server's metrics).
+            with retries_reported_to(self._retried):
+                async for attempt in retrying(self.endpoint.max_attempts, 0.2, 5.0):
+                    with attempt:
+                        values = await self._try(body, seqs)
+        except openai.APIError as e:
+            raise ScorerFailure(f"the scorer's engine for {self.model!r} failed after {self.endpoint.max_attempts} "
+                                f"tries ({failure_kind(e)})") from e
         self.stats.requests += 1
         self.stats.sequences += len(seqs)
         self.stats.tokens += sum(len(s) for s in seqs)
         return values
+
+    async def _try(self, body: dict, seqs: Sequence[Sequence[int]]) -> list[list[float]]:
+        replica = self._pick()
+        replica.in_flight += 1
+        try:
+            async with replica.limit:
+                raw = await replica.client.post("/completions", body=body, cast_to=httpx2.Response)
+            values = read_logprobs(raw, seqs)
+        except Exception:
+            replica.failures += 1
+            raise
+        finally:
+            replica.in_flight -= 1
+        replica.failures = 0
+        return values
+
+    def _retried(self, exc: BaseException) -> None:
+        self.stats.retries += 1
 
     async def aclose(self) -> None:
         for r in self.replicas:

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import openai
 import pytest
 from fake_logprob_engine import FakeLogprobEngine
 from pydantic import ValidationError
@@ -20,6 +22,7 @@ from tiny_models import TEXT_A, TinyModelDirs, load_eager
 
 from proxy.config import AppConfig, ScorerConfig, SearchConfig
 from proxy.engine import Engine
+from proxy.serving.app import GuidanceServer
 from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.types import Conversation
 from scorers.base import ScorerContextError, check_room
@@ -237,3 +240,38 @@ async def test_a_search_through_the_engines_gives_the_local_answer(
     assert [[c.text for c in s.candidates] for s in remote.steps] == [[c.text for c in s.candidates] for s in local.steps]
     assert [s.survivors for s in remote.steps] == [s.survivors for s in local.steps]
     assert engines[0].requests > 0 and engines[1].requests > 0
+
+
+async def test_an_engine_that_keeps_failing_is_a_clear_502_not_an_upstream_failure(
+        tiny_model_dirs: TinyModelDirs, engines: tuple[FakeLogprobEngine, FakeLogprobEngine],
+        loopback: ToyCompletionsServer) -> None:
+    """Through `w2s serve` with the real openai client: the scorer's engine failing every try is
+    a 502 `scorer_error` naming the model and the kind of failure (never the engine's words),
+    whole or streamed; its retries are not counted as the upstream's."""
+    cfg = AppConfig.model_validate({
+        "upstream": {"model": "toy", "base_url": loopback.base_url, "api_key_env": "W2S_TEST_NO_KEY"},
+        "scorer": remote_config(tiny_model_dirs, engines[0].base_url, engines[1].base_url).model_dump(),
+        "server": {"modes": {"cbs": {"w": 2, "k": 2, "l": 8}}}})
+    async with GuidanceServer(cfg, shutdown_timeout_s=0.5) as server:
+        await server.engine.wait_ready()
+        async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as client:
+            engines[1].fail_next = [503] * 3
+            with pytest.raises(openai.APIStatusError) as e:
+                await client.completions.create(model="toy+cbs", prompt="Hi", max_tokens=16, seed=1)
+            assert e.value.status_code == 502
+            body = e.value.body if isinstance(e.value.body, dict) else {}
+            assert body.get("code") == "scorer_error"
+            assert "'untuned' failed after 3 tries (http_503)" in body.get("message", "")
+            assert "injected" not in body.get("message", "")  # the engine's own words stay out
+            engines[1].fail_next = [503] * 3
+            stream = await client.completions.create(model="toy+cbs", prompt="Hi", max_tokens=16, seed=1, stream=True)
+            with pytest.raises(openai.APIError, match="Guidance scoring failed"):
+                async for _ in stream:
+                    pass
+            ok = await client.completions.create(model="toy+cbs", prompt="Hi", max_tokens=16, seed=1)
+            assert ok.choices[0].text
+        async with aiohttp.ClientSession() as http:
+            async with http.get(server.base_url.removesuffix("/v1") + "/metrics") as r:
+                metrics = await r.text()
+    assert not [line for line in metrics.splitlines()
+                if line.startswith("w2s_upstream_retries_total") and not line.rstrip().endswith(" 0.0")]

@@ -10,6 +10,7 @@ its upstream failures translated (proxy.serving.errors), and the answer whole or
 from __future__ import annotations
 
 import asyncio
+import logging
 from functools import partial
 from typing import Any, TypeVar
 
@@ -32,9 +33,10 @@ from proxy.serving.metrics import ServerMetrics
 from proxy.serving.streaming import StepHook, stream_search
 from proxy.types import Conversation, Usage
 from proxy.upstreams.retry import retries_reported_to
-from scorers.base import ScorerContextError
+from scorers.base import ScorerContextError, ScorerFailure
 
 _Req = TypeVar("_Req", bound=BaseModel)
+log = logging.getLogger("w2s.server")
 
 
 def json_response(model: BaseModel) -> web.Response:
@@ -165,5 +167,8 @@ class Generation:
                 raise
             self.metrics.upstream_failed(e)
             raise error from None
+        except ScorerFailure as e:
+            log.warning("search failed: %s", e)
+            raise ApiError(502, f"Guidance scoring failed: {e}.", code="scorer_error") from None
         finally:
             self.metrics.search_done(plan.mode, outcome)
