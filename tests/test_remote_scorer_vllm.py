@@ -74,7 +74,7 @@ async def test_remote_equals_local_in_float32(vllm_server: VllmServer,
                                               scorers: tuple[ImplicitRewardScorer, RemoteScorer]) -> None:
     local, remote = scorers
     answer = await greedy_answer(vllm_server)
-    cuts = [answer[:i] for i in range(9, len(answer), 9)] + [answer]  # mid-word, after spaces, before punctuation
+    cuts = [answer[:i] for i in range(11, len(answer), 11)] + [answer]  # mid-word, after spaces, before punctuation
     odd = ["Café ☕ — naïve 😊 résumé", "  two leading spaces", "trailing space ", "line\nbreak\n"]
     texts = cuts + odd
     worst = 0.0
@@ -83,10 +83,6 @@ async def test_remote_equals_local_in_float32(vllm_server: VllmServer,
             want, got = await a.score(texts, flags), await b.score(texts, flags)
             assert got == pytest.approx(want, abs=FLOAT32_TOLERANCE)
             worst = max([worst] + [abs(x - y) for x, y in zip(got, want)])
-        # and grown step by step, as a search asks (the local side then reuses its caches)
-        for i in range(1, len(cuts) + 1, 3):
-            got, want = await b.score(cuts[:i], [False] * i), await a.score(cuts[:i], [False] * i)
-            assert got == pytest.approx(want, abs=FLOAT32_TOLERANCE)
     log.info("remote vs local, float32, %d texts: largest difference %.2e", len(texts), worst)
     assert len({round(x, 3) for x in want}) > 1  # real, differing numbers
 
@@ -122,7 +118,7 @@ async def test_two_replicas_over_one_engine_answer_alike(vllm_server: VllmServer
     }))
     procs = [await serve(config) for _ in range(2)]
     try:
-        requests = [dict(prompt=p, max_tokens=24, temperature=0.8, seed=s)
+        requests = [dict(prompt=p, max_tokens=16, temperature=0.8, seed=s)
                     for p, s in (("Write one line about the sea.", 3), ("Name a good breakfast.", 4))]
         answers: list[list[tuple[str, Any]]] = []
         for _, url in procs:
