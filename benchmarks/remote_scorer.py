@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from scorer import DEFAULT_RECORDING, Recording, table  # noqa: E402
+from scorer import DEFAULT_RECORDING, Recording, minimum_tokens, table  # noqa: E402
 
 from proxy.config import ScorerConfig  # noqa: E402
 from scorers.base import Scorer  # noqa: E402
@@ -114,21 +114,6 @@ async def replay(rec: Recording, scorer: Scorer, *, copies: int = 1, steps: int 
     return time.perf_counter() - t0, results[0]
 
 
-def minimum_tokens(rec: Recording, scorer: Scorer) -> int:
-    """Both sides: each prompt once, then each distinct candidate's tokens beyond its parent's."""
-    from scorers.reading import ModelReading
-
-    sides: tuple[ModelReading, ...] = getattr(scorer, "sides", None) or (scorer.tuned, scorer.untuned)  # type: ignore[attr-defined]
-    total = 0
-    nodes = sorted({i for call in rec.calls for i in call.nodes})
-    for side in sides:
-        prompt = side.encode_prompt(side.render([{"role": "user", "content": rec.instruction}]))
-        lengths = {i: len(side.encode_response(prompt, rec.text(i), False).ids) for i in nodes}
-        total += len(prompt.ids) + sum(lengths[i] - (len(prompt.ids) if rec.nodes[i].parent is None
-                                                     else lengths[rec.nodes[i].parent]) for i in nodes)
-    return total
-
-
 def selections_changed(rec: Recording, a: list[float], b: list[float]) -> tuple[int, int]:
     """Per step, the top W of the step's candidates by each score list: (steps where the sets
     differ, steps)."""
@@ -150,15 +135,10 @@ def start_vllm(dtype: str) -> tuple[object, str, str, str]:
     """The cached vLLM CPU build serving SmolLM2 in `dtype` (tests/vllm_engine.py's helpers)."""
     from tests import vllm_engine as v
 
-    v.DTYPE = dtype
-    venv, model = v.venv_dir(), v.model_dir()
-    if not v.venv_ready(venv):
-        proc, partial, out = v.start_install(venv)
-        v.finish_install(proc, partial, out, venv)
-    v.ensure_model(model)
+    venv, model, _, _ = v.prepare()
     log = Path("runs") / f"remote-scorer-vllm-{dtype}.log"
     log.parent.mkdir(exist_ok=True)
-    proc, url, start_s = v.start_server(venv, model, log)
+    proc, url, start_s = v.start_server(venv, model, log, dtype)
     print(f"vLLM {v.VLLM_VERSION} ({dtype}) at {url}: up in {start_s:.0f} s (log: {log})", file=sys.stderr)
     return proc, url, v.SERVED_NAME, str(model)
 
@@ -166,7 +146,7 @@ def start_vllm(dtype: str) -> tuple[object, str, str, str]:
 def stop_vllm(proc: object) -> None:
     from tests import vllm_engine as v
 
-    v._kill_group(proc)  # type: ignore[arg-type]
+    v.kill_group(proc)  # type: ignore[arg-type]
 
 
 async def main() -> int:
@@ -195,7 +175,7 @@ async def main() -> int:
     try:
         local = await open_scorer(scorer_config(rec, model_dir, None))
         remote = await open_scorer(scorer_config(rec, model_dir, engine))
-        minimum = minimum_tokens(rec, remote)
+        minimum = sum(minimum_tokens(rec, remote.sides))  # type: ignore[attr-defined]
         n_scored = sum(len(c.nodes) for c in rec.calls)
         print(f"\nRecorded CBS search: W={rec.search.w} K={rec.search.k} L={rec.search.l}, "
               f"{len({c.step for c in rec.calls})} steps, {n_scored} candidates; pair: SmolLM2-135M-Instruct, prompt "
@@ -214,9 +194,9 @@ async def main() -> int:
                  f"{remote_tokens / minimum:.2f}", delta(after, before, "cache_hit"), f"{wall_remote:.1f}"]]
         print(table(rows))
         diffs = [abs(a - b) for a, b in zip(s_local, s_remote)]
+        changed, selections = selections_changed(rec, s_local, s_remote)
         print(f"\nremote vs local, float32: largest score difference {max(diffs):.2e}, mean {statistics.mean(diffs):.2e} "
-              f"over {len(diffs)} candidates; selections changed: {selections_changed(rec, s_local, s_remote)[0]} "
-              f"of {selections_changed(rec, s_local, s_remote)[1]}")
+              f"over {len(diffs)} candidates; selections changed: {changed} of {selections}")
         print(f"engine prefix-cache queries during the remote replay: {delta(after, before, 'prefix_queries')}")
 
         print(f"\nConcurrent searches (first {args.sweep_steps} steps of the recording each, own prompts):\n")

@@ -38,9 +38,10 @@ from proxy.cost import get_encoding  # noqa: E402
 from proxy.search import search  # noqa: E402
 from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage  # noqa: E402
 from proxy.upstreams.base import Upstream  # noqa: E402
-from scorers.base import Scorer, ScorerPrompt, ScoringSession  # noqa: E402
+from scorers.base import Scorer, ScorerPrompt, ScoringSession, as_messages  # noqa: E402
 from scorers.implicit import ImplicitRewardScorer  # noqa: E402
 from scorers.loading import load_causal_lm, pick_device_dtype  # noqa: E402
+from scorers.reading import ModelReading  # noqa: E402
 
 DEFAULT_RECORDING = ROOT / "benchmarks" / "data" / "cbs_w4k4l30.json"
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "w2s-proxy" / "smollm2-135m-instruct"
@@ -233,22 +234,22 @@ async def replay(rec: Recording, scorers: dict[str, ImplicitRewardScorer]) -> di
     }
 
 
-def minimum_tokens(rec: Recording, scorer: ImplicitRewardScorer) -> tuple[int, int]:
-    """Per side: the prompt once, then each distinct candidate's tokens beyond its parent's.
+def minimum_tokens(rec: Recording, sides: Sequence[ModelReading]) -> list[int]:
+    """Per side (a scorer's tuned and untuned reading): the prompt once, then each distinct
+    candidate's tokens beyond its parent's.
 
     (Identical samples of one beam are one candidate: the search keeps one, and so does the cache.)"""
     distinct = sorted({i for call in rec.calls for i in call.nodes})  # nodes are distinct texts
     out = []
-    with scorer.open(rec.instruction) as session:
-        for sm, prompt_text in zip((scorer.tuned, scorer.untuned), session.prompt_texts):
-            prompt = sm.encode_prompt(prompt_text)
-            lengths = {i: len(sm.encode_response(prompt, rec.text(i), False).ids) for i in distinct}
-            total = len(prompt.ids)
-            for i in distinct:
-                parent = rec.nodes[i].parent
-                total += lengths[i] - (len(prompt.ids) if parent is None else lengths[parent])
-            out.append(total)
-    return out[0], out[1]
+    for side in sides:
+        prompt = side.encode_prompt(side.render(as_messages(rec.instruction)))
+        lengths = {i: len(side.encode_response(prompt, rec.text(i), False).ids) for i in distinct}
+        total = len(prompt.ids)
+        for i in distinct:
+            parent = rec.nodes[i].parent
+            total += lengths[i] - (len(prompt.ids) if parent is None else lengths[parent])
+        out.append(total)
+    return out
 
 
 def random_pair(arch: str, tokenizer, device: torch.device, dtype: torch.dtype):
@@ -327,7 +328,7 @@ async def main() -> int:
     scorers = {"incremental": make(True)}
     if not args.skip_full:
         scorers["full recompute"] = make(False)
-    minimum = minimum_tokens(rec, scorers["incremental"])
+    minimum = minimum_tokens(rec, (scorers["incremental"].tuned, scorers["incremental"].untuned))
     with scorers["incremental"].open(rec.instruction) as probe:
         prompt_tokens = [len(sm.encode_prompt(t).ids) for sm, t in
                          zip((scorers["incremental"].tuned, scorers["incremental"].untuned), probe.prompt_texts)]

@@ -38,6 +38,13 @@ class ScorerFailure(RuntimeError):
     names the model and the kind of failure, never an engine's own words (they may echo a key)."""
 
 
+def score_args(texts: Sequence[str], finished: Sequence[bool]) -> tuple[list[str], list[bool]]:
+    """A score call's texts and flags as lists; ValueError when there is not one flag per text."""
+    if len(texts) != len(finished):
+        raise ValueError(f"got {len(texts)} texts but {len(finished)} finished flags")
+    return list(texts), [bool(f) for f in finished]
+
+
 def check_room(scorer: "Scorer", prompt: "ScorerPrompt", max_new_tokens: int) -> None:
     """ScorerContextError unless a response of `max_new_tokens` tokens (counted one scorer token
     per upstream token: the check is before any call, so it cannot see the real text) and its

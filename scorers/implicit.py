@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from proxy.config import ModelSpec, ScorerConfig
-from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, as_messages
+from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, as_messages, score_args
 from scorers.batcher import MicroBatcher
 from scorers.full_recompute import batched_logprobs, forward_batch, plan_batches, response_logprobs
 from scorers.incremental import EngineStats, IncrementalEngine, ScoreJob
@@ -70,11 +70,9 @@ class ImplicitRewardSession(ScoringSession):
     async def score(self, texts: Sequence[str], finished: Sequence[bool]) -> list[float]:
         if self._prompt_texts is None:
             raise RuntimeError("scoring session is closed")
-        if len(texts) != len(finished):
-            raise ValueError(f"got {len(texts)} texts but {len(finished)} finished flags")
+        texts, flags = score_args(texts, finished)
         if not texts:
             return []
-        texts, flags = list(texts), [bool(f) for f in finished]
         if self._cache is not None:
             return await self._scorer._batcher.submit(ScoreJob(self._cache, self._prompt_texts, texts, flags))
         # Taken now, so a job already queued still runs if the scorer closes meanwhile.

@@ -63,15 +63,6 @@ class Replica:
     """Failures in a row: a replica that keeps failing is asked last."""
 
 
-@dataclass
-class EngineStats:
-    requests: int = 0
-    sequences: int = 0
-    tokens: int = 0
-    """Tokens sent for scoring (each sequence whole: the engine computes all of them)."""
-    retries: int = 0
-
-
 def read_logprobs(raw: httpx2.Response, seqs: Sequence[Sequence[int]]) -> list[list[float]]:
     """Per sequence, the log-probability of each token after the first, from a 200's body; or
     `malformed` when the answer does not fit the ids that were sent."""
@@ -105,7 +96,8 @@ class LogprobEngine:
     endpoint: EngineEndpoint
     model: str
     replicas: list[Replica] = field(init=False)
-    stats: EngineStats = field(default_factory=EngineStats)
+    retries: int = field(default=0, init=False)
+    """Tries after a failed one, over the engine's life (tests and operators read it)."""
 
     def __post_init__(self) -> None:
         key = engine_api_key(self.endpoint).get_secret_value()
@@ -146,9 +138,6 @@ class LogprobEngine:
         except openai.APIError as e:
             raise ScorerFailure(f"the scorer's engine for {self.model!r} failed after {self.endpoint.max_attempts} "
                                 f"tries ({failure_kind(e)})") from e
-        self.stats.requests += 1
-        self.stats.sequences += len(seqs)
-        self.stats.tokens += sum(len(s) for s in seqs)
         return values
 
     async def _try(self, body: dict, seqs: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -167,7 +156,7 @@ class LogprobEngine:
         return values
 
     def _retried(self, exc: BaseException) -> None:
-        self.stats.retries += 1
+        self.retries += 1
 
     async def aclose(self) -> None:
         for r in self.replicas:

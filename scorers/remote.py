@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from transformers import AutoConfig, AutoTokenizer
 
 from proxy.config import ModelSpec, ScorerConfig
-from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, as_messages
+from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, as_messages, score_args
 from scorers.full_recompute import plan_batches
 from scorers.logprob_engine import LogprobEngine
 from scorers.reading import ModelReading, PromptEncoding, ResponseTokens
@@ -59,13 +59,12 @@ class RemoteSession(ScoringSession):
     async def score(self, texts: Sequence[str], finished: Sequence[bool]) -> list[float]:
         if self._texts is None:
             raise RuntimeError("scoring session is closed")
-        if len(texts) != len(finished):
-            raise ValueError(f"got {len(texts)} texts but {len(finished)} finished flags")
+        texts, flags = score_args(texts, finished)
         if not texts:
             return []
         scorer = self._scorer
         loop = asyncio.get_running_loop()
-        seqs = await loop.run_in_executor(scorer.tokenizer_thread, self._encode, list(texts), [bool(f) for f in finished])
+        seqs = await loop.run_in_executor(scorer.tokenizer_thread, self._encode, texts, flags)
         tuned, untuned = await asyncio.gather(scorer.sums(0, seqs[0]), scorer.sums(1, seqs[1]))
         return [t - u for t, u in zip(tuned, untuned)]
 

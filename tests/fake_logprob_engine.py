@@ -24,6 +24,8 @@ import torch
 from aiohttp import web
 from transformers import PreTrainedModel
 
+from proxy.serving.site import listen
+
 
 
 def error(status: int, message: str, param: str | None = None) -> web.Response:
@@ -46,11 +48,8 @@ class FakeLogprobEngine:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._completions)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        port = self._runner.addresses[0][1]
-        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self._runner, root = await listen(app, "127.0.0.1", 0, access_log=None)
+        self.base_url = f"{root}/v1"
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -160,7 +160,7 @@ def start_install(venv: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
 
 
 def abort_install(proc: subprocess.Popen[bytes], partial: Path, out: Path) -> None:
-    _kill_group(proc)
+    kill_group(proc)
     shutil.rmtree(partial, ignore_errors=True)
     out.unlink(missing_ok=True)
 
@@ -169,7 +169,7 @@ def finish_install(proc: subprocess.Popen[bytes], partial: Path, out: Path, venv
     try:
         rc = proc.wait(timeout=INSTALL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         rc = None
     text = out.read_text(errors="replace")
     out.unlink(missing_ok=True)
@@ -246,7 +246,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kill_group(proc: subprocess.Popen[Any]) -> None:
+def kill_group(proc: subprocess.Popen[Any]) -> None:
     """SIGTERM the process's group (it was started in its own session), SIGKILL what remains."""
     for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5)):
         try:
@@ -284,7 +284,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start_server(venv: Path, model: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+def start_server(venv: Path, model: Path, log_path: Path, dtype: str = DTYPE) -> tuple[subprocess.Popen[bytes], str, float]:
     """Start vLLM's OpenAI server and wait for GET /v1/models: (process, base URL, seconds)."""
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -292,7 +292,7 @@ def start_server(venv: Path, model: Path, log_path: Path) -> tuple[subprocess.Po
            "VLLM_CACHE_ROOT": str(cache_dir() / "vllm-compile-cache")}
     env.pop("VIRTUAL_ENV", None)
     cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", DTYPE,
+           "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
            "--max-model-len", "2048"] + (["--enforce-eager"] if ENFORCE_EAGER else [])
     t0 = time.monotonic()
     with open(log_path, "wb") as f:
@@ -307,19 +307,21 @@ def start_server(venv: Path, model: Path, log_path: Path) -> tuple[subprocess.Po
             return proc, base_url, time.monotonic() - t0
         time.sleep(1.0)
     rc = proc.poll()
-    _kill_group(proc)
+    kill_group(proc)
     why = f"exited with status {rc}" if rc is not None else f"did not answer GET /v1/models within {START_TIMEOUT_S} s"
     pytest.skip(f"vLLM's server {why}:\n{tail(log_path.read_text(errors='replace'))}")
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+def prepare() -> tuple[Path, Path, float | None, float | None]:
+    """vLLM installed and the model converted, each only if not cached (the install runs while
+    the model is converted): (venv, model directory, install seconds, conversion seconds), a
+    None for what was cached. Skips (pytest's Skipped) with the reason where it cannot be done."""
     problem = cpu_problem()
     if problem:
         pytest.skip(f"vLLM's CPU build cannot run here: {problem}")
     venv, model = venv_dir(), model_dir()
     t0 = time.monotonic()
-    install = start_install(venv) if not venv_ready(venv) else None  # runs while the model is converted
+    install = start_install(venv) if not venv_ready(venv) else None
     try:
         convert_s = ensure_model(model)
     except BaseException:
@@ -328,7 +330,12 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
         raise
     if install is not None:
         finish_install(*install, venv)
-    install_s = time.monotonic() - t0 if install is not None else None
+    return venv, model, (time.monotonic() - t0 if install is not None else None), convert_s
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    venv, model, install_s, convert_s = prepare()
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
     proc, base_url, start_s = start_server(venv, model, log_path)
     log.info("vLLM %s at %s: install %s, model conversion %s, server start %.1f s (log: %s)", VLLM_VERSION,
@@ -337,4 +344,4 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     try:
         yield VllmServer(base_url, SERVED_NAME, model, log_path, install_s, convert_s, start_s)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
