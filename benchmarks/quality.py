@@ -441,6 +441,29 @@ def _adapter_digest(path: str | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+def check_guides(out: Path, configs: dict[str, Any]) -> None:
+    """A guide's identity (prefixes, adapter weights) is fixed per directory, as the settings are:
+    refuses a guide that changed since its results were recorded, and records new ones."""
+    gpath = out / "guides.json"
+    known = json.loads(gpath.read_text()) if gpath.is_file() else {}
+    for name, cfg in configs.items():
+        ident = cfg.model_dump(mode="json", include={"tuned", "untuned"})
+        ident["adapter_sha"] = _adapter_digest(cfg.tuned.adapter)
+        if name in known and _set_fields(known[name]) != _set_fields(ident):
+            raise SystemExit(f"{out}: guide {name!r} changed since its results were recorded; use another --output")
+        known[name] = ident
+    out.mkdir(parents=True, exist_ok=True)
+    gpath.write_text(json.dumps(known, indent=1, sort_keys=True))
+
+
+def _set_fields(ident: Any) -> Any:
+    """A guide's identity without its unset fields, so that a field added to ModelSpec later (unset,
+    as every older guide has it) does not read as a changed guide."""
+    if isinstance(ident, dict):
+        return {k: _set_fields(v) for k, v in ident.items() if v is not None}
+    return ident
+
+
 def available_guides(names: Sequence[str]) -> dict[str, Any]:
     """ScorerConfigs of the guides asked for; an unavailable one is refused, saying why."""
     from proxy.film_reviews.guide_model import fetch_demo_model
@@ -473,16 +496,7 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     if not args.report:
         check_settings(out, identity)
-        # A guide's identity (prefixes, adapter weights) is fixed per directory too.
-        gpath = out / "guides.json"
-        known = json.loads(gpath.read_text()) if gpath.is_file() else {}
-        for name, cfg in configs.items():
-            ident = cfg.model_dump(mode="json", include={"tuned", "untuned"})
-            ident["adapter_sha"] = _adapter_digest(cfg.tuned.adapter)
-            if name in known and known[name] != ident:
-                raise SystemExit(f"{out}: guide {name!r} changed since its results were recorded; use another --output")
-            known[name] = ident
-        gpath.write_text(json.dumps(known, indent=1, sort_keys=True))
+        check_guides(out, configs)
     results = Results(out / RESULTS)
 
     if not args.report:

@@ -4,6 +4,7 @@ with concurrent searches; optionally what bfloat16 changes.
 
     .venv/bin/python benchmarks/remote_scorer.py              # starts the cached vLLM CPU build (float32)
     .venv/bin/python benchmarks/remote_scorer.py --bf16       # and a bfloat16 engine, to compare
+    .venv/bin/python benchmarks/remote_scorer.py --bf16-only  # that comparison alone
     .venv/bin/python benchmarks/remote_scorer.py --engine http://gpu1:8001/v1 --served-model smol \\
         --model-dir DIR                                       # an engine you run (same weights as DIR)
 
@@ -18,7 +19,8 @@ scorers get the same calls, a step's calls at once as the search sends them:
 2. 1, 8, 64 concurrent searches (the first `--sweep-steps` steps of the recording, each search
    with its own prompt so nothing is shared between them): wall time, and wall relative to one.
 3. With --bf16: the engine in bfloat16 (what GPUs serve by default) against the float32 local
-   scorer: score differences, and at how many of the recording's selections the top W changes.
+   scorer: score differences, and at how many of the recording's selections the top W changes
+   (per step, with how close the W-th and (W+1)-th candidates were in float32).
 
 The defaults replay the first 6 of the recording's 18 steps as the one search and its first
 step in the sweep: an engine on two shared CPU cores computes a few hundred tokens a second,
@@ -114,21 +116,23 @@ async def replay(rec: Recording, scorer: Scorer, *, copies: int = 1, steps: int 
     return time.perf_counter() - t0, results[0]
 
 
+def step_indices(rec: Recording) -> dict[int, list[int]]:
+    """Each step's candidates, as positions in the replay's score list (call order)."""
+    pos = 0
+    by_step: dict[int, list[int]] = {}
+    for call in rec.calls:
+        by_step.setdefault(call.step, []).extend(range(pos, pos + len(call.nodes)))
+        pos += len(call.nodes)
+    return by_step
+
+
 def selections_changed(rec: Recording, a: list[float], b: list[float]) -> tuple[int, int]:
     """Per step, the top W of the step's candidates by each score list: (steps where the sets
     differ, steps)."""
     w = rec.search.w
-    pos, changed, steps = 0, 0, 0
-    by_step: dict[int, list[int]] = {}
-    for call in rec.calls:
-        idx = list(range(pos, pos + len(call.nodes)))
-        by_step.setdefault(call.step, []).extend(idx)
-        pos += len(call.nodes)
-    for idx in by_step.values():
-        top = lambda s: set(sorted(idx, key=lambda i: -s[i])[:w])  # noqa: E731
-        steps += 1
-        changed += top(a) != top(b)
-    return changed, steps
+    top = lambda s, idx: set(sorted(idx, key=lambda i: -s[i])[:w])  # noqa: E731
+    by_step = step_indices(rec)
+    return sum(top(a, idx) != top(b, idx) for idx in by_step.values()), len(by_step)
 
 
 def start_vllm(dtype: str) -> tuple[object, str, str, str]:
@@ -159,77 +163,116 @@ async def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="steps of the recording replayed as the one search (18: all)")
     ap.add_argument("--sweep-steps", type=int, default=1, help="steps of the recording per search in the sweep")
     ap.add_argument("--bf16", action="store_true", help="also start a bfloat16 engine and compare")
+    ap.add_argument("--bf16-only", action="store_true",
+                    help="only section 3: the local float32 scores against a bfloat16 engine's")
     args = ap.parse_args()
     rec = Recording.model_validate_json(args.recording.read_text())
     rec = rec.model_copy(update={"calls": [c for c in rec.calls if c.step <= args.steps]})
     levels = [int(x) for x in args.concurrency.split(",")]
 
+    if args.engine and (args.bf16 or args.bf16_only):
+        ap.error("--bf16 and --bf16-only start their own engines (the cached vLLM CPU build); leave out --engine")
+    if args.engine and not (args.served_model and args.model_dir):
+        ap.error("--engine needs --served-model and --model-dir")
     proc = None
-    if args.engine:
-        if not (args.served_model and args.model_dir):
-            ap.error("--engine needs --served-model and --model-dir")
-        url, served, model_dir = args.engine, args.served_model, args.model_dir
-    else:
-        proc, url, served, model_dir = start_vllm("float32")
-    engine = {"base_url": url, "model": served, "timeout_s": 600, "max_concurrency": 64}
     try:
-        local = await open_scorer(scorer_config(rec, model_dir, None))
-        remote = await open_scorer(scorer_config(rec, model_dir, engine))
-        minimum = sum(minimum_tokens(rec, remote.sides))  # type: ignore[attr-defined]
-        n_scored = sum(len(c.nodes) for c in rec.calls)
-        print(f"\nRecorded CBS search: W={rec.search.w} K={rec.search.k} L={rec.search.l}, "
-              f"{len({c.step for c in rec.calls})} steps, {n_scored} candidates; pair: SmolLM2-135M-Instruct, prompt "
-              f"contrast (one model, two system prompts); engine: {url} ({served})\n")
-
-        wall_local, s_local = await replay(rec, local)
-        before = engine_counters(url)
-        wall_remote, s_remote = await replay(rec, remote)
-        after = engine_counters(url)
-        local_tokens = sum(local.tokens_run)  # type: ignore[attr-defined]
-        remote_tokens = sum(remote.tokens_sent)  # type: ignore[attr-defined]
-        rows = [["scorer", "tokens computed (both sides)", "x minimum", "engine prefix-cache hits", "wall s"],
-                ["minimum (prompt once + new tokens)", str(minimum), "1.00", "", ""],
-                ["local incremental (this process)", str(local_tokens), f"{local_tokens / minimum:.2f}", "", f"{wall_local:.1f}"],
-                ["remote (engine, prompt_logprobs)", f"{remote_tokens} sent; engine: {delta(after, before, 'computed')}",
-                 f"{remote_tokens / minimum:.2f}", delta(after, before, "cache_hit"), f"{wall_remote:.1f}"]]
-        print(table(rows))
-        diffs = [abs(a - b) for a, b in zip(s_local, s_remote)]
-        changed, selections = selections_changed(rec, s_local, s_remote)
-        print(f"\nremote vs local, float32: largest score difference {max(diffs):.2e}, mean {statistics.mean(diffs):.2e} "
-              f"over {len(diffs)} candidates; selections changed: {changed} of {selections}")
-        print(f"engine prefix-cache queries during the remote replay: {delta(after, before, 'prefix_queries')}")
-
-        print(f"\nConcurrent searches (first {args.sweep_steps} steps of the recording each, own prompts):\n")
-        rows = [["searches", "local wall s", "local x one", "remote wall s", "remote x one", "remote / local"]]
-        base: dict[str, float] = {}
-        for n in levels:
-            walls = {}
-            for name, scorer in (("local", local), ("remote", remote)):
-                walls[name], _ = await replay(rec, scorer, copies=n, steps=args.sweep_steps)
-                base.setdefault(name, walls[name])
-            rows.append([str(n), f"{walls['local']:.1f}", f"{walls['local'] / base['local']:.1f}",
-                         f"{walls['remote']:.1f}", f"{walls['remote'] / base['remote']:.1f}",
-                         f"{walls['remote'] / walls['local']:.2f}"])
-            print(f"  {n} done", file=sys.stderr)
-        print(table(rows))
-        await remote.aclose()
-        if args.bf16 and proc is not None:
-            stop_vllm(proc)
-            proc, url16, _, _ = start_vllm("bfloat16")
-            remote16 = await open_scorer(scorer_config(rec, model_dir, {**engine, "base_url": url16}))
-            _, s16 = await replay(rec, remote16)
+        if args.bf16_only:
+            proc, url16, served, model_dir = start_vllm("bfloat16")
+            s_local = await local_scores(rec, model_dir)
+        else:
+            if args.engine:
+                url, served, model_dir = args.engine, args.served_model, args.model_dir
+            else:
+                proc, url, served, model_dir = start_vllm("float32")
+            s_local = await compare_float32(rec, url, served, model_dir, levels, args.sweep_steps)
+            if args.bf16:
+                stop_vllm(proc)
+                proc, url16, _, _ = start_vllm("bfloat16")
+        if args.bf16 or args.bf16_only:
+            remote16 = await open_scorer(scorer_config(rec, model_dir, engine_spec(url16, served)))
+            wall16, s16 = await replay(rec, remote16)
             await remote16.aclose()
-            d16 = [abs(a - b) for a, b in zip(s_local, s16)]
-            changed, steps = selections_changed(rec, s_local, s16)
-            print(f"\nbfloat16 engine vs float32 local: largest score difference {max(d16):.3f}, mean "
-                  f"{statistics.mean(d16):.3f} (scores range {min(s_local):.1f} to {max(s_local):.1f}); the top "
-                  f"{rec.search.w} of a step changed at {changed} of {steps} selections")
-        await local.aclose()
+            report_bf16(rec, s_local, s16, wall16)
     finally:
         if proc is not None:
             stop_vllm(proc)
     return 0
 
+
+def engine_spec(url: str, served: str) -> dict:
+    return {"base_url": url, "model": served, "timeout_s": 600, "max_concurrency": 64}
+
+
+async def local_scores(rec: Recording, model_dir: str) -> list[float]:
+    local = await open_scorer(scorer_config(rec, model_dir, None))
+    try:
+        return (await replay(rec, local))[1]
+    finally:
+        await local.aclose()
+
+async def compare_float32(rec: Recording, url: str, served: str, model_dir: str, levels: list[int],
+                          sweep_steps: int) -> list[float]:
+    """Sections 1 and 2 (the float32 engine against the local scorer); the local scorer's scores."""
+    local = await open_scorer(scorer_config(rec, model_dir, None))
+    remote = await open_scorer(scorer_config(rec, model_dir, engine_spec(url, served)))
+    minimum = sum(minimum_tokens(rec, remote.sides))  # type: ignore[attr-defined]
+    n_scored = sum(len(c.nodes) for c in rec.calls)
+    print(f"\nRecorded CBS search: W={rec.search.w} K={rec.search.k} L={rec.search.l}, "
+          f"{len({c.step for c in rec.calls})} steps, {n_scored} candidates; pair: SmolLM2-135M-Instruct, prompt "
+          f"contrast (one model, two system prompts); engine: {url} ({served})\n")
+
+    wall_local, s_local = await replay(rec, local)
+    before = engine_counters(url)
+    wall_remote, s_remote = await replay(rec, remote)
+    after = engine_counters(url)
+    local_tokens = sum(local.tokens_run)  # type: ignore[attr-defined]
+    remote_tokens = sum(remote.tokens_sent)  # type: ignore[attr-defined]
+    rows = [["scorer", "tokens computed (both sides)", "x minimum", "engine prefix-cache hits", "wall s"],
+            ["minimum (prompt once + new tokens)", str(minimum), "1.00", "", ""],
+            ["local incremental (this process)", str(local_tokens), f"{local_tokens / minimum:.2f}", "", f"{wall_local:.1f}"],
+            ["remote (engine, prompt_logprobs)", f"{remote_tokens} sent; engine: {delta(after, before, 'computed')}",
+             f"{remote_tokens / minimum:.2f}", delta(after, before, "cache_hit"), f"{wall_remote:.1f}"]]
+    print(table(rows))
+    diffs = [abs(a - b) for a, b in zip(s_local, s_remote)]
+    changed, selections = selections_changed(rec, s_local, s_remote)
+    print(f"\nremote vs local, float32: largest score difference {max(diffs):.2e}, mean {statistics.mean(diffs):.2e} "
+          f"over {len(diffs)} candidates; selections changed: {changed} of {selections}")
+    print(f"engine prefix-cache queries during the remote replay: {delta(after, before, 'prefix_queries')}")
+
+    print(f"\nConcurrent searches (first {sweep_steps} steps of the recording each, own prompts):\n")
+    rows = [["searches", "local wall s", "local x one", "remote wall s", "remote x one", "remote / local"]]
+    base: dict[str, float] = {}
+    for n in levels:
+        walls = {}
+        for name, scorer in (("local", local), ("remote", remote)):
+            walls[name], _ = await replay(rec, scorer, copies=n, steps=sweep_steps)
+            base.setdefault(name, walls[name])
+        rows.append([str(n), f"{walls['local']:.1f}", f"{walls['local'] / base['local']:.1f}",
+                     f"{walls['remote']:.1f}", f"{walls['remote'] / base['remote']:.1f}",
+                     f"{walls['remote'] / walls['local']:.2f}"])
+        print(f"  {n} done", file=sys.stderr)
+    print(table(rows))
+    await remote.aclose()
+    await local.aclose()
+    return s_local
+
+
+def report_bf16(rec: Recording, s_local: list[float], s16: list[float], wall: float) -> None:
+    """Section 3: how far a bfloat16 engine's scores are from float32, and whether that moves the
+    top W; the margin is how close each step's W-th and (W+1)-th candidates were in float32."""
+    d16 = [abs(a - b) for a, b in zip(s_local, s16)]
+    changed, steps = selections_changed(rec, s_local, s16)
+    print(f"\nbfloat16 engine vs float32 local ({len(d16)} candidates, {wall:.0f} s): largest score difference "
+          f"{max(d16):.3f}, mean {statistics.mean(d16):.3f} (scores range {min(s_local):.1f} to "
+          f"{max(s_local):.1f}); the top {rec.search.w} of a step changed at {changed} of {steps} selections")
+    rows = [["step", "candidates", "float32 margin at W", "largest bf16 difference", "top W same"]]
+    for step, idx in step_indices(rec).items():
+        order = sorted(idx, key=lambda i: -s_local[i])
+        w = rec.search.w
+        margin = s_local[order[w - 1]] - s_local[order[w]] if len(order) > w else float("nan")
+        same = set(order[:w]) == set(sorted(idx, key=lambda i: -s16[i])[:w])
+        rows.append([str(step), str(len(idx)), f"{margin:.3f}", f"{max(d16[i] for i in idx):.3f}", "yes" if same else "no"])
+    print(table(rows))
 
 if __name__ == "__main__":
     raise SystemExit(asyncio.run(main()))

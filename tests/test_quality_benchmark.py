@@ -12,7 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import Results, Runner, Settings, check_settings, format_report, summarize  # noqa: E402
+from benchmarks.quality import (  # noqa: E402
+    Results,
+    Runner,
+    Settings,
+    check_guides,
+    check_settings,
+    format_report,
+    summarize,
+)
 from benchmarks.quality_plot import plot_report  # noqa: E402
 from proxy.config import ModelSpec, ScorerConfig, SearchConfig  # noqa: E402
 from proxy.film_reviews.guides import (  # noqa: E402
@@ -149,6 +157,22 @@ def test_settings_file_refuses_another_run(tmp_path: Path) -> None:
     check_settings(tmp_path / "out", {"max_new_tokens": 8})
     with pytest.raises(SystemExit, match="other settings"):
         check_settings(tmp_path / "out", {"max_new_tokens": 9})
+
+
+def test_guides_file_refuses_a_changed_guide_but_not_a_newer_config_schema(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = ScorerConfig.model_validate({"tuned": {"path": "/m", "system_prompt": "Good:"},
+                                       "untuned": {"path": "/m", "system_prompt": "Bad:"}})
+    check_guides(out, {"contrast": cfg})
+    # As recorded before ModelSpec had `engine`: the field is absent, not null. Still the same guide.
+    recorded = json.loads((out / "guides.json").read_text())
+    for side in ("tuned", "untuned"):
+        del recorded["contrast"][side]["engine"]
+    (out / "guides.json").write_text(json.dumps(recorded))
+    check_guides(out, {"contrast": cfg})
+    changed = cfg.model_copy(update={"tuned": cfg.tuned.model_copy(update={"system_prompt": "Great:"})})
+    with pytest.raises(SystemExit, match="guide 'contrast' changed"):
+        check_guides(out, {"contrast": changed})
 
 
 async def test_core_run_resumes_and_reports(tmp_path: Path, tiny_scorer_config: ScorerConfig) -> None:
