@@ -76,11 +76,11 @@ def delta(after: dict[str, float], before: dict[str, float], key: str) -> str:
     return f"{after[key] - before.get(key, 0.0):.0f}" if key in after else "n/a"
 
 
-def scorer_config(rec: Recording, model_dir: str, engine: dict | None) -> ScorerConfig:
+def scorer_config(rec: Recording, model_dir: str, engine: dict | None, dtype: str = "float32") -> ScorerConfig:
     sides = {"tuned": {"path": model_dir, "system_prompt": rec.positive_system},
              "untuned": {"path": model_dir, "system_prompt": rec.negative_system}}
     if engine is None:
-        return ScorerConfig.model_validate({**sides, "device": "cpu", "dtype": "float32", "batch_size": 16,
+        return ScorerConfig.model_validate({**sides, "device": "cpu", "dtype": dtype, "batch_size": 16,
                                             "max_batch_tokens": 16384})
     return ScorerConfig.model_validate({"kind": "remote", "batch_size": 16,
                                         **{k: {**v, "engine": engine} for k, v in sides.items()}})
@@ -190,9 +190,10 @@ async def main() -> int:
                 proc, url16, _, _ = start_vllm("bfloat16")
         if args.bf16 or args.bf16_only:
             remote16 = await open_scorer(scorer_config(rec, model_dir, engine_spec(url16, served)))
-            wall16, s16 = await replay(rec, remote16)
+            _, s16 = await replay(rec, remote16)
             await remote16.aclose()
-            report_bf16(rec, s_local, s16, wall16)
+            local16 = await local_scores(rec, model_dir, "bfloat16")
+            report_bf16(rec, s_local, {"vLLM bfloat16": s16, "local bfloat16": local16})
     finally:
         if proc is not None:
             stop_vllm(proc)
@@ -203,8 +204,8 @@ def engine_spec(url: str, served: str) -> dict:
     return {"base_url": url, "model": served, "timeout_s": 600, "max_concurrency": 64}
 
 
-async def local_scores(rec: Recording, model_dir: str) -> list[float]:
-    local = await open_scorer(scorer_config(rec, model_dir, None))
+async def local_scores(rec: Recording, model_dir: str, dtype: str = "float32") -> list[float]:
+    local = await open_scorer(scorer_config(rec, model_dir, None, dtype))
     try:
         return (await replay(rec, local))[1]
     finally:
@@ -257,22 +258,30 @@ async def compare_float32(rec: Recording, url: str, served: str, model_dir: str,
     return s_local
 
 
-def report_bf16(rec: Recording, s_local: list[float], s16: list[float], wall: float) -> None:
-    """Section 3: how far a bfloat16 engine's scores are from float32, and whether that moves the
-    top W; the margin is how close each step's W-th and (W+1)-th candidates were in float32."""
-    d16 = [abs(a - b) for a, b in zip(s_local, s16)]
-    changed, steps = selections_changed(rec, s_local, s16)
-    print(f"\nbfloat16 engine vs float32 local ({len(d16)} candidates, {wall:.0f} s): largest score difference "
-          f"{max(d16):.3f}, mean {statistics.mean(d16):.3f} (scores range {min(s_local):.1f} to "
-          f"{max(s_local):.1f}); the top {rec.search.w} of a step changed at {changed} of {steps} selections")
-    rows = [["step", "candidates", "float32 margin at W", "largest bf16 difference", "top W same"]]
+def report_bf16(rec: Recording, s_local: list[float], others: dict[str, list[float]]) -> None:
+    """Section 3: how far bfloat16 scores (the engine's; the local scorer's, as a GPU runs it by
+    default) are from the local float32 ones, and whether that moves the top W; the margin is how
+    close each step's W-th and (W+1)-th candidates were in float32."""
+    w = rec.search.w
+    print(f"\nbfloat16 against the local float32 scores ({len(s_local)} candidates; float32 scores range "
+          f"{min(s_local):.1f} to {max(s_local):.1f}):\n")
+    rows = [["scores", "largest difference", "mean difference", f"selections whose top {w} changed"]]
+    for name, s in others.items():
+        d = [abs(a - b) for a, b in zip(s_local, s)]
+        changed, steps = selections_changed(rec, s_local, s)
+        rows.append([name, f"{max(d):.3f}", f"{statistics.mean(d):.3f}", f"{changed} of {steps}"])
+    print(table(rows) + "\n")
+    rows = [["step", "candidates", "float32 margin at W"] + [f"{n}: largest diff, top W same" for n in others]]
     for step, idx in step_indices(rec).items():
         order = sorted(idx, key=lambda i: -s_local[i])
-        w = rec.search.w
         margin = s_local[order[w - 1]] - s_local[order[w]] if len(order) > w else float("nan")
-        same = set(order[:w]) == set(sorted(idx, key=lambda i: -s16[i])[:w])
-        rows.append([str(step), str(len(idx)), f"{margin:.3f}", f"{max(d16[i] for i in idx):.3f}", "yes" if same else "no"])
+        cells = []
+        for s in others.values():
+            same = set(order[:w]) == set(sorted(idx, key=lambda i: -s[i])[:w])
+            cells.append(f"{max(abs(s_local[i] - s[i]) for i in idx):.3f}, {'yes' if same else 'no'}")
+        rows.append([str(step), str(len(idx)), f"{margin:.3f}"] + cells)
     print(table(rows))
+
 
 if __name__ == "__main__":
     raise SystemExit(asyncio.run(main()))
