@@ -18,9 +18,10 @@ scorers get the same calls, a step's calls at once as the search sends them:
    wall time; the largest score difference between the two.
 2. 1, 8, 64 concurrent searches (the first `--sweep-steps` steps of the recording, each search
    with its own prompt so nothing is shared between them): wall time, and wall relative to one.
-3. With --bf16: the engine in bfloat16 (what GPUs serve by default) against the float32 local
-   scorer: score differences, and at how many of the recording's selections the top W changes
-   (per step, with how close the W-th and (W+1)-th candidates were in float32).
+3. With --bf16 (or alone, --bf16-only): the engine in bfloat16 (what GPUs serve by default) and
+   the local scorer in bfloat16 (its default on CUDA), each against the float32 local scorer:
+   score differences, and at how many of the recording's selections the top W changes (per step,
+   with how close the W-th and (W+1)-th candidates were in float32).
 
 The defaults replay the first 6 of the recording's 18 steps as the one search and its first
 step in the sweep: an engine on two shared CPU cores computes a few hundred tokens a second,
@@ -164,7 +165,7 @@ async def main() -> int:
     ap.add_argument("--sweep-steps", type=int, default=1, help="steps of the recording per search in the sweep")
     ap.add_argument("--bf16", action="store_true", help="also start a bfloat16 engine and compare")
     ap.add_argument("--bf16-only", action="store_true",
-                    help="only section 3: the local float32 scores against a bfloat16 engine's")
+                    help="only section 3: the local float32 scores against a bfloat16 engine's and the local bfloat16 ones")
     args = ap.parse_args()
     rec = Recording.model_validate_json(args.recording.read_text())
     rec = rec.model_copy(update={"calls": [c for c in rec.calls if c.step <= args.steps]})
@@ -210,6 +211,7 @@ async def local_scores(rec: Recording, model_dir: str, dtype: str = "float32") -
         return (await replay(rec, local))[1]
     finally:
         await local.aclose()
+
 
 async def compare_float32(rec: Recording, url: str, served: str, model_dir: str, levels: list[int],
                           sweep_steps: int) -> list[float]:
