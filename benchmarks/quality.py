@@ -501,7 +501,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     if not args.report:
         from proxy.film_reviews.models import fetch_gemma3_270m
-        from scorers.registry import load_scorer, set_torch_threads
+        from scorers.registry import open_scorer, set_torch_threads
 
         set_torch_threads(args.torch_threads)
         gemma = await asyncio.to_thread(fetch_gemma3_270m)
@@ -509,7 +509,7 @@ async def main_async(args: argparse.Namespace) -> int:
         with ServedModel(gemma.path, gemma.gguf_file, "gemma-3-270m", args.upstream_threads) as served:
             scorers = {}
             for name, cfg in configs.items():
-                scorers[name] = await asyncio.to_thread(load_scorer, cfg)
+                scorers[name] = await open_scorer(cfg)
             ucfg = UpstreamConfig(model="gemma-3-270m", base_url=served.base_url, prompt_template="{instruction}",
                                   max_concurrency=256, timeout_s=3600.0, max_attempts=2)
             async with OpenAICompletionsUpstream(ucfg) as upstream:

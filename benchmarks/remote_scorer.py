@@ -50,7 +50,7 @@ from scorer import DEFAULT_RECORDING, Recording, minimum_tokens, table  # noqa: 
 
 from proxy.config import ScorerConfig  # noqa: E402
 from scorers.base import Scorer  # noqa: E402
-from scorers.registry import load_scorer  # noqa: E402
+from scorers.registry import open_scorer  # noqa: E402
 
 
 def engine_counters(base_url: str) -> dict[str, float]:
@@ -85,12 +85,6 @@ def scorer_config(rec: Recording, model_dir: str, engine: dict | None, dtype: st
                                             "max_batch_tokens": 16384})
     return ScorerConfig.model_validate({"kind": "remote", "batch_size": 16,
                                         **{k: {**v, "engine": engine} for k, v in sides.items()}})
-
-
-async def open_scorer(cfg: ScorerConfig) -> Scorer:
-    scorer = await asyncio.to_thread(load_scorer, cfg)
-    await scorer.start()
-    return scorer
 
 
 async def replay(rec: Recording, scorer: Scorer, *, copies: int = 1, steps: int | None = None) -> tuple[float, list[float]]:

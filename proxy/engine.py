@@ -91,12 +91,13 @@ def summarize(result: SearchResult, prices: Prices, mode: str | None = None) -> 
                          cost_usd=cost_usd(u, prices), wall_s=round(result.wall_s, 4), stopped_by=result.stopped_by)
 
 
-def _load_scorer(cfg: ScorerConfig) -> Scorer:
-    """On a worker thread: torch's thread pool, then the models (imports torch only here)."""
+async def _open_scorer(cfg: ScorerConfig) -> Scorer:
+    """torch's thread pool (the process's models are the engine's), then the scorer; torch is
+    imported only here, on a worker thread."""
     from scorers import registry
 
-    registry.set_torch_threads(cfg.torch_threads)
-    return registry.load_scorer(cfg)
+    await asyncio.to_thread(registry.set_torch_threads, cfg.torch_threads)
+    return await registry.open_scorer(cfg)
 
 
 class Engine:
@@ -130,13 +131,7 @@ class Engine:
 
     async def _load(self, cfg: ScorerConfig) -> None:
         try:
-            scorer = await asyncio.to_thread(_load_scorer, cfg)
-            try:
-                await scorer.start()
-            except BaseException:
-                await scorer.aclose()
-                raise
-            self._scorer = scorer
+            self._scorer = await _open_scorer(cfg)
             self.scorer_state = "loaded"
             log.info("scorer loaded")
         except Exception as e:  # noqa: BLE001 - reported by probe(), wait_ready() and every guided search

@@ -1,13 +1,15 @@
 """Builds the scorer a config names; imports torch only when a scorer is really wanted."""
 from __future__ import annotations
 
+import asyncio
+
 from proxy.config import ScorerConfig
 from scorers.base import Scorer
 
 
 def load_scorer(cfg: ScorerConfig) -> Scorer:
-    """Loads model weights (a remote scorer: tokenizers): slow, call it off the event loop, then
-    `await scorer.start()` on it. Changes nothing process-wide
+    """Loads model weights (a remote scorer: tokenizers): slow, call it off the event loop; a
+    scorer serves only after `start()` (open_scorer does both). Changes nothing process-wide
     (torch's thread pool is the process owner's: proxy.engine, serve-local, the benchmarks)."""
     if cfg.kind == "implicit":
         from scorers.implicit import ImplicitRewardScorer
@@ -18,6 +20,18 @@ def load_scorer(cfg: ScorerConfig) -> Scorer:
 
         return RemoteScorer.from_config(cfg)
     raise ValueError(f"scorer.kind: unknown kind {cfg.kind!r}")
+
+
+async def open_scorer(cfg: ScorerConfig) -> Scorer:
+    """A scorer ready to serve: loaded on a worker thread, then started (a remote scorer asks its
+    engines what they serve); closed again if starting fails, so nothing is left open."""
+    scorer = await asyncio.to_thread(load_scorer, cfg)
+    try:
+        await scorer.start()
+    except BaseException:
+        await scorer.aclose()
+        raise
+    return scorer
 
 
 def set_torch_threads(threads: int | None) -> None:

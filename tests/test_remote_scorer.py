@@ -28,7 +28,7 @@ from proxy.types import Conversation
 from scorers.base import ScorerContextError, check_room
 from scorers.implicit import ImplicitRewardScorer
 from scorers.logprob_engine import EngineUnsuitable
-from scorers.registry import load_scorer
+from scorers.registry import load_scorer, open_scorer
 from scorers.remote import RemoteScorer
 
 PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello there! How are you?"}]
@@ -62,9 +62,8 @@ def remote_config(dirs: TinyModelDirs, tuned_urls: list[str] | str, untuned_urls
 
 
 async def started(cfg: ScorerConfig) -> RemoteScorer:
-    scorer = await asyncio.to_thread(load_scorer, cfg)
+    scorer = await open_scorer(cfg)
     assert isinstance(scorer, RemoteScorer)
-    await scorer.start()
     return scorer
 
 
@@ -158,15 +157,10 @@ async def test_engines_that_cannot_serve_are_refused_at_start(
         "kind": "remote",
         "tuned": {"path": str(tiny_model_dirs.mistral), "engine": {"base_url": engines[0].base_url, "model": "zephyr"}},
         "untuned": {"path": str(tiny_model_dirs.gpt2), "engine": {"base_url": engines[1].base_url, "model": "untuned"}}})
-    scorer = await asyncio.to_thread(load_scorer, wrong)
     with pytest.raises(EngineUnsuitable, match=r"does not serve 'zephyr' \(it serves tuned\)"):
-        await scorer.start()
-    await scorer.aclose()
-    scorer = await asyncio.to_thread(load_scorer, remote_config(tiny_model_dirs, "http://127.0.0.1:9/v1",
-                                                                engines[1].base_url))
+        await open_scorer(wrong)
     with pytest.raises(EngineUnsuitable, match=r"127.0.0.1:9/v1: APIConnectionError"):
-        await scorer.start()
-    await scorer.aclose()
+        await open_scorer(remote_config(tiny_model_dirs, "http://127.0.0.1:9/v1", engines[1].base_url))
 
 
 async def test_the_room_is_the_engines_context(tiny_model_dirs: TinyModelDirs, pair: tuple[Any, Any]) -> None:

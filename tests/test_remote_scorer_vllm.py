@@ -21,7 +21,7 @@ import yaml
 
 from proxy.config import ScorerConfig
 from scorers.implicit import ImplicitRewardScorer
-from scorers.registry import load_scorer
+from scorers.registry import load_scorer, open_scorer
 from scorers.remote import RemoteScorer
 from tests.vllm_engine import VllmServer
 
@@ -50,8 +50,7 @@ def sides(server: VllmServer) -> dict[str, Any]:
 @pytest.fixture
 async def scorers(vllm_server: VllmServer) -> AsyncIterator[tuple[ImplicitRewardScorer, RemoteScorer]]:
     pair = sides(vllm_server)
-    remote = await asyncio.to_thread(load_scorer, ScorerConfig.model_validate({"kind": "remote", **pair}))
-    await remote.start()
+    remote = await open_scorer(ScorerConfig.model_validate({"kind": "remote", **pair}))
     local_pair = {k: {f: v for f, v in spec.items() if f != "engine"} for k, spec in pair.items()}
     local = await asyncio.to_thread(load_scorer, ScorerConfig.model_validate(
         {**local_pair, "device": "cpu", "dtype": "float32", "attn_implementation": "eager"}))
