@@ -16,7 +16,10 @@ negative review prefix) and "tuned" (the shipped DPO adapter vs its parent; VADE
 pairs). The judges never guide: VADER and TextBlob, on the continuation alone.
 
 Methods per (opening, seed): base, best-of-N for N in 1, 2, 4, 8, 16, and CBS at W2K2 and W4K4
-for each chunk length L, all with the paper's selection rule (score alone; `prefer_finished` off).
+for each chunk length L, all as the paper's reference code runs them: the first step draws W·K
+chunks from the prompt and keeps W (`narrow_start` off), and selection is by score alone
+(`prefer_finished` off). settings.json records that start (`cbs_start`); a directory made before
+it was recorded holds searches that drew K first chunks, and is refused.
 
 What it costs, and what was done about it. Everything here is compute-bound on 2 CPU cores
 (AVX2, fp32): a Gemma token costs ~268M multiply-adds (63% of it the 262k-row output layer), a
@@ -35,8 +38,8 @@ issue asks for buys one seed, not three. The run is resumable and goes seed by s
   sample 0. Upstream tokens are accounted as what each method would have used (the prompt once
   plus its N samples). The 16 samples are scored by every guide, so the other guide costs no
   new sampling. CBS needs real searches per guide.
-- The same seed in CBS gives its first step's K samples the same random draws as the first K of
-  the 16 (common random numbers: the paired differences have less noise).
+- The same seed in CBS gives its first step's W·K samples the same random draws as the first W·K
+  of the 16 (common random numbers: the paired differences have less noise).
 - serve-local decodes every request in flight in one padded batch of up to 64 rows, each prompt
   run once however many samples it has (`proxy.local.causal_lm`): 48 tokens/s in batches of 64 rows
   against 26 tokens/s for one n=16 request and 6 for n=1 (1 thread). The runner keeps many
@@ -53,8 +56,8 @@ were made with other settings. Seeds run in order, so a run cut short leaves who
 
 The report: per guide, method | upstream tokens per opening | guide score | VADER and TextBlob
 mean ± s.e. | VADER and TextBlob minus base, paired on (opening, seed) ± s.e.; then CBS minus
-best-of-N at matched samples (W2K2 vs BoN-4, W4K4 vs BoN-16: the same completion tokens, though
-CBS pays for re-sending the prompt and the answer so far at every step), paired; then the judges
+best-of-N at matched samples (W2K2 vs BoN-4, W4K4 vs BoN-16: the same completion tokens where
+no answer finishes early, though CBS pays for re-sending the prompt and the answer so far at every step), paired; then the judges
 as N (best-of-N) and W*K (CBS) grow. Standard errors are clustered by opening (the seeds of one
 opening are averaged first). `report.json` and `quality.png` (judge vs upstream tokens, one
 point per method with error bars, a panel per guide and judge) go next to the results.
@@ -106,7 +109,7 @@ class Settings:
     seeds: int = 3
 
     def identity(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "cbs_start": "w*k"}
 
 
 # ---------------------------------------------------------------- results file

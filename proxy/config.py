@@ -40,6 +40,11 @@ class SearchConfig(Strict):
     finishing counts only through the EOS term of the score. On: a beam that ran out of budget
     unfinished ranks below every finished or growing one, and the answer is the best finished
     beam when there is one (best-of-N then means "best complete answer")."""
+    narrow_start: bool = False
+    """Off (the paper's reference code): the first step draws W·K chunks from the prompt (one
+    request, n = W·K) and keeps the best W, as every later step draws W·K. On: it draws K, so
+    with K ≤ W the first selection keeps every first chunk and chooses nothing; it saves
+    (W−1)·K first chunks."""
     max_upstream_tokens: int | None = Field(None, ge=1)
     """Tokens (prompt + completion) one search may be billed; None: no cap (proxy.budget)."""
     max_cost_usd: float | None = Field(None, gt=0)
@@ -58,7 +63,13 @@ class SearchConfig(Strict):
             return "base"
         if self.w == 1 and self.l is None:
             return f"bon{self.k}"
-        return f"cbs-w{self.w}k{self.k}l{self.l if self.l is not None else 'inf'}"
+        narrow = "-narrow" if self.narrow_start and self.w > 1 else ""
+        return f"cbs-w{self.w}k{self.k}l{self.l if self.l is not None else 'inf'}{narrow}"
+
+    def fan_out(self, step: int) -> int:
+        """Chunks drawn per expanded beam at `step` (1-based): W·K from the prompt at the first
+        (the paper's start, one beam standing for W), K after."""
+        return self.k if step > 1 or self.narrow_start else self.w * self.k
 
 
 class ChatRenderConfig(Strict):

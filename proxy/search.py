@@ -5,7 +5,9 @@ as few requests as the upstream allows, see `Upstream.max_prompts_per_call`, all
 a step in flight at once), scores each request's candidates as soon as it returns, and keeps
 the W best of the new candidates plus the beams carried from earlier steps (finished, or
 out of budget). A carried beam keeps its score, is never expanded again and occupies one slot
-at most.
+at most. The first step draws W·K continuations of the prompt in one request, as the paper's
+reference code does (it starts from W·K copies of the prompt), so the first selection already
+chooses W of W·K; `SearchConfig.narrow_start` draws K instead.
 
 Selection follows the paper (Zhou et al. 2024, and its reference code): the top W by score
 alone, and the answer is the top-scored beam, finished or not. Finishing counts only through
@@ -172,22 +174,23 @@ class _Search:
     def _max_tokens(self, beam: Candidate) -> int:
         return chunk_limit(self.cfg, beam.tokens)
 
-    def _params(self, max_tokens: int) -> SamplingParams:
+    def _params(self, max_tokens: int, n: int) -> SamplingParams:
         cfg = self.cfg
-        return SamplingParams(n=cfg.k, max_tokens=max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        return SamplingParams(n=n, max_tokens=max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               stop=tuple(cfg.stop))
 
     async def _expand(self, request: list[tuple[int, Candidate]], step: int
                       ) -> tuple[list[Candidate], Usage, int, float, float]:
         cfg = self.cfg
         beams = [b for _, b in request]
+        n = cfg.fan_out(step)
         t0 = time.perf_counter()
         res = await self.upstream.sample_batch(self.conversation, [b.text for b in beams],
-                                               self._params(self._max_tokens(beams[0])),
+                                               self._params(self._max_tokens(beams[0]), n),
                                                seeds=[derive_seed(cfg.seed, step, i) for i, _ in request])
         t1 = time.perf_counter()
         conts = res.continuations
-        cands = [self._new_node(b, step, c) for j, b in enumerate(beams) for c in conts[j * cfg.k:(j + 1) * cfg.k]]
+        cands = [self._new_node(b, step, c) for j, b in enumerate(beams) for c in conts[j * n:(j + 1) * n]]
         if self.session is not None:
             scores = await self.session.score([c.text for c in cands], [c.finished for c in cands])
             for c, s in zip(cands, scores):
@@ -198,7 +201,7 @@ class _Search:
         """The most the next step can be billed: every live beam's K samples at their token
         limit, and per beam the prompt tokens the last step was billed per beam (fan-out
         included), grown by one chunk; before the first step the prompt is not known yet."""
-        completion = sum(self.cfg.k * self._max_tokens(b) for b in live)
+        completion = sum(self.cfg.fan_out(len(self.result.steps) + 1) * self._max_tokens(b) for b in live)
         if not self.result.steps:
             return Usage(0, completion)
         last = self.result.steps[-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 _KEYS = ("w", "k", "l", "max_new_tokens", "temperature", "top_p", "seed", "prefer_finished",
-         "max_upstream_tokens", "max_cost_usd", "deadline_s")
+         "narrow_start", "max_upstream_tokens", "max_cost_usd", "deadline_s")
 
 
 def add_search_flags(p: argparse.ArgumentParser) -> None:
@@ -19,6 +19,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--prefer-finished", action="store_const", const=True, default=None,
                    help="answer with the best finished beam when there is one (default: the top-scored beam)")
+    g.add_argument("--narrow-start", action="store_const", const=True, default=None,
+                   help="draw K first chunks from the prompt instead of the paper's W*K (saves (W-1)*K chunks)")
     g.add_argument("--max-upstream-tokens", type=int, metavar="N",
                    help="each search stops before a step that could be billed more than N tokens in all")
     g.add_argument("--search-max-cost-usd", dest="max_cost_usd", type=float, metavar="USD",

@@ -145,7 +145,13 @@ def test_fingerprint_follows_what_shapes_answers_only() -> None:
     chat = base.model_copy(update={"upstream": UpstreamConfig.model_validate(load_preset("upstream", "vllm-chat"))})
     prefix = chat.model_copy(update={"upstream": chat.upstream.model_copy(update={"continuation": "prefix"})})
     assert len({config_fingerprint(c) for c in (base, chat, prefix)}) == 3
-    assert config_fingerprint(base) == "39f91c44cc2c839d"  # as before remote scorers: old checkpoints resume
+    # Checkpoints made before the start was an option drew K first chunks: they resume as
+    # `narrow_start`, and the paper's W*K start (now the default) is another search.
+    assert config_fingerprint(load_config("paper-cbs-w2k2l30", narrow_start=True)) == "39f91c44cc2c839d"
+    assert config_fingerprint(base) != "39f91c44cc2c839d"
+    bon = load_config("paper-cbs-w2k2l30", w=1, k=4, l=None)
+    assert config_fingerprint(bon) == config_fingerprint(load_config("paper-cbs-w2k2l30", w=1, k=4, l=None,
+                                                                     narrow_start=True))  # same search
 
 
 def test_a_remote_pair_may_move_engines_but_not_weights() -> None:

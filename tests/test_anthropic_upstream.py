@@ -124,7 +124,7 @@ async def test_a_search_over_the_fake_loses_and_doubles_nothing_at_the_seams() -
             result = await search(STORY, up, FnScorer(lambda t, f: float(len(t))),
                                   SearchConfig(w=2, k=2, l=4, max_new_tokens=12))
     prefills = [prefill_of(b) for b in server.requests]
-    assert len(prefills) == 2 + 4 + 4 and prefills.count(None) == 2  # the root's k, then w*k per step
+    assert len(prefills) == 4 + 4 + 4 and prefills.count(None) == 4  # w*k of the root, then w*k per step
     assert all(p is None or p == p.rstrip() for p in prefills)
     for node in result.nodes.values():
         if node.parent is None:

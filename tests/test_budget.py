@@ -57,17 +57,17 @@ async def test_dollars_cap_a_request_and_the_answer_says_so(loopback: ToyComplet
                      server={"modes": {"cbs": CBS.model_dump()}, "caps": {"min_l": 4}})
     async with served(cfg, scorer=FnScorer(words)) as (srv, client):
         r = await client.completions.create(model=f"{MODEL}+cbs", prompt="the cat sat", max_tokens=40,
-                                            extra_body={"w2s": {"max_cost_usd": 0.2}})
+                                            extra_body={"w2s": {"max_cost_usd": 0.08}})
         free = await client.completions.create(model=f"{MODEL}+cbs", prompt="the cat sat", max_tokens=40)
     w2s = r.model_extra["w2s"]
-    assert w2s["stopped_by"] == "budget" and w2s["cost_usd"] <= 0.2 and r.choices[0].finish_reason == "length"
-    assert free.model_extra["w2s"]["stopped_by"] is None and free.model_extra["w2s"]["cost_usd"] > 0.2
+    assert w2s["stopped_by"] == "budget" and w2s["cost_usd"] <= 0.08 and r.choices[0].finish_reason == "length"
+    assert free.model_extra["w2s"]["stopped_by"] is None and free.model_extra["w2s"]["cost_usd"] > 0.08
 
 
 async def test_each_proxy_key_has_its_own_budget(loopback: ToyCompletionsServer,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("W2S_TEST_KEYS", "key-a,key-b")
-    cfg = app_config(loopback, server={"api_keys_env": "W2S_TEST_KEYS", "key_budget_tokens": 120,
+    cfg = app_config(loopback, server={"api_keys_env": "W2S_TEST_KEYS", "key_budget_tokens": 60,
                                        "modes": {"cbs": CBS.model_dump()}, "caps": {"min_l": 4}})
     answers = []
     async with served(cfg, scorer=FnScorer(words), api_key="key-a") as (srv, client):
@@ -78,7 +78,7 @@ async def test_each_proxy_key_has_its_own_budget(loopback: ToyCompletionsServer,
         other = await client.with_options(api_key="key-b").completions.create(
             model=MODEL, prompt="the dog ran", max_tokens=4)
     assert answers and answers[0].model_extra["w2s"]["stopped_by"] == "shared budget"
-    assert sum(a.usage.total_tokens for a in answers) <= 120
+    assert sum(a.usage.total_tokens for a in answers) <= 60
     assert spent.value.body["code"] == "insufficient_quota" and "key-a" not in json.dumps(spent.value.body)
     assert other.choices
 

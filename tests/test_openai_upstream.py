@@ -283,7 +283,7 @@ async def test_cbs_over_http_sends_the_exact_requests(loopback: ToyCompletionsSe
         sent = sorted(p for b in bodies for p in (b["prompt"] if isinstance(b["prompt"], list) else [b["prompt"]]))
         assert sent == sorted("Instruction: tell a story\nOutput:" + r.nodes[b].text for b in s.expanded)
         assert {b["max_tokens"] for b in bodies} == {min(4, 10 - r.nodes[b].tokens) for b in s.expanded}
-        assert all(b["n"] == 3 for b in bodies)
+        assert all(b["n"] == (6 if s.step == 1 else 3) for b in bodies)  # W*K of the prompt, then K per beam
     assert r.usage.completion_tokens == sum(len(c.chunk.split()) for s in r.steps for c in s.candidates)
     assert r.tokens == count_tokens(r.text)
 

@@ -115,7 +115,7 @@ def test_method_names_and_search_configs() -> None:
     names = [m.name for m in headline_methods((8, 16))]
     assert names == ["base", "bon4", "bon16", "cbs-w2k2l8", "cbs-w4k4l8", "cbs-w2k2l16", "cbs-w4k4l16"]
     cfg = Method(4, 4, 8).search_config(max_new_tokens=32, temperature=1.0, seed=2)
-    assert (cfg.w, cfg.k, cfg.l, cfg.seed, cfg.prefer_finished) == (4, 4, 8, 2, False)
+    assert (cfg.w, cfg.k, cfg.l, cfg.seed, cfg.prefer_finished, cfg.narrow_start) == (4, 4, 8, 2, False, False)
     assert Method(1, 16).breadth == 16 and not Method(1, 16).searched
 
 
@@ -157,6 +157,11 @@ def test_settings_file_refuses_another_run(tmp_path: Path) -> None:
     check_settings(tmp_path / "out", {"max_new_tokens": 8})
     with pytest.raises(SystemExit, match="other settings"):
         check_settings(tmp_path / "out", {"max_new_tokens": 9})
+    # a directory from before the start was recorded holds narrow-start searches: refused
+    old = tmp_path / "old"
+    check_settings(old, {"max_new_tokens": 16, "temperature": 1.0})
+    with pytest.raises(SystemExit, match="cbs_start"):
+        check_settings(old, Settings().identity())
 
 
 def test_guides_file_refuses_a_changed_guide_but_not_a_newer_config_schema(tmp_path: Path) -> None:

@@ -24,19 +24,47 @@ def steps_of(up: ScriptedUpstream, prompt: str) -> list[int]:
     return [len(c.prompt[len(prompt):].split()) for c in up.calls]
 
 
-async def test_cbs_request_pattern_is_exact() -> None:
+@pytest.mark.parametrize("narrow", [False, True])
+async def test_cbs_request_pattern_is_exact(narrow: bool) -> None:
     up = ScriptedUpstream(word_responder())
     scorer = FnScorer(sample_sum)
-    cfg = SearchConfig(w=2, k=3, l=5, max_new_tokens=12, temperature=0.7, seed=1)
+    cfg = SearchConfig(w=2, k=3, l=5, max_new_tokens=12, temperature=0.7, seed=1, narrow_start=narrow)
     r = await search("Q:", up, scorer, cfg)
-    # step 1: one beam; steps 2-3: two beams each; token budget 12 = 5 + 5 + 2
-    assert [(c.n, c.max_tokens) for c in up.calls] == [(3, 5), (3, 5), (3, 5), (3, 2), (3, 2)]
+    # step 1: the prompt, W*K = 6 samples in one request as the paper's code draws them (narrow: K = 3);
+    # steps 2-3: two beams of K each; token budget 12 = 5 + 5 + 2
+    first = 3 if narrow else 6
+    assert [(c.n, c.max_tokens) for c in up.calls] == [(first, 5), (3, 5), (3, 5), (3, 2), (3, 2)]
     assert steps_of(up, "Q:") == [0, 5, 5, 10, 10]
     assert [len(s.expanded) for s in r.steps] == [1, 2, 2]
-    assert [len(s.candidates) for s in r.steps] == [3, 6, 6]
+    assert [len(s.candidates) for s in r.steps] == [first, 6, 6]
+    assert [len(s.survivors) for s in r.steps] == [2, 2, 2]
     assert r.tokens == 12 and not r.finished
     assert r.calls == 5 and len({c.seed for c in up.calls}) == 5  # a distinct seed per request
     assert scorer.open_sessions == 0
+    assert cfg.mode == ("cbs-w2k3l5-narrow" if narrow else "cbs-w2k3l5")
+
+
+async def test_the_first_selection_chooses_w_of_w_times_k() -> None:
+    """With K <= W a K-sample start keeps every first chunk; the paper's start picks the best W
+    of W*K, so the first step already steers."""
+    up = ScriptedUpstream(word_responder())
+    r = await search("Q:", up, FnScorer(sample_sum), SearchConfig(w=2, k=2, l=3, max_new_tokens=6))
+    first = r.steps[0]
+    assert len(first.candidates) == 4
+    kept = [r.nodes[i] for i in first.survivors]
+    assert [c.score for c in kept] == sorted((c.score for c in first.candidates), reverse=True)[:2]
+    assert not all(c.survived for c in first.candidates)
+
+
+async def test_best_of_n_and_plain_sampling_are_the_same_with_either_start() -> None:
+    for w, k, l in ((1, 4, None), (1, 1, None), (1, 3, 2)):
+        calls = []
+        for narrow in (False, True):
+            up = ScriptedUpstream(word_responder())
+            cfg = SearchConfig(w=w, k=k, l=l, max_new_tokens=6, seed=3, narrow_start=narrow)
+            r = await search("Q:", up, FnScorer(sample_sum) if w * k > 1 else None, cfg)
+            calls.append(([(c.n, c.max_tokens, c.seed, c.prompt) for c in up.calls], r.text))
+        assert calls[0] == calls[1]
 
 
 async def test_survivors_are_top_w_and_scores_are_full_text_scores() -> None:
@@ -129,7 +157,8 @@ def _low_finished(text: str, finished: bool) -> float:
 
 @pytest.mark.parametrize("prefer_finished", [False, True])
 async def test_a_finished_low_score_beam_loses_to_an_unfinished_high_score_one(prefer_finished: bool) -> None:
-    cfg = SearchConfig(w=2, k=2, l=2, max_new_tokens=4, prefer_finished=prefer_finished)
+    # narrow start: the two first chunks both take a slot, so the finished one is carried to the end
+    cfg = SearchConfig(w=2, k=2, l=2, max_new_tokens=4, prefer_finished=prefer_finished, narrow_start=True)
     r = await search("Q:", _early_finisher(), FnScorer(_low_finished), cfg)
     fin = next(c for c in r.nodes.values() if c.finished)
     assert fin.score == 1.0 and fin.step == 1
@@ -143,17 +172,18 @@ async def test_a_finished_low_score_beam_loses_to_an_unfinished_high_score_one(p
 
 
 async def test_all_requests_of_a_step_fly_together_and_score_on_arrival() -> None:
-    # Beam 0's request is slow; beam 1's candidates must be scored before beam 0 returns.
+    # Step 1 keeps samples 3 and 2 of 4. Beam s2's request is slow; beam s3's candidates must be
+    # scored before it returns.
     def delay(call: Call) -> float:
-        return 0.3 if call.prompt.endswith("s1t1") else 0.0
+        return 0.3 if call.prompt.endswith("s2t1") else 0.0
 
     up = ScriptedUpstream(word_responder(), delay)
     scorer = FnScorer(sample_sum)
     await search("Q:", up, scorer, SearchConfig(w=2, k=2, l=2, max_new_tokens=4))
     assert up.max_in_flight == 2
-    slow = next(c for c in up.calls if c.prompt.endswith("s1t1"))
-    fast_scored = [s for s in scorer.calls if any(t.startswith(" s0t0 s0t1 ") for t in s.texts)]
-    slow_scored = [s for s in scorer.calls if any(t.startswith(" s1t0 s1t1 ") for t in s.texts)]
+    slow = next(c for c in up.calls if c.prompt.endswith("s2t1"))
+    fast_scored = [s for s in scorer.calls if any(t.startswith(" s3t0 s3t1 ") for t in s.texts)]
+    slow_scored = [s for s in scorer.calls if any(t.startswith(" s2t0 s2t1 ") for t in s.texts)]
     assert fast_scored[0].at < slow.started + 0.3 <= slow_scored[0].at
 
 
@@ -216,7 +246,7 @@ def test_concurrent_searches_share_nothing() -> None:
         return [r.text for r in rs]
 
     texts = asyncio.run(main())
-    assert len(set(texts)) == 1 and texts[0] == " s1t0 s1t1 s1t0 s1t1"
+    assert len(set(texts)) == 1 and texts[0] == " s3t0 s3t1 s1t0 s1t1"
 
 
 async def test_scorer_is_told_which_beams_will_grow_after_each_selection() -> None:
@@ -256,7 +286,7 @@ async def test_the_beams_of_a_step_share_requests_of_equal_budget(per_call: int)
         return word_responder()(call, i)
 
     up = BatchingUpstream(per_call, respond=respond)
-    cfg = SearchConfig(w=3, k=3, l=4, max_new_tokens=6, seed=3)
+    cfg = SearchConfig(w=3, k=3, l=4, max_new_tokens=6, seed=3, narrow_start=True)  # every first chunk kept
     r = await search("Q:", up, FnScorer(lambda t, f: float(len(t))), cfg)
     same_result = await search("Q:", ScriptedUpstream(respond), FnScorer(lambda t, f: float(len(t))), cfg)
     assert r.text == same_result.text and [s.survivors for s in r.steps] == [s.survivors for s in same_result.steps]

@@ -110,7 +110,8 @@ async def test_guided_completion_equals_the_in_process_search(loopback: ToyCompl
     expected_cfg = SearchConfig(w=2, k=2, l=8, max_new_tokens=14, temperature=0.7, top_p=1.0, seed=3)
     async with OpenAICompletionsUpstream(cfg.upstream) as up:
         ref = await search("The cat", up, FnScorer(distinct_words), expected_cfg)
-    assert [(q["n"], q["temperature"]) for q in served_requests] == [(2, 0.7)] * ref.calls
+    # the first step draws W*K = 4 of the prompt, every later request K = 2 per beam
+    assert [(q["n"], q["temperature"]) for q in served_requests] == [(4, 0.7)] + [(2, 0.7)] * (ref.calls - 1)
     assert r.choices[0].text == ref.text
     assert r.choices[0].finish_reason == ("stop" if ref.finished else "length")
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.usage.prompt_tokens, ref.usage.completion_tokens)
@@ -150,8 +151,9 @@ async def test_model_list_and_aliases_from_config(loopback: ToyCompletionsServer
     assert ids == [MODEL, f"{MODEL}+fast", f"{MODEL}+bon3"]
     first_request: dict[str, tuple[int, int]] = {}
     for q in loopback.requests:
-        first_request.setdefault(q["prompt"], (q["n"], q["max_tokens"]))
-    assert [first_request[p] for p in "ABC"] == [(3, 5), (2, 8), (3, 2048)]
+        if isinstance(q["prompt"], str):  # later steps of "fast" send its two beams as a prompt list
+            first_request.setdefault(q["prompt"], (q["n"], q["max_tokens"]))
+    assert [first_request[p] for p in "ABC"] == [(3, 5), (4, 8), (3, 2048)]  # fast's first step: W*K = 4
     assert e.value.body == {"message": f"The model `{MODEL}+bon4` does not exist; GET /v1/models lists the served ones",
                             "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
 
@@ -167,7 +169,10 @@ async def test_without_a_scorer_only_plain_sampling_is_served(loopback: ToyCompl
                                             extra_body={"w2s": {"l": 8, "prefer_finished": True}})
         with pytest.raises(openai.BadRequestError) as bad:
             await client.completions.create(model=MODEL, prompt="x", extra_body={"w2s": {"prefer_finished": "maybe"}})
+        with pytest.raises(openai.BadRequestError) as bad_start:
+            await client.completions.create(model=MODEL, prompt="x", extra_body={"w2s": {"narrow_start": "maybe"}})
     assert bad.value.body["param"] == "w2s.prefer_finished"
+    assert bad_start.value.body["param"] == "w2s.narrow_start"
     assert e.value.body["param"] == "w2s" and "needs a scorer" in e.value.body["message"]
     assert r.model_extra["w2s"]["mode"] == "cbs-w1k1l8"
 

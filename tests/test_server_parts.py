@@ -116,6 +116,9 @@ def test_openai_fields_then_w2s_field_override_the_alias() -> None:
     # the selection rule: the paper's unless the request asks for finished answers first
     assert not modes().resolve("m+cbs").search.prefer_finished
     assert modes().resolve("m+cbs", w2s={"prefer_finished": True}).search.prefer_finished
+    # the start: the paper's W*K first chunks unless the request asks for a narrow one
+    assert not modes().resolve("m+cbs").search.narrow_start
+    assert modes().resolve("m+cbs", w2s={"narrow_start": True}).search.narrow_start
 
 
 def test_default_budget_is_capped_and_explicit_budget_over_the_cap_refused() -> None:

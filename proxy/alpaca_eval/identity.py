@@ -74,8 +74,11 @@ def config_fingerprint(cfg: AppConfig) -> str:
             "untuned": _scoring_model(cfg.scorer.untuned),
             "expo_alpha": cfg.scorer.expo_alpha},
         # Caps and deadlines only where set, so fingerprints made before they existed still hold.
-        "search": {k: v for k, v in cfg.search.model_dump().items()
-                   if v is not None or k not in ("max_upstream_tokens", "max_cost_usd", "deadline_s")},
+        # Likewise the start: runs made before it was an option drew K first chunks, which is
+        # `narrow_start` now, and the paper's W·K start is marked where it differs (W > 1).
+        "search": {k: v for k, v in cfg.search.model_dump(exclude={"narrow_start"}).items()
+                   if v is not None or k not in ("max_upstream_tokens", "max_cost_usd", "deadline_s")}
+        | ({"first_step": "w*k"} if cfg.search.w > 1 and not cfg.search.narrow_start else {}),
     }
     # How a chat family continues an answer shapes it too; added only where it applies, so the
     # fingerprints of completions runs (and their checkpoints) stay what they were.

@@ -33,6 +33,8 @@ class W2SOptions(_Request):
     prefer_finished: bool | None = None
     """True: answer with the best finished beam when there is one (default: the paper's rule,
     the top-scored beam)."""
+    narrow_start: bool | None = None
+    """True: the first step draws K chunks from the prompt (default: the paper's W·K)."""
     max_upstream_tokens: int | None = Field(None, ge=1)
     """Cap on the tokens this request's search may be billed upstream."""
     max_cost_usd: float | None = Field(None, gt=0)

@@ -82,7 +82,7 @@ class Generation:
         self._check_scorer(plan, conversation, endpoint)
         budget = self._key_budget(request.get(CALLER_KEY))
         # Refused when the key cannot pay for even the first step's samples.
-        if budget is not None and not budget.allows(Usage(0, plan.search.k * chunk_limit(plan.search, 0))):
+        if budget is not None and not budget.allows(Usage(0, plan.search.fan_out(1) * chunk_limit(plan.search, 0))):
             raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
                            "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
         if self.active >= limits.max_concurrent_requests:

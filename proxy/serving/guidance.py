@@ -19,7 +19,8 @@ from proxy.config import SearchConfig, ServerCaps
 # Which request field each search field came from, so a 400 names what the client sent.
 _REQUEST_FIELD = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
                   "seed": "seed", "stop": "stop", "w": "w2s.w", "k": "w2s.k", "l": "w2s.l",
-                  "prefer_finished": "w2s.prefer_finished", "max_upstream_tokens": "w2s.max_upstream_tokens",
+                  "prefer_finished": "w2s.prefer_finished", "narrow_start": "w2s.narrow_start",
+                  "max_upstream_tokens": "w2s.max_upstream_tokens",
                   "max_cost_usd": "w2s.max_cost_usd", "deadline_s": "w2s.deadline_s"}
 
 
@@ -73,7 +74,7 @@ class GuidanceModes:
         updates: dict[str, Any] = {k: v for k, v in dict(temperature=temperature, top_p=top_p, seed=seed,
                                                           stop=stop or None).items() if v is not None}
         updates.update({k: w2s[k] for k in ("w", "k", "l") if k in w2s})
-        for key in ("prefer_finished", "max_upstream_tokens", "max_cost_usd", "deadline_s"):
+        for key in ("prefer_finished", "narrow_start", "max_upstream_tokens", "max_cost_usd", "deadline_s"):
             if w2s.get(key) is not None:
                 updates[key] = w2s[key]
         if max_tokens is not None:
