@@ -198,9 +198,10 @@ class _Search:
         return cands, res.usage, res.calls, t1 - t0, time.perf_counter() - t1
 
     def _step_bound(self, live: list[Candidate]) -> Usage:
-        """The most the next step can be billed: every live beam's K samples at their token
-        limit, and per beam the prompt tokens the last step was billed per beam (fan-out
-        included), grown by one chunk; before the first step the prompt is not known yet."""
+        """The most the next step can be billed: every live beam's samples (K; W·K of the
+        prompt) at their token limit, and per beam the prompt tokens the last step was billed
+        per beam (fan-out included), grown by one chunk; before the first step the prompt is
+        not known yet."""
         completion = sum(self.cfg.fan_out(len(self.result.steps) + 1) * self._max_tokens(b) for b in live)
         if not self.result.steps:
             return Usage(0, completion)
