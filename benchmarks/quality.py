@@ -57,8 +57,8 @@ were made with other settings. Seeds run in order, so a run cut short leaves who
 The report: per guide, method | upstream tokens per opening | guide score | VADER and TextBlob
 mean ± s.e. | VADER and TextBlob minus base, paired on (opening, seed) ± s.e.; then CBS minus
 best-of-N at matched samples (W2K2 vs BoN-4, W4K4 vs BoN-16: the same completion tokens where
-no answer finishes early, though CBS pays for re-sending the prompt and the answer so far at every step), paired; then the judges
-as N (best-of-N) and W*K (CBS) grow. Standard errors are clustered by opening (the seeds of one
+no answer finishes early, though CBS pays for re-sending the prompt and the answer so far at
+every step), paired; then the judges as N (best-of-N) and W*K (CBS) grow. Standard errors are clustered by opening (the seeds of one
 opening are averaged first). `report.json` and `quality.png` (judge vs upstream tokens, one
 point per method with error bars, a panel per guide and judge) go next to the results.
 """

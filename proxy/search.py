@@ -122,6 +122,13 @@ def chunk_limit(cfg: SearchConfig, tokens: int) -> int:
     return min(cfg.l or left, left)
 
 
+def first_step_bound(cfg: SearchConfig) -> Usage:
+    """The most a search's first step can be billed that is known before it is sent: its W·K
+    (narrow: K) samples of the prompt at the chunk limit; the prompt's tokens are not known yet.
+    The server refuses a request whose key cannot pay even this."""
+    return Usage(0, cfg.fan_out(1) * chunk_limit(cfg, 0))
+
+
 def _score(c: Candidate) -> float:
     return c.score if c.score is not None else 0.0
 
@@ -198,13 +205,12 @@ class _Search:
         return cands, res.usage, res.calls, t1 - t0, time.perf_counter() - t1
 
     def _step_bound(self, live: list[Candidate]) -> Usage:
-        """The most the next step can be billed: every live beam's samples (K; W·K of the
-        prompt) at their token limit, and per beam the prompt tokens the last step was billed
-        per beam (fan-out included), grown by one chunk; before the first step the prompt is
-        not known yet."""
-        completion = sum(self.cfg.fan_out(len(self.result.steps) + 1) * self._max_tokens(b) for b in live)
+        """The most the next step can be billed: every live beam's K samples at their token
+        limit, and per beam the prompt tokens the last step was billed per beam (fan-out
+        included), grown by one chunk; the first step's is `first_step_bound`."""
         if not self.result.steps:
-            return Usage(0, completion)
+            return first_step_bound(self.cfg)
+        completion = sum(self.cfg.k * self._max_tokens(b) for b in live)
         last = self.result.steps[-1]
         per_beam = last.usage.prompt_tokens / max(1, len(last.expanded))
         return Usage(int(len(live) * per_beam) + completion, completion)

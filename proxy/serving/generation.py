@@ -24,14 +24,14 @@ from proxy.cost import cost_usd
 from proxy.engine import Engine, ResultSummary, ScorerUnavailable
 from proxy.protocol.requests import SamplingRequest
 from proxy.protocol.responses import SearchSummary
-from proxy.search import Candidate, SearchResult, StepCallback, StepTrace, chunk_limit
+from proxy.search import Candidate, SearchResult, StepCallback, StepTrace, first_step_bound
 from proxy.serving.body import read_body
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, upstream_error, validation_error
 from proxy.serving.guidance import GuidanceError, GuidanceModes, Plan
 from proxy.serving.metrics import ServerMetrics
 from proxy.serving.streaming import StepHook, stream_search
-from proxy.types import Conversation, Usage
+from proxy.types import Conversation
 from proxy.upstreams.retry import retries_reported_to
 from scorers.base import ScorerContextError, ScorerFailure
 
@@ -82,7 +82,7 @@ class Generation:
         self._check_scorer(plan, conversation, endpoint)
         budget = self._key_budget(request.get(CALLER_KEY))
         # Refused when the key cannot pay for even the first step's samples.
-        if budget is not None and not budget.allows(Usage(0, plan.search.fan_out(1) * chunk_limit(plan.search, 0))):
+        if budget is not None and not budget.allows(first_step_bound(plan.search)):
             raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
                            "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
         if self.active >= limits.max_concurrent_requests:
