@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from proxy.config import ModelSpec
+from scorers.gguf_cache import local_spec
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -65,10 +66,16 @@ def load_causal_lm(
     batch and a lone prefix); "eager" gives results that are bit-identical across batching,
     which exactness tests want.
 
+    A local GGUF file is read through its converted copy (scorers.gguf_cache), made on first use.
+
     Any failure (missing directory, no hub access, unreadable GGUF, missing weights, an adapter
     that does not fit) becomes a ValueError that names the path, since the underlying errors
     rarely say which model it was.
     """
+    try:
+        spec = local_spec(spec)  # a GGUF file is converted once; later loads read the copy
+    except Exception as e:
+        raise ValueError(f"cannot load scorer model {_where(spec)}: {e}") from e
     kwargs: dict[str, object] = {}
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file

@@ -99,5 +99,5 @@ def test_make_demo_pipeline_on_the_real_model(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     assert f"[1] {TEST_OPENINGS[0]} ..." in lines
     means = lines[lines.index(next(x for x in lines if x.startswith("method"))) + 1:][:3]
-    assert [m.split()[0] for m in means] == ["base", "best-of-4", "cbs"]
+    assert [m.split()[0] for m in means] == ["base", "best-of-16", "cbs"]
     assert trace.read_text().count("<section>") == 6
