@@ -119,6 +119,7 @@ def convert(spec: ModelSpec, target: Path, tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32)
         _save(model, tokenizer, tmp)
         _verify(model, tokenizer, tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache ($W2S_CACHE_DIR) from other users
         try:
             tmp.rename(target)
         except OSError:  # another process finished first; its copy is the same

