@@ -172,7 +172,8 @@ async def demo_command(args: argparse.Namespace) -> int:
           "SmolLM2-135M-Instruct: the guide)...", file=sys.stderr)
     gemma = await asyncio.to_thread(fetch_gemma3_270m)
     scorer_cfg = await asyncio.to_thread(guide_scorer_config, settings)
-    print("loading them (about a minute on 2 CPU cores)...", file=sys.stderr)
+    print("loading them (seconds; the first time about two minutes on 2 CPU cores, converting the GGUF files)...",
+          file=sys.stderr)
     from proxy.local.causal_lm import LocalCausalLM  # torch: only once the demo really runs
 
     lm = await asyncio.to_thread(LocalCausalLM.load, gemma, "auto", "auto")
