@@ -74,17 +74,9 @@ def load_causal_lm(
     """
     try:
         spec = local_spec(spec)  # a GGUF file is converted once; later loads read the copy
-    except Exception as e:
-        raise ValueError(f"cannot load scorer model {_where(spec)}: {e}") from e
-    kwargs: dict[str, object] = {}
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    if spec.revision:
-        kwargs["revision"] = spec.revision
-    model_kwargs = dict(kwargs)
-    if attn_implementation is not None:
-        model_kwargs["attn_implementation"] = attn_implementation
-    try:
+        kwargs: dict[str, object] = {k: v for k, v in (("gguf_file", spec.gguf_file), ("revision", spec.revision))
+                                     if v}
+        model_kwargs = kwargs | ({} if attn_implementation is None else {"attn_implementation": attn_implementation})
         tokenizer = AutoTokenizer.from_pretrained(spec.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **model_kwargs)
     except Exception as e:  # chained, so nothing is lost; only the path is added
