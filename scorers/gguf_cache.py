@@ -7,8 +7,8 @@ is the same each time, so the first load saves it (float32 safetensors and token
 the cache directory and later loads read that. float32 holds the de-quantized values exactly,
 so a later load in any dtype casts the same numbers a GGUF load would.
 
-The copy is keyed by the GGUF file's resolved path, size and modification time and by the
-transformers version (a new version may convert differently); anything else reuses a stale copy
+The copy is keyed by the GGUF file's resolved path, size and modification time, by the
+transformers version (a new version may convert differently) and by this module's COPY_FORMAT; anything else reuses a stale copy
 only if the file was replaced in place with the same size and time stamp. The conversion is
 written to a temporary directory and renamed into place, so concurrent or interrupted loads never
 see half a copy. When the cache directory cannot be written the model is still
@@ -30,6 +30,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from proxy.config import ModelSpec, cache_dir
 
 CONVERTED_DIR = "gguf-converted"
+COPY_FORMAT = 2
+"""Part of the key: copies written by an earlier version of this module (1: no `architectures`
+in config.json) are not reused."""
 
 
 def converted_dir(spec: ModelSpec) -> Path | None:
@@ -41,7 +44,7 @@ def converted_dir(spec: ModelSpec) -> Path | None:
     if not gguf.is_file():
         return None
     st = gguf.stat()
-    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers {transformers.__version__}"
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers {transformers.__version__}|{COPY_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / CONVERTED_DIR / f"{Path(spec.gguf_file).stem}-{digest}"
 
@@ -56,8 +59,11 @@ PROBES = ("A film review: the plot is slow, but the ending", "  two  spaces\tand
 
 
 def _plain_config(model: PreTrainedModel) -> dict[str, object]:
+    """The config as save_pretrained would write it for a plain model: without the GGUF marker
+    (the weights are plain by now) and naming the model class, which engines such as vLLM read."""
     config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the GGUF marker; the weights are plain by now
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
     return config
 
 

@@ -2,6 +2,7 @@
 GGUF file's own numbers and vocabulary."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def test_first_load_converts_once_and_reads_back_what_the_gguf_load_gives(
     target = gguf_cache.converted_dir(spec)
     assert target is not None and [p.name for p in target.parent.iterdir()] == [target.name]
     assert target.stat().st_mode & 0o777 == 0o755
+    assert json.loads((target / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]  # for vLLM
     direct = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32)
     ours, theirs = model.state_dict(), direct.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

