@@ -13,13 +13,21 @@ only if the file was replaced in place with the same size and time stamp. The co
 written to a temporary directory and renamed into place, so concurrent or interrupted loads never
 see half a copy. When the cache directory cannot be written the model is still
 loaded from the GGUF file, as before.
+
+A conversion also clears what can never be used again (`sweep`): copies whose GGUF file has
+changed or is gone, and scratch directories a killed conversion left. Copies made under another
+transformers version of an unchanged file are kept: another environment sharing the cache may
+still read them, and deleting them would make two such environments convert in turn forever.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,20 +41,36 @@ CONVERTED_DIR = "gguf-converted"
 COPY_FORMAT = 2
 """Part of the key: copies written by an earlier version of this module (1: no `architectures`
 in config.json) are not reused."""
+SOURCE_FILE = "w2s-source.json"
+"""In each copy: the GGUF file it was made from (resolved path, size, mtime_ns), for `sweep`."""
+STALE_SCRATCH_S = 24 * 3600
+"""A scratch directory this old belongs to a conversion that was killed (one takes minutes)."""
+SCRATCH_NAME = re.compile(r".+-[0-9a-f]{16}\..+")
+"""`scratch_dir`'s names: a copy's name, a dot and mkdtemp's random suffix."""
+
+
+def _gguf_path(spec: ModelSpec) -> Path | None:
+    if not spec.gguf_file or spec.revision:
+        return None
+    gguf = Path(spec.path) / spec.gguf_file
+    return gguf if gguf.is_file() else None
+
+
+def _source(gguf: Path) -> dict[str, object]:
+    st = gguf.stat()
+    return {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def converted_dir(spec: ModelSpec) -> Path | None:
     """Where the converted copy of `spec`'s GGUF file lives; None when `spec` has no local GGUF file
     (a hub id is left to transformers)."""
-    if not spec.gguf_file or spec.revision:
+    gguf = _gguf_path(spec)
+    if gguf is None:
         return None
-    gguf = Path(spec.path) / spec.gguf_file
-    if not gguf.is_file():
-        return None
-    st = gguf.stat()
-    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers {transformers.__version__}|{COPY_FORMAT}"
+    src = _source(gguf)
+    key = f"{src['gguf']}|{src['size']}|{src['mtime_ns']}|transformers {transformers.__version__}|{COPY_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / CONVERTED_DIR / f"{Path(spec.gguf_file).stem}-{digest}"
+    return cache_dir() / CONVERTED_DIR / f"{gguf.stem}-{digest}"
 
 
 def _is_complete(path: Path) -> bool:
@@ -125,6 +149,7 @@ def convert(spec: ModelSpec, target: Path, tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32)
         _save(model, tokenizer, tmp)
         _verify(model, tokenizer, tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps(_source(Path(spec.path) / str(spec.gguf_file))))
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache ($W2S_CACHE_DIR) from other users
         try:
             tmp.rename(target)
@@ -149,4 +174,36 @@ def local_spec(spec: ModelSpec) -> ModelSpec:
                   "loading the GGUF file itself", file=sys.stderr)
             return spec
         convert(spec, target, tmp)
+        sweep(target.parent, keep=target)
     return spec.model_copy(update={"path": str(target), "gguf_file": None})
+
+
+def _unusable(copy: Path) -> bool:
+    """A copy whose GGUF file is gone or no longer the bytes it was made from (no key can reach it
+    again). A copy without a source record (made before there was one) is left alone."""
+    try:
+        record = json.loads((copy / SOURCE_FILE).read_text())
+        gguf = Path(record["gguf"])
+        return not gguf.is_file() or _source(gguf) != record
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def sweep(folder: Path, keep: Path) -> None:
+    """Remove the copies under `folder` that nothing can load again and the scratch directories of
+    killed conversions; `keep` (the copy just made) and anything in doubt stay."""
+    for child in folder.iterdir():
+        if child == keep or not child.is_dir():
+            continue
+        try:
+            scratch = SCRATCH_NAME.fullmatch(child.name) and not _is_complete(child)
+            if scratch and time.time() - child.stat().st_mtime > STALE_SCRATCH_S:
+                why = "left by a conversion that did not finish"
+            elif not scratch and _is_complete(child) and _unusable(child):
+                why = "its GGUF file changed or is gone"
+            else:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        print(f"removed {child} ({why})", file=sys.stderr)

@@ -67,6 +67,52 @@ def test_a_bad_gguf_file_is_a_clear_error_and_leaves_nothing_behind(tmp_path: Pa
     assert list((tmp_path / "cache" / "gguf-converted").iterdir()) == []  # no scratch directory left
 
 
+def _copy(folder: Path, name: str, source: Path | None) -> Path:
+    """A finished copy as `convert` leaves it: config.json, and the record of its GGUF file."""
+    copy = folder / name
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text("{}")
+    if source is not None:
+        st = source.stat()
+        record = {"gguf": str(source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        (copy / gguf_cache.SOURCE_FILE).write_text(json.dumps(record))
+    return copy
+
+
+def test_a_conversion_sweeps_only_what_nothing_can_load_again(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    models, folder = tmp_path / "models", tmp_path / "cache"
+    models.mkdir()
+    for name in ("kept.gguf", "changed.gguf", "gone.gguf", "touched.gguf"):
+        (models / name).write_bytes(b"gguf " + name.encode())
+    keep = _copy(folder, "kept-" + "a" * 16, models / "kept.gguf")
+    other_version = _copy(folder, "kept-" + "b" * 16, models / "kept.gguf")  # same file, other transformers
+    no_record = _copy(folder, "old-" + "c" * 16, None)  # made before records existed
+    changed = _copy(folder, "changed-" + "d" * 16, models / "changed.gguf")
+    (models / "changed.gguf").write_bytes(b"new bytes, new size")
+    gone = _copy(folder, "gone-" + "e" * 16, models / "gone.gguf")
+    (models / "gone.gguf").unlink()
+    touched = _copy(folder, "touched-" + "f" * 16, models / "touched.gguf")
+    st = os.stat(models / "touched.gguf")
+    os.utime(models / "touched.gguf", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    old_scratch, new_scratch = folder / f"kept-{'1' * 16}.x7_q2", folder / f"kept-{'2' * 16}.k9zz0a"
+    for scratch in (old_scratch, new_scratch):
+        scratch.mkdir()
+        (scratch / "model.safetensors").write_bytes(b"half")
+    day_ago = os.stat(old_scratch).st_mtime - gguf_cache.STALE_SCRATCH_S - 60
+    os.utime(old_scratch, (day_ago, day_ago))
+    (folder / "a-file").write_text("not ours to judge")
+
+    gguf_cache.sweep(folder, keep=keep)
+
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        p.name for p in (keep, other_version, no_record, new_scratch, folder / "a-file"))
+    err = capsys.readouterr().err
+    for removed in (changed, gone, touched):
+        assert f"removed {removed} (its GGUF file changed or is gone)" in err
+    assert f"removed {old_scratch} (left by a conversion that did not finish)" in err
+
+
 @pytest.mark.slow
 def test_gemma_copy_holds_the_gguf_numbers_and_vocabulary() -> None:
     """Against an independent reading of the file: gguf's own de-quantization of two tensors (the
@@ -112,6 +158,9 @@ def test_first_load_converts_once_and_reads_back_what_the_gguf_load_gives(
     assert target is not None and [p.name for p in target.parent.iterdir()] == [target.name]
     assert target.stat().st_mode & 0o777 == 0o755
     assert json.loads((target / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]  # for vLLM
+    gguf = Path(spec.path) / str(spec.gguf_file)
+    assert json.loads((target / gguf_cache.SOURCE_FILE).read_text()) == {
+        "gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "mtime_ns": gguf.stat().st_mtime_ns}
     direct = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32)
     ours, theirs = model.state_dict(), direct.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
