@@ -83,7 +83,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from proxy.config import UpstreamConfig  # noqa: E402
+from proxy.config import SearchConfig, UpstreamConfig  # noqa: E402
 from proxy.film_reviews.guides import BON_SIZES, CBS_SHAPES, GUIDES, Method, bon_methods, cbs_methods  # noqa: E402
 from proxy.film_reviews.stats import Estimate, estimate, paired  # noqa: E402
 from proxy.film_reviews.judges import JUDGES  # noqa: E402
@@ -109,7 +109,10 @@ class Settings:
     seeds: int = 3
 
     def identity(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "cbs_start": "w*k"}
+        """The searches run with SearchConfig's defaults, so the start recorded is the default's:
+        flipping `narrow_start`'s default makes every earlier directory refuse to be resumed."""
+        start = "k" if SearchConfig().narrow_start else "w*k"
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "cbs_start": start}
 
 
 # ---------------------------------------------------------------- results file
