@@ -1,0 +1,85 @@
+"""`w2s serve`: where it listens, which modes it offers, and what one request or key may order."""
+from __future__ import annotations
+
+import os
+
+from pydantic import Field, SecretStr, model_validator
+
+from proxy.config.base import ConfigError, Strict
+from proxy.config.search import SearchConfig
+
+
+class ServerCaps(Strict):
+    """Per-request limits, so that no client can order a search the operator did not budget for.
+
+    A search samples W*K continuations per step and makes about W * max_tokens / L upstream
+    calls in all: W*K bounds the breadth, a floor on L the number of steps (a small L is what
+    multiplies calls; L = null means one chunk), max_tokens the length.
+    """
+
+    max_w_times_k: int = Field(16, ge=1)
+    min_l: int = Field(8, ge=1)
+    max_tokens: int = Field(2048, ge=1)
+
+
+def mode_problem(mode: SearchConfig, caps: ServerCaps) -> str | None:
+    if mode.w * mode.k > caps.max_w_times_k:
+        return f"w*k = {mode.w * mode.k} exceeds caps.max_w_times_k = {caps.max_w_times_k}"
+    if mode.l is not None and mode.l < caps.min_l:
+        return f"l = {mode.l} is below caps.min_l = {caps.min_l}"
+    return None
+
+
+class ServerConfig(Strict):
+    """`w2s serve`: the OpenAI-compatible guidance server.
+
+    Clients pick guidance by model name: the upstream's model alone is plain sampling, and
+    `<model>+<mode>` runs the search config `modes[<mode>]` (in a config file: a search preset
+    name, a mapping or `{preset: NAME, ...}`, resolved by proxy.presets before validation).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys_env: str | None = None
+    """Env var holding the proxy keys clients must send (comma-separated); None = no auth."""
+    modes: dict[str, SearchConfig] | None = None
+    """None: every search preset is a mode under its own name, those over the caps left out
+    (proxy.presets.server_modes resolves it when the server starts)."""
+    caps: ServerCaps = ServerCaps()
+    max_concurrent_requests: int = Field(64, ge=1)
+    """Generation requests served at once; more are refused with 429 rather than queued."""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    idle_timeout_s: float = Field(15.0, gt=0)
+    """A connection that has not sent a whole request head for this long is closed (idle
+    keep-alive connections, and clients that trickle their headers)."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body not received in full within this long is answered 408."""
+    key_budget_usd: float | None = Field(None, gt=0)
+    """US dollars each proxy key (all requests together, without keys) may spend upstream, at
+    the upstream's prices, for the life of this process; then 429 insufficient_quota."""
+    key_budget_tokens: int | None = Field(None, ge=1)
+    """The same cap in upstream tokens (prompt + completion)."""
+    stream_keepalive_s: float = Field(10.0, gt=0)
+    """A stream with nothing to say for this long gets an SSE comment, so proxies that cut idle
+    connections do not cut a search step that is still running."""
+
+    @model_validator(mode="after")
+    def _modes_fit_caps(self) -> "ServerConfig":
+        for name, mode in (self.modes or {}).items():
+            if not name or "+" in name or any(c.isspace() for c in name):
+                raise ValueError(f"modes: {name!r} is not a usable mode name (no '+' or spaces)")
+            problem = mode_problem(mode, self.caps)
+            if problem is not None:
+                raise ValueError(f"modes.{name}: {problem}")
+        return self
+
+
+def server_api_keys(cfg: ServerConfig) -> list[SecretStr]:
+    """Proxy keys clients must present; an operator who named a variable but left it empty gets
+    an error rather than a server open to everyone."""
+    if cfg.api_keys_env is None:
+        return []
+    keys = [k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()]
+    if not keys:
+        raise ConfigError(f"server.api_keys_env: set {cfg.api_keys_env} to one or more comma-separated keys")
+    return [SecretStr(k) for k in keys]
