@@ -35,6 +35,7 @@ from proxy.alpaca_eval.runner import run_alpaca_eval  # noqa: E402
 from proxy.client import GuidedClient  # noqa: E402
 from proxy.config import AppConfig, Prices, SearchConfig, UpstreamConfig, search_with  # noqa: E402
 from proxy.presets import load_preset  # noqa: E402
+from proxy.search import mode_name  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "alpaca_eval" / "alpaca_eval_gpt4_baseline.json"
 
@@ -102,7 +103,7 @@ async def main() -> None:
             scorer=cpu_scorer_config(tuned, untuned).model_copy(update={"torch_threads": args.torch_threads}),
             search=search,
         )
-        print(f"{len(selection)} instructions from {source}; search {search.mode} (max_new_tokens "
+        print(f"{len(selection)} instructions from {source}; search {mode_name(search)} (max_new_tokens "
               f"{search.max_new_tokens}); loopback latency {args.latency_s * 1000:.0f} ms per request; "
               f"tiny scorer on CPU")
         results = []

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from proxy.budget import Budget, BudgetExhausted
-from proxy.config import AppConfig, ConfigError, require_scorer, search_with
+from proxy.config import AppConfig, ConfigError, search_with
 from proxy.engine import Engine, ResultSummary, Spend
 from proxy.presets import load_config
 from proxy.prompts import chat_conversation
-from proxy.search import SearchResult, StepCallback
+from proxy.search import SearchResult, StepCallback, require_scorer
 from proxy.types import ChatMessage, Conversation
 from proxy.upstreams.base import Upstream
 from scorers.base import Scorer

@@ -20,17 +20,30 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 
 from proxy.budget import Budget
-from proxy.config import AppConfig, Prices, ScorerConfig, SearchConfig, require_scorer
+from proxy.config import AppConfig, Prices, ScorerConfig, SearchConfig
 from proxy.cost import cost_usd
-from proxy.search import SearchResult, StepCallback, search
+from proxy.search import SearchPlan, SearchResult, StepCallback, StoppedBy, needs_scorer, plan_search, \
+    require_scorer, run_plan
 from proxy.types import Conversation, Usage
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.registry import make_upstream
-from scorers.base import Scorer, check_room
+from scorers.base import Scorer
 
 log = logging.getLogger("w2s.engine")
+
+
+class ScorerState(StrEnum):
+    """Where the engine's scorer is: what readiness and a refused guided search report."""
+
+    NONE = "none"
+    """None configured: only plain sampling."""
+    NOT_STARTED = "not started"
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
 
 
 class ScorerUnavailable(RuntimeError):
@@ -50,7 +63,7 @@ class Readiness:
     upstream: str
     """"reachable", "in-process", "not started", "refused: HTTP 401", "unreachable: ...", "model unknown: ..."."""
     scorer: str
-    """"loaded", "none" (none configured), "loading", "not started", "failed: <error>"."""
+    """A ScorerState, and for `failed` the kind of failure: "failed: OSError (see the server log)"."""
 
 
 @dataclass(frozen=True)
@@ -78,14 +91,14 @@ class ResultSummary:
     completion_tokens: int
     cost_usd: float
     wall_s: float
-    stopped_by: str | None = None
-    """"budget" when a budget ended the search before its beams ended (proxy.budget)."""
+    stopped_by: StoppedBy | None = None
+    """Set when a budget or the deadline ended the search before its beams ended."""
 
 
 def summarize(result: SearchResult, prices: Prices, mode: str | None = None) -> ResultSummary:
     """`mode` names the search as its caller knows it (a server's mode alias); default: W, K, L."""
     u = result.usage
-    return ResultSummary(mode=mode or result.config.mode, score=result.score, finished=result.finished,
+    return ResultSummary(mode=mode or result.mode, score=result.score, finished=result.finished,
                          steps=len(result.steps), upstream_calls=result.calls, tokens=result.tokens,
                          prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                          cost_usd=cost_usd(u, prices), wall_s=round(result.wall_s, 4), stopped_by=result.stopped_by)
@@ -111,7 +124,8 @@ class Engine:
         self._upstream_closed = False
         self._load_task: asyncio.Task[None] | None = None
         self._load_error: BaseException | None = None
-        self.scorer_state = "loaded" if scorer is not None else "not started" if config.scorer else "none"
+        self.scorer_state = self._idle_state() if scorer is None else ScorerState.LOADED
+        self._failure = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -126,19 +140,19 @@ class Engine:
         """Start loading the configured scorer on a worker thread; idempotent."""
         if self._scorer is not None or self.config.scorer is None or self._load_task is not None:
             return
-        self.scorer_state = "loading"
+        self.scorer_state = ScorerState.LOADING
         self._load_task = asyncio.create_task(self._load(self.config.scorer))
 
     async def _load(self, cfg: ScorerConfig) -> None:
         try:
             self._scorer = await _open_scorer(cfg)
-            self.scorer_state = "loaded"
+            self.scorer_state = ScorerState.LOADED
             log.info("scorer loaded")
         except Exception as e:  # noqa: BLE001 - reported by probe(), wait_ready() and every guided search
             self._load_error = e
             # What clients see (the 503, /health/ready) names the kind of failure only: the message
             # may hold the server's local paths. The log has all of it.
-            self.scorer_state = f"failed: {type(e).__name__} (see the server log)"
+            self.scorer_state, self._failure = ScorerState.FAILED, type(e).__name__
             log.error("scorer failed to load: %s: %s", type(e).__name__, e)
 
     async def wait_ready(self) -> None:
@@ -146,7 +160,7 @@ class Engine:
         if self._load_task is not None:
             await asyncio.shield(self._load_task)
         if self._load_error is not None:
-            raise ScorerUnavailable(self.scorer_state) from self._load_error
+            raise ScorerUnavailable(self.scorer_status) from self._load_error
 
     async def start(self) -> None:
         """Open the upstream and load the scorer, waiting for it; closes again if that fails."""
@@ -173,7 +187,7 @@ class Engine:
             await self._upstream.aclose()
         if self._owns_scorer:
             scorer, self._scorer = self._scorer, None
-            self.scorer_state = "not started" if self.config.scorer else "none"
+            self.scorer_state = self._idle_state()
             if scorer is not None:
                 await scorer.aclose()
 
@@ -185,6 +199,17 @@ class Engine:
         await self.aclose()
 
     # ------------------------------------------------------------------ what it offers
+
+    def _idle_state(self) -> ScorerState:
+        return ScorerState.NOT_STARTED if self.config.scorer else ScorerState.NONE
+
+    @property
+    def scorer_status(self) -> str:
+        """The state as clients see it: a failure names its kind only (the message may hold the
+        server's local paths; the log has all of it)."""
+        if self.scorer_state is ScorerState.FAILED:
+            return f"failed: {self._failure} (see the server log)"
+        return self.scorer_state.value
 
     @property
     def started(self) -> bool:
@@ -219,39 +244,39 @@ class Engine:
         else:
             p = await self._upstream.probe()
             upstream_ok, upstream_state = p.ok, p.state
-        scorer_ok = self.scorer_state in ("loaded", "none")
-        return Readiness(upstream_ok and scorer_ok, upstream_state, self.scorer_state)
+        scorer_ok = self.scorer_state in (ScorerState.LOADED, ScorerState.NONE)
+        return Readiness(upstream_ok and scorer_ok, upstream_state, self.scorer_status)
 
-    def scorer_for(self, search_config: SearchConfig, *, score_plain: bool = True) -> Scorer | None:
-        """The scorer a search runs with: the loaded one, or None. Plain sampling (w = k = 1) is
-        scored when a scorer is loaded, unless `score_plain` is False. A guided search raises
-        ConfigError without a scorer configured, ScorerUnavailable while it loads or after it failed."""
-        if search_config.needs_scorer and self._scorer is None:
-            require_scorer(search_config, self.config.scorer is not None)
-            raise ScorerUnavailable(self.scorer_state)
-        return self._scorer if score_plain or search_config.needs_scorer else None
-
-    async def search(self, conversation: Conversation | str, search_config: SearchConfig | None = None, *,
-                     on_step: StepCallback | None = None, score_plain: bool = True,
-                     budget: Budget | None = None, room_checked: bool = False) -> SearchResult:
-        """One search answering `conversation` (a string: a raw completion prompt; default
-        config: `config.search`); see proxy.search.search and `scorer_for`. The search's own caps
-        (`max_upstream_tokens`, `max_cost_usd`, at the upstream's prices) nest under `budget`
-        (an API key's, a run's) when one is given. `room_checked`: `check_room` was called."""
+    def plan(self, conversation: Conversation | str, search_config: SearchConfig | None = None, *,
+             score_plain: bool = True) -> SearchPlan:
+        """A checked search of `conversation` (a string: a raw completion prompt; default config:
+        `config.search`), see proxy.search.plan_search: ConfigError without a scorer configured
+        for a search that ranks, ScorerUnavailable while the scorer loads or after it failed,
+        ScorerContextError when the prompt or answer cannot fit the scorer's context. A server
+        plans before answering, so a stream is refused before its 200 goes out."""
         cfg = search_config if search_config is not None else self.config.search
-        scorer = self.scorer_for(cfg, score_plain=score_plain)
+        if self._scorer is None and needs_scorer(cfg):
+            require_scorer(cfg, self.config.scorer is not None)
+            raise ScorerUnavailable(self.scorer_status)
+        return plan_search(conversation, cfg, self._scorer, score_plain=score_plain)
+
+    async def run(self, plan: SearchPlan, *, on_step: StepCallback | None = None,
+                  budget: Budget | None = None) -> SearchResult:
+        """Run a planned search. Its own caps (`max_upstream_tokens`, `max_cost_usd`, at the
+        upstream's prices) nest under `budget` (an API key's, a run's) when one is given."""
+        cfg = plan.settings
         capped = cfg.max_upstream_tokens is not None or cfg.max_cost_usd is not None
         if capped or budget is not None:
             budget = Budget(cfg.max_upstream_tokens, cfg.max_cost_usd, self.config.upstream.prices, parent=budget)
-        return await search(conversation, self.upstream, scorer, cfg, on_step=on_step, budget=budget,
-                            room_checked=room_checked)
+        return await run_plan(plan, self.upstream, on_step=on_step, budget=budget)
 
-    def check_room(self, conversation: Conversation, search_config: SearchConfig, *, score_plain: bool = True) -> None:
-        """ScorerContextError now if the search could not fit the scorer's context. A server asks
-        first, so a stream is refused before its 200 goes out, then searches with `room_checked`."""
-        scorer = self.scorer_for(search_config, score_plain=score_plain)
-        if scorer is not None:
-            check_room(scorer, conversation.scorer_prompt, search_config.max_new_tokens)
+    async def search(self, conversation: Conversation | str, search_config: SearchConfig | None = None, *,
+                     on_step: StepCallback | None = None, score_plain: bool = True,
+                     budget: Budget | None = None) -> SearchResult:
+        """`plan` then `run`. Plain sampling (w = k = 1) is scored when a scorer is loaded,
+        unless `score_plain` is False."""
+        return await self.run(self.plan(conversation, search_config, score_plain=score_plain), on_step=on_step,
+                              budget=budget)
 
     def summarize(self, result: SearchResult, mode: str | None = None) -> ResultSummary:
         return summarize(result, self.config.upstream.prices, mode)

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from proxy.config import AppConfig, ConfigError, SearchConfig, ServerConfig, format_validation_error, mode_problem
+from proxy.config import AppConfig, ConfigError, SearchConfig, ServerConfig, cap_problem, format_validation_error
 
 PARTS = {"upstream": "upstreams", "scorer": "scorers", "search": "search"}
 """Config part -> its presets' subfolder."""
@@ -131,7 +131,7 @@ def default_modes(server: ServerConfig) -> dict[str, SearchConfig]:
             mode = SearchConfig.model_validate(data)
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, f"search preset {name}")) from None
-        if mode_problem(mode, server.caps) is None:
+        if cap_problem(mode, server.caps) is None:
             modes[name] = mode
     return modes
 

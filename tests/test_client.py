@@ -53,7 +53,7 @@ async def test_overrides_per_call(loopback: ToyCompletionsServer) -> None:
     async with client_for(loopback, FnScorer(distinct_words), max_new_tokens=5) as client:
         r = await client.instruct("Q", w=1, k=5, seed=2)
     assert [(q["n"], q["max_tokens"]) for q in loopback.requests] == [(5, 5)]
-    assert r.config.mode == "bon5"
+    assert r.mode == "bon5"
 
 
 async def test_generate_many_yields_every_item_once_with_errors_reported() -> None:

@@ -18,6 +18,7 @@ from proxy.config import (
     upstream_api_key,
 )
 from proxy.presets import build_config, load_config, preset_names, presets_dir
+from proxy.search import mode_name
 
 PAPER = ["base", "bon4", "bon8", "bon16", "cbs-w2k2l30", "cbs-w4k4l30"]
 
@@ -28,7 +29,7 @@ def test_paper_presets(name: str) -> None:
     assert cfg.upstream.model == "gpt-3.5-turbo-instruct"
     assert cfg.upstream.prompt_template == "Instruction: {instruction}\nOutput:"
     assert (cfg.search.temperature, cfg.search.top_p) == (0.7, 1.0)
-    assert cfg.search.mode == name
+    assert mode_name(cfg.search) == name
     if name != "base":
         assert cfg.scorer is not None
         assert cfg.scorer.tuned.path == "HuggingFaceH4/zephyr-7b-beta"
@@ -152,7 +153,7 @@ def test_presets_are_package_data_and_the_models_read_no_file(tmp_path: Path,
     (tmp_path / "search" / "mine.yaml").write_text("w: 2\nk: 3\nl: 9\n")
     (tmp_path / "mine.yaml").write_text("upstream: {model: m}\nsearch: mine\n")
     assert preset_names("search") == ["mine"] and preset_names() == ["mine"]
-    assert load_config("mine").search.mode == "cbs-w2k3l9"
+    assert mode_name(load_config("mine").search) == "cbs-w2k3l9"
 
 
 @pytest.mark.parametrize("base_url, needs_key", [

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from proxy.config import ConfigError, SearchConfig
-from proxy.search import cut_at_stop, search
+from proxy.search import cut_at_stop, mode_name, search
 from proxy.types import Continuation, Conversation, SampleResult, SamplingParams
 from tests.doubles import Call, FnScorer, ScriptedUpstream, word_responder
 
@@ -41,7 +41,7 @@ async def test_cbs_request_pattern_is_exact(narrow: bool) -> None:
     assert r.tokens == 12 and not r.finished
     assert r.calls == 5 and len({c.seed for c in up.calls}) == 5  # a distinct seed per request
     assert scorer.open_sessions == 0
-    assert cfg.mode == ("cbs-w2k3l5-narrow" if narrow else "cbs-w2k3l5")
+    assert r.mode == mode_name(cfg) == ("cbs-w2k3l5-narrow" if narrow else "cbs-w2k3l5")
 
 
 async def test_the_first_selection_chooses_w_of_w_times_k() -> None:

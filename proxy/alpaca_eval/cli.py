@@ -11,7 +11,8 @@ import json
 import sys
 from typing import Any
 
-from proxy.config import ConfigError, require_scorer, upstream_api_key
+from proxy.config import ConfigError, upstream_api_key
+from proxy.search import require_scorer
 from proxy.presets import load_config
 from proxy.search_flags import add_search_flags, search_overrides
 

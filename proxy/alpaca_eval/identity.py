@@ -18,6 +18,8 @@ import json
 import re
 
 from proxy.config import AppConfig, ModelSpec, SearchConfig
+from proxy.config.search import search_identity
+from proxy.search import mode_name, needs_scorer
 
 
 def _last_component(path: str) -> str:
@@ -42,7 +44,7 @@ def wkl(search: SearchConfig) -> str:
 def generator_name(cfg: AppConfig, *, scorer_label: str | None = None) -> str:
     """`scorer_label` names a scorer given to the client directly rather than by the config."""
     search = cfg.search
-    if not search.needs_scorer:
+    if not needs_scorer(search):
         guidance = "unguided"
     elif cfg.scorer is not None:
         tuned = model_label(cfg.scorer.tuned)
@@ -51,7 +53,8 @@ def generator_name(cfg: AppConfig, *, scorer_label: str | None = None) -> str:
         guidance = f"{tuned}-vs-{model_label(cfg.scorer.untuned)}"
     else:
         guidance = scorer_label or "scorer"
-    mode = search.mode if search.mode.startswith("cbs-") else f"{search.mode}-{wkl(search)}"
+    mode = mode_name(search)
+    mode = mode if mode.startswith("cbs-") else f"{mode}-{wkl(search)}"
     return f"{cfg.upstream.model.rsplit('/', 1)[-1]}_{guidance}_{mode}"
 
 
@@ -64,6 +67,19 @@ def _scoring_model(spec: ModelSpec) -> dict:
     return shaping
 
 
+def _search_identity(search: SearchConfig) -> dict:
+    """The settings that shape answers, each by its rule in the settings table (caps only where
+    set, so fingerprints made before they existed still hold). The start is the one setting
+    written its own way: runs made before it was an option drew K first chunks, which is
+    `narrow_start` now, so those keep their fingerprint and the paper's W·K start is marked
+    where it differs (W > 1)."""
+    identity = search_identity(search)
+    narrow = identity.pop("narrow_start", False)
+    if search.w > 1 and not narrow:
+        identity["first_step"] = "w*k"
+    return identity
+
+
 def config_fingerprint(cfg: AppConfig) -> str:
     up = cfg.upstream
     shaping = {
@@ -73,12 +89,7 @@ def config_fingerprint(cfg: AppConfig) -> str:
             "kind": cfg.scorer.kind, "tuned": _scoring_model(cfg.scorer.tuned),
             "untuned": _scoring_model(cfg.scorer.untuned),
             "expo_alpha": cfg.scorer.expo_alpha},
-        # Caps and deadlines only where set, so fingerprints made before they existed still hold.
-        # Likewise the start: runs made before it was an option drew K first chunks, which is
-        # `narrow_start` now, and the paper's W·K start is marked where it differs (W > 1).
-        "search": {k: v for k, v in cfg.search.model_dump(exclude={"narrow_start"}).items()
-                   if v is not None or k not in ("max_upstream_tokens", "max_cost_usd", "deadline_s")}
-        | ({"first_step": "w*k"} if cfg.search.w > 1 and not cfg.search.narrow_start else {}),
+        "search": _search_identity(cfg.search),
     }
     # How a chat family continues an answer shapes it too; added only where it applies, so the
     # fingerprints of completions runs (and their checkpoints) stay what they were.

@@ -12,16 +12,16 @@ from pydantic import Field
 
 from proxy.config.base import ConfigError, Strict, cache_dir, format_validation_error
 from proxy.config.scorer import EngineEndpoint, ModelSpec, ScorerConfig, engine_api_key
-from proxy.config.search import SearchConfig, require_scorer, search_with
-from proxy.config.server import ServerCaps, ServerConfig, mode_problem, server_api_keys
+from proxy.config.search import SETTINGS, SearchConfig, Setting, search_with
+from proxy.config.server import CapProblem, ServerCaps, ServerConfig, cap_problem, server_api_keys
 from proxy.config.upstream import (
     ChatContinuation, ChatRenderConfig, Prices, UpstreamConfig, UpstreamKind, upstream_api_key,
 )
 
 __all__ = [
-    "AppConfig", "ChatContinuation", "ChatRenderConfig", "ConfigError", "EngineEndpoint", "ModelSpec", "Prices",
+    "AppConfig", "CapProblem", "ChatContinuation", "SETTINGS", "Setting", "ChatRenderConfig", "ConfigError", "EngineEndpoint", "ModelSpec", "Prices",
     "ScorerConfig", "SearchConfig", "ServerCaps", "ServerConfig", "Strict", "UpstreamConfig", "UpstreamKind",
-    "cache_dir", "engine_api_key", "format_validation_error", "mode_problem", "require_scorer", "search_with",
+    "cache_dir", "engine_api_key", "format_validation_error", "cap_problem", "search_with",
     "server_api_keys", "upstream_api_key",
 ]
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -22,11 +24,33 @@ class ServerCaps(Strict):
     max_tokens: int = Field(2048, ge=1)
 
 
-def mode_problem(mode: SearchConfig, caps: ServerCaps) -> str | None:
-    if mode.w * mode.k > caps.max_w_times_k:
-        return f"w*k = {mode.w * mode.k} exceeds caps.max_w_times_k = {caps.max_w_times_k}"
-    if mode.l is not None and mode.l < caps.min_l:
-        return f"l = {mode.l} is below caps.min_l = {caps.min_l}"
+@dataclass(frozen=True)
+class CapProblem:
+    """A search over the operator's caps: the one check (`cap_problem`), worded for a config
+    file (`for_config`) or for a client's request (`for_request`, with the field to name)."""
+
+    param: str
+    """The request field that ordered it: `w2s` (W times K) or `w2s.l`."""
+    what: str
+    cap: str
+    limit: int
+    below: bool
+
+    def for_config(self) -> str:
+        return f"{self.what} {'is below' if self.below else 'exceeds'} caps.{self.cap} = {self.limit}"
+
+    def for_request(self) -> str:
+        if self.below:
+            return f"{self.what} is below this server's minimum chunk length of {self.limit}"
+        return f"{self.what} exceeds this server's cap of {self.limit}"
+
+
+def cap_problem(search: Any, caps: ServerCaps) -> CapProblem | None:
+    """Is `search` (a SearchConfig) wider, or its chunks shorter, than `caps` allow?"""
+    if search.w * search.k > caps.max_w_times_k:
+        return CapProblem("w2s", f"w*k = {search.w * search.k}", "max_w_times_k", caps.max_w_times_k, False)
+    if search.l is not None and search.l < caps.min_l:
+        return CapProblem("w2s.l", f"l = {search.l}", "min_l", caps.min_l, True)
     return None
 
 
@@ -68,9 +92,9 @@ class ServerConfig(Strict):
         for name, mode in (self.modes or {}).items():
             if not name or "+" in name or any(c.isspace() for c in name):
                 raise ValueError(f"modes: {name!r} is not a usable mode name (no '+' or spaces)")
-            problem = mode_problem(mode, self.caps)
+            problem = cap_problem(mode, self.caps)
             if problem is not None:
-                raise ValueError(f"modes.{name}: {problem}")
+                raise ValueError(f"modes.{name}: {problem.for_config()}")
         return self
 
 

@@ -79,7 +79,7 @@ def _search_section(t: TracedSearch) -> str:
         cols.append(f'<div class="step"><h3>step {s.step} · {len(s.candidates)} new · '
                     f'{_plural(s.calls, "call")}</h3>{nodes}</div>')
     score = "n/a" if r.score is None else f"{r.score:+.3f}"
-    meta = (f"mode {escape(r.config.mode)} · score {score} · {'finished' if r.finished else 'unfinished'} · "
+    meta = (f"mode {escape(r.mode)} · score {score} · {'finished' if r.finished else 'unfinished'} · "
             f"{_plural(len(r.steps), 'step')} · {_plural(r.calls, 'upstream call')} · {r.usage.prompt_tokens} prompt + "
             f"{r.usage.completion_tokens} completion tokens · {r.wall_s:.2f}s")
     return (f'<section><h2>{escape(t.title)}</h2><div class="meta">{meta}</div>'

@@ -8,9 +8,12 @@ SDK through `extra_body`) picks and tunes the guided search per request.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from proxy.config.search import SETTINGS, Setting, setting_fields
 
 from proxy.types import MAX_STOP
 
@@ -19,28 +22,21 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class W2SOptions(_Request):
-    """Per-request guidance: a mode by name and/or the search's W, K, L and selection rule.
+def w2s_options_model(settings: Iterable[Setting] = SETTINGS) -> type[_Request]:
+    """The `w2s` body field: a mode by name and/or any search setting a request may override
+    (those the OpenAI fields do not carry), each optional. Built from the settings table, so a
+    new per-request setting is a new field here without an edit."""
+    fields = setting_fields([s for s in settings if s.per_request and s.openai_field is None], optional=True)
+    return create_model("W2SOptions", __base__=_Request, __doc__=_W2S_DOC,
+                        mode=(str | None, Field(None, description="a mode of the server by name")), **fields)
 
-    `l: null` sent explicitly means an unbounded chunk (best-of-N style); left out, the mode's
-    own L applies.
-    """
 
-    mode: str | None = None
-    w: int | None = Field(None, ge=1)
-    k: int | None = Field(None, ge=1)
-    l: int | None = Field(None, ge=1)
-    prefer_finished: bool | None = None
-    """True: answer with the best finished beam when there is one (default: the paper's rule,
-    the top-scored beam)."""
-    narrow_start: bool | None = None
-    """True: the first step draws K chunks from the prompt (default: the paper's W·K)."""
-    max_upstream_tokens: int | None = Field(None, ge=1)
-    """Cap on the tokens this request's search may be billed upstream."""
-    max_cost_usd: float | None = Field(None, gt=0)
-    """Cap on what this request's search may cost at the upstream's prices."""
-    deadline_s: float | None = Field(None, gt=0)
-    """Seconds this request's search may take; then its best beam so far is the answer."""
+_W2S_DOC = """Per-request guidance: a mode by name and/or search settings.
+
+`l: null` sent explicitly means an unbounded chunk (best-of-N style); left out, the mode's own
+L applies."""
+
+W2SOptions = w2s_options_model()
 
 
 class StreamOptions(_Request):
@@ -68,7 +64,7 @@ class SamplingRequest(_Request):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    w2s: W2SOptions | None = None
+    w2s: W2SOptions | None = None  # type: ignore[valid-type]
 
     @field_validator("n")
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import openai
 from aiohttp import web
@@ -24,11 +24,11 @@ from proxy.cost import cost_usd
 from proxy.engine import Engine, ResultSummary, ScorerUnavailable
 from proxy.protocol.requests import SamplingRequest
 from proxy.protocol.responses import SearchSummary
-from proxy.search import Candidate, SearchResult, StepCallback, StepTrace, first_step_bound
+from proxy.search import Candidate, SearchPlan, SearchResult, StepCallback, StepTrace
 from proxy.serving.body import read_body
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, upstream_error, validation_error
-from proxy.serving.guidance import GuidanceError, GuidanceModes, Plan
+from proxy.serving.guidance import GuidanceError, GuidanceModes, ModeChoice
 from proxy.serving.metrics import ServerMetrics
 from proxy.serving.streaming import StepHook, stream_search
 from proxy.types import Conversation
@@ -36,6 +36,8 @@ from proxy.upstreams.retry import retries_reported_to
 from scorers.base import ScorerContextError, ScorerFailure
 
 _Req = TypeVar("_Req", bound=BaseModel)
+Outcome = Literal["finished", "length", "cancelled", "error"]
+"""How a search ended, as the metrics count it."""
 log = logging.getLogger("w2s.server")
 
 
@@ -78,11 +80,10 @@ class Generation:
         req: SamplingRequest = await parse_body(request, endpoint.request_type, limits.max_body_bytes,
                                                 limits.body_timeout_s)
         plan = self._plan(req, endpoint.max_tokens(req))
-        conversation = endpoint.conversation(req)
-        self._check_scorer(plan, conversation, endpoint)
+        search = self._check(plan, endpoint.conversation(req), endpoint)
         budget = self._key_budget(request.get(CALLER_KEY))
         # Refused when the key cannot pay for even the first step's samples.
-        if budget is not None and not budget.allows(first_step_bound(plan.search)):
+        if budget is not None and not budget.allows(search.first_step_bound):
             raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
                            "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
         if self.active >= limits.max_concurrent_requests:
@@ -91,13 +92,14 @@ class Generation:
         self.active += 1
         self.metrics.in_flight.inc()
         try:
-            run = partial(self._search, plan, conversation, budget)
+            run = partial(self._search, plan.mode, search, budget)
 
             def summarize(result: SearchResult) -> SearchSummary:
                 return wire_summary(self.engine.summarize(result, plan.mode))
 
             if req.stream:
-                return await stream_search(request, endpoint, req, run, summarize, limits.stream_keepalive_s)
+                return await stream_search(request, endpoint, req, run, summarize, limits.stream_keepalive_s,
+                                           settles=search.algorithm.shared_prefix_is_final)
             result = await run(None)
             return json_response(endpoint.answer(req, result.text, finish_reason(result), usage_info(result),
                                                  summarize(result)))
@@ -105,12 +107,12 @@ class Generation:
             self.active -= 1
             self.metrics.in_flight.dec()
 
-    def _check_scorer(self, plan: Plan, conversation: Conversation, endpoint: Endpoint[Any]) -> None:
-        """A 503 while the scorer a guided plan needs is loading, or after it failed; a 400 naming
-        the field when the prompt or max_tokens cannot fit the scorer's context. Before any
-        upstream call, and before a stream's 200."""
+    def _check(self, plan: ModeChoice, conversation: Conversation, endpoint: Endpoint[Any]) -> SearchPlan:
+        """The checked search: a 503 while the scorer a guided plan needs is loading, or after it
+        failed; a 400 naming the field when the prompt or max_tokens cannot fit the scorer's
+        context. Before any upstream call, and before a stream's 200."""
         try:
-            self.engine.check_room(conversation, plan.search, score_plain=False)
+            return self.engine.plan(conversation, plan.search, score_plain=False)
         except ScorerUnavailable as e:
             raise ApiError(503, f"guided modes are unavailable: {e}", code="scorer_unavailable",
                            headers={"Retry-After": "5"} if e.loading else None) from None
@@ -118,7 +120,7 @@ class Generation:
             param = endpoint.prompt_field if e.field == "prompt" else "max_tokens"
             raise ApiError(400, f"{param}: {e}", param=param, code="context_length_exceeded") from None
 
-    def _plan(self, req: SamplingRequest, max_tokens: int | None) -> Plan:
+    def _plan(self, req: SamplingRequest, max_tokens: int | None) -> ModeChoice:
         try:
             return self.modes.resolve(req.model, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                       seed=req.seed, stop=req.stop_list,
@@ -137,25 +139,24 @@ class Generation:
                                             self.config.upstream.prices)
         return self._key_budgets[key]
 
-    async def _search(self, plan: Plan, conversation: Conversation, budget: Budget | None,
+    async def _search(self, mode: str, search: SearchPlan, budget: Budget | None,
                       hook: StepHook | None) -> SearchResult:
         """The search, counted in the metrics step by step (so a cancelled or failed search counts
         what it spent), its retries too; upstream failures after retries raised as 502 / 504."""
         prices = self.config.upstream.prices
 
         def observe(trace: StepTrace, survivors: list[Candidate]) -> None:
-            self.metrics.observe_step(trace, cost_usd(trace.usage, prices), plan.mode)
+            self.metrics.observe_step(trace, cost_usd(trace.usage, prices), mode)
 
         async def observe_then_hook(trace: StepTrace, survivors: list[Candidate]) -> None:
             observe(trace, survivors)
             await hook(trace, survivors)  # type: ignore[misc]
 
         on_step: StepCallback = observe if hook is None else observe_then_hook
-        outcome = "error"
+        outcome: Outcome = "error"
         try:
             with retries_reported_to(self.metrics.upstream_retried):
-                result = await self.engine.search(conversation, plan.search, on_step=on_step, score_plain=False,
-                                                  budget=budget, room_checked=True)  # by _check_scorer
+                result = await self.engine.run(search, on_step=on_step, budget=budget)
             outcome = "finished" if result.finished else "length"
             return result
         except (asyncio.CancelledError, ConnectionResetError):  # the client went away
@@ -171,4 +172,4 @@ class Generation:
             log.warning("search failed: %s", e)
             raise ApiError(502, f"Guidance scoring failed: {e}.", code="scorer_error") from None
         finally:
-            self.metrics.search_done(plan.mode, outcome)
+            self.metrics.search_done(mode, outcome)

@@ -14,15 +14,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from proxy.config import SearchConfig, ServerCaps
+from proxy.config import ConfigError, SearchConfig, ServerCaps, cap_problem
+from proxy.config.search import SETTINGS
+from proxy.search import algorithm, mode_name, needs_scorer
 
-# Which request field each search field came from, so a 400 names what the client sent.
-_REQUEST_FIELD = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
-                  "seed": "seed", "stop": "stop", "w": "w2s.w", "k": "w2s.k", "l": "w2s.l",
-                  "prefer_finished": "w2s.prefer_finished", "narrow_start": "w2s.narrow_start",
-                  "max_upstream_tokens": "w2s.max_upstream_tokens",
-                  "max_cost_usd": "w2s.max_cost_usd", "deadline_s": "w2s.deadline_s"}
-
+_REQUEST_FIELD = {s.name: s.request_field for s in SETTINGS}
+"""Which request field sets each search setting, so a 400 names what the client sent."""
 
 class GuidanceError(ValueError):
     """A request the server refuses; `status` is 400 (bad field) or 404 (unknown model)."""
@@ -33,8 +30,9 @@ class GuidanceError(ValueError):
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What a request will run: the mode's name ("base" for plain sampling) and its search."""
+class ModeChoice:
+    """What a request asked for: the mode's name ("base" for plain sampling) and its search
+    settings, within the caps (the engine then plans it: proxy.search.plan)."""
 
     mode: str
     search: SearchConfig
@@ -43,10 +41,13 @@ class Plan:
 class GuidanceModes:
     def __init__(self, model: str, plain: SearchConfig, modes: dict[str, SearchConfig], caps: ServerCaps,
                  *, guided: bool) -> None:
-        """`guided` is False when the server has no scorer: then only plain sampling is offered."""
+        """`guided` is False when the server has no scorer: then only the modes that need none
+        (plain sampling, an algorithm that ranks without one) are offered. A mode naming an
+        unknown algorithm is a ConfigError here, when the server starts."""
         self.model = model
-        self.plain = plain.model_copy(update={"w": 1, "k": 1, "l": None})
-        self.modes = dict(modes) if guided else {}
+        self.plain = plain.model_copy(update={"algorithm": "cbs", "w": 1, "k": 1, "l": None})
+        self.modes = {name: m for name, m in modes.items() if guided or not needs_scorer(m)}
+        self.guided = guided
         self.caps = caps
 
     def model_ids(self) -> list[str]:
@@ -67,38 +68,43 @@ class GuidanceModes:
 
     def resolve(self, model: str, *, max_tokens: int | None = None, temperature: float | None = None,
                 top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
-                w2s: dict[str, Any] | None = None) -> Plan:
+                w2s: dict[str, Any] | None = None) -> ModeChoice:
         """The search for a request; `w2s` holds only the fields the client sent (`l: None` = unbounded)."""
         w2s = dict(w2s or {})
         name, base = self._base(model, w2s.pop("mode", None))
-        updates: dict[str, Any] = {k: v for k, v in dict(temperature=temperature, top_p=top_p, seed=seed,
-                                                          stop=stop or None).items() if v is not None}
-        updates.update({k: w2s[k] for k in ("w", "k", "l") if k in w2s})
-        for key in ("prefer_finished", "narrow_start", "max_upstream_tokens", "max_cost_usd", "deadline_s"):
-            if w2s.get(key) is not None:
-                updates[key] = w2s[key]
-        if max_tokens is not None:
-            if max_tokens > self.caps.max_tokens:
-                raise GuidanceError(f"max_tokens = {max_tokens} exceeds this server's cap of {self.caps.max_tokens}",
-                                    "max_tokens")
-            updates["max_new_tokens"] = max_tokens
-        else:  # the mode's default budget, within the cap
+        sent = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                "stop": stop or None}
+        updates: dict[str, Any] = {}
+        for s in SETTINGS:
+            if not s.per_request:
+                continue
+            if s.openai_field is not None:
+                value = sent.get(s.openai_field)
+                if value is not None:
+                    updates[s.name] = value
+            elif s.name in w2s and (w2s[s.name] is not None or s.request_null):
+                updates[s.name] = w2s[s.name]
+        if max_tokens is not None and max_tokens > self.caps.max_tokens:
+            raise GuidanceError(f"max_tokens = {max_tokens} exceeds this server's cap of {self.caps.max_tokens}",
+                                "max_tokens")
+        if max_tokens is None:  # the mode's default budget, within the cap
             updates["max_new_tokens"] = min(base.max_new_tokens, self.caps.max_tokens)
         try:
             search = SearchConfig.model_validate({**base.model_dump(), **updates})
         except ValidationError as e:
             first = e.errors()[0]
-            field = str(first["loc"][0]) if first["loc"] else ""
-            raise GuidanceError(f"{_REQUEST_FIELD.get(field, field)}: {first['msg']}",
-                                _REQUEST_FIELD.get(field, field) or None) from None
-        self._check_caps(search)
-        if search.needs_scorer and not self.modes:
-            raise GuidanceError("w*k > 1 needs a scorer and this server has none", "w2s")
-        return Plan(mode=name if not ({"w", "k", "l"} & w2s.keys()) else search.mode, search=search)
-
-    def _check_caps(self, s: SearchConfig) -> None:
-        if s.w * s.k > self.caps.max_w_times_k:
-            raise GuidanceError(f"w*k = {s.w * s.k} exceeds this server's cap of {self.caps.max_w_times_k}", "w2s")
-        if s.l is not None and s.l < self.caps.min_l:
-            raise GuidanceError(f"l = {s.l} is below this server's minimum chunk length of {self.caps.min_l}",
-                                "w2s.l")
+            name_ = str(first["loc"][0]) if first["loc"] else ""
+            param = _REQUEST_FIELD.get(name_, name_)
+            raise GuidanceError(f"{param}: {first['msg']}", param or None) from None
+        problem = cap_problem(search, self.caps)
+        if problem is not None:
+            raise GuidanceError(problem.for_request(), problem.param)
+        try:
+            algorithm(search.algorithm)
+        except ConfigError as e:
+            raise GuidanceError(str(e).replace("search.algorithm", "w2s.algorithm", 1), "w2s.algorithm") from None
+        if needs_scorer(search) and not self.guided:
+            raise GuidanceError("this search ranks candidates (w*k > 1), which needs a scorer, and this server "
+                                "has none", "w2s")
+        renamed = any(s.names_mode and s.name in w2s for s in SETTINGS)
+        return ModeChoice(mode=mode_name(search) if renamed else name, search=search)

@@ -1,9 +1,9 @@
 """Streaming a search as server-sent events: text as soon as it can no longer change.
 
-The search keeps W beams after every step, and every later beam, and so the answer, extends
-one of them: a child is its parent's text plus a chunk, and a finished beam is carried as it
-is. So the common prefix of all survivors of a step is final; anything past it can still be
-replaced by a sibling's text. `SettledText` turns that growing prefix into deltas, and
+An algorithm that says so (`SearchAlgorithm.shared_prefix_is_final`; chunk-level beam search
+does: every later beam, and so the answer, extends a survivor) makes the common prefix of all
+survivors of a step final; anything past it can still be replaced by a sibling's text. For any
+other algorithm the text goes out when the search ends. `SettledText` turns that growing prefix into deltas, and
 `stream_search` sends them in the endpoint's chunk format, then the rest of the answer when the
 search ends, then `[DONE]`. A failure after the 200 went out is reported in-band, as OpenAI does.
 """
@@ -75,8 +75,9 @@ def sse(model: BaseModel) -> bytes:
 
 async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: SamplingRequest, run: SearchRun,
                         summarize: Callable[[SearchResult], SearchSummary],
-                        keepalive_s: float = 10.0) -> web.StreamResponse:
-    """SSE: text as soon as every surviving beam agrees on it, the rest at the end, then [DONE];
+                        keepalive_s: float = 10.0, settles: bool = True) -> web.StreamResponse:
+    """SSE: text as soon as every surviving beam agrees on it (where the algorithm says such
+    text is final, `settles`; otherwise all of it at the end), the rest at the end, then [DONE];
     an SSE comment (`: keepalive`) whenever nothing was sent for `keepalive_s` (a step can take
     longer than an idle-timeout proxy waits; clients skip comments)."""
     rid, created = new_id(endpoint.id_prefix), now()
@@ -104,6 +105,8 @@ async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: Samp
     settled = SettledText(endpoint.display)
 
     async def on_step(trace: StepTrace, survivors: list[Candidate]) -> None:
+        if not settles:
+            return
         delta = settled.advance(common_prefix([s.text for s in survivors]))
         if delta:
             await send(sse(endpoint.chunk(rid, created, req, delta)))
