@@ -33,7 +33,7 @@ from proxy.alpaca_eval.dataset import load_instructions, select  # noqa: E402
 from proxy.alpaca_eval.outputs import OUTPUTS_NAME, RunSummary  # noqa: E402
 from proxy.alpaca_eval.runner import run_alpaca_eval  # noqa: E402
 from proxy.client import GuidedClient  # noqa: E402
-from proxy.config import AppConfig, Prices, SearchConfig, UpstreamConfig, search_with  # noqa: E402
+from proxy.config import AppConfig, OpenAICompletionsConfig, Prices, SearchConfig, search_with  # noqa: E402
 from proxy.presets import load_preset  # noqa: E402
 from proxy.search import mode_name  # noqa: E402
 
@@ -98,8 +98,8 @@ async def main() -> None:
     server, url = start_loopback(args.latency_s)
     try:
         cfg = AppConfig(
-            upstream=UpstreamConfig(model="toy-instruct", base_url=url, max_concurrency=4096,
-                                    prices=Prices(prompt=1.5, completion=2.0)),
+            upstream=OpenAICompletionsConfig(model="toy-instruct", base_url=url, max_concurrency=4096,
+                                             prices=Prices(prompt=1.5, completion=2.0)),
             scorer=cpu_scorer_config(tuned, untuned).model_copy(update={"torch_threads": args.torch_threads}),
             search=search,
         )

@@ -83,7 +83,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from proxy.config import SearchConfig, UpstreamConfig  # noqa: E402
+from proxy.config import OpenAICompletionsConfig, SearchConfig  # noqa: E402
 from proxy.film_reviews.guides import BON_SIZES, CBS_SHAPES, GUIDES, Method, bon_methods, cbs_methods  # noqa: E402
 from proxy.film_reviews.stats import Estimate, estimate, paired  # noqa: E402
 from proxy.film_reviews.judges import JUDGES  # noqa: E402
@@ -516,8 +516,9 @@ async def main_async(args: argparse.Namespace) -> int:
             scorers = {}
             for name, cfg in configs.items():
                 scorers[name] = await open_scorer(cfg)
-            ucfg = UpstreamConfig(model="gemma-3-270m", base_url=served.base_url, prompt_template="{instruction}",
-                                  max_concurrency=256, timeout_s=3600.0, max_attempts=2)
+            ucfg = OpenAICompletionsConfig(model="gemma-3-270m", base_url=served.base_url,
+                                           prompt_template="{instruction}", max_concurrency=256, timeout_s=3600.0,
+                                           max_attempts=2)
             async with OpenAICompletionsUpstream(ucfg) as upstream:
                 runner = Runner(results, settings, upstream, scorers, TEST_OPENINGS, concurrency=args.concurrency)
                 runner.cpu_clock = lambda: time.process_time() + served.cpu_s()

@@ -46,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from proxy.config import AppConfig, ServerConfig, UpstreamConfig  # noqa: E402
+from proxy.config import AppConfig, OpenAICompletionsConfig, ServerConfig  # noqa: E402
 from proxy.serving.app import GuidanceServer  # noqa: E402
 from proxy.serving.command import freeze_heap  # noqa: E402
 from scorers.base import Scorer  # noqa: E402
@@ -94,7 +94,7 @@ async def toy_upstream_process(*flags: str) -> AsyncIterator[UpstreamProcess]:
 
 
 def config(base_url: str) -> AppConfig:
-    upstream = UpstreamConfig(model=MODEL, base_url=base_url, max_concurrency=512, timeout_s=30)
+    upstream = OpenAICompletionsConfig(model=MODEL, base_url=base_url, max_concurrency=512, timeout_s=30)
     return AppConfig(upstream=upstream, server=ServerConfig(max_concurrent_requests=256))
 
 

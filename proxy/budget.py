@@ -5,8 +5,9 @@ A budget caps tokens billed (prompt + completion) and/or US dollars at the upstr
 Budgets nest: a search's budget charges its parent too (an API key's on the server, a run's in
 AlpacaEval), and a search stops before a step that could exceed any of them, then answers with
 its best beam so far, marked `stopped_by="budget"`: never silently, never a step too far. What a
-step may cost is bounded before it is sent (every live beam's K samples, W·K of the prompt, at
-their token limit, and the prompt tokens the last step was billed per request); concurrent searches under one
+step may cost is bounded before it is sent, by the algorithm (`SearchAlgorithm.next_step_bound`;
+for chunk-level beam search: every live beam's K samples, W·K of the prompt, at their token
+limit, and the prompt tokens the last step was billed per beam); concurrent searches under one
 parent each check for themselves, so the parent can be passed by at most one step per search in
 flight.
 """

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxy.config import UpstreamConfig
+from proxy.config import OpenAICompletionsConfig
 from proxy.types import ChatMessage, Conversation
 
 ROLES = ("system", "user", "assistant")
@@ -23,7 +23,7 @@ class PromptError(ValueError):
         self.param = param
 
 
-def render_instruction(instruction: str, cfg: UpstreamConfig) -> str:
+def render_instruction(instruction: str, cfg: OpenAICompletionsConfig) -> str:
     return cfg.prompt_template.replace("{instruction}", instruction)
 
 
@@ -33,7 +33,7 @@ def chat_conversation(messages: Sequence[ChatMessage]) -> Conversation:
     return Conversation.chat(messages)
 
 
-def render(conv: Conversation, cfg: UpstreamConfig) -> str:
+def render(conv: Conversation, cfg: OpenAICompletionsConfig) -> str:
     """The completion prompt of `conv`: a raw prompt as is, messages through the template."""
     return conv.prompt if conv.raw else render_chat(conv.messages, cfg)
 
@@ -51,7 +51,7 @@ def check_messages(messages: Sequence[ChatMessage]) -> None:
         raise PromptError("messages", "the last message must come from the user")
 
 
-def render_chat(messages: Sequence[ChatMessage], cfg: UpstreamConfig) -> str:
+def render_chat(messages: Sequence[ChatMessage], cfg: OpenAICompletionsConfig) -> str:
     check_messages(messages)
     parts = []
     for m in messages:

@@ -28,7 +28,8 @@ import openai
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from proxy.config import EngineEndpoint, engine_api_key
-from proxy.upstreams.openai_http import malformed, sdk_client
+from proxy.upstreams.errors import UpstreamError, malformed
+from proxy.upstreams.openai_http import openai_errors, sdk_client
 from proxy.upstreams.retry import failure_kind, retries_reported_to, retrying
 from scorers.base import ScorerFailure
 
@@ -69,20 +70,20 @@ def read_logprobs(raw: httpx2.Response, seqs: Sequence[Sequence[int]]) -> list[l
     try:
         answer = _Answer.model_validate_json(raw.content)
     except ValidationError as e:
-        raise malformed(raw, e.errors()[0]["msg"]) from None
+        raise malformed(e.errors()[0]["msg"]) from None
     if len(answer.choices) != len(seqs):
-        raise malformed(raw, f"{len(answer.choices)} choices for {len(seqs)} prompts")
+        raise malformed(f"{len(answer.choices)} choices for {len(seqs)} prompts")
     out: list[list[float]] = []
     for choice, ids in zip(sorted(answer.choices, key=lambda c: c.index), seqs):
         rows = choice.prompt_logprobs
         if rows is None or len(rows) != len(ids):
             got = "no prompt_logprobs" if rows is None else f"{len(rows)} prompt_logprobs"
-            raise malformed(raw, f"{got} for a prompt of {len(ids)} tokens")
+            raise malformed(f"{got} for a prompt of {len(ids)} tokens")
         values = []
         for pos in range(1, len(ids)):
             entry = (rows[pos] or {}).get(str(ids[pos]))
             if entry is None or math.isnan(entry.logprob):
-                raise malformed(raw, f"no log-probability for token {ids[pos]} at position {pos}")
+                raise malformed(f"no log-probability for token {ids[pos]} at position {pos}")
             values.append(entry.logprob)
         out.append(values)
     return out
@@ -135,7 +136,7 @@ class LogprobEngine:
                 async for attempt in retrying(self.endpoint.max_attempts, 0.2, 5.0):
                     with attempt:
                         values = await self._try(body, seqs)
-        except openai.APIError as e:
+        except UpstreamError as e:
             raise ScorerFailure(f"the scorer's engine for {self.model!r} failed after {self.endpoint.max_attempts} "
                                 f"tries ({failure_kind(e)})") from e
         return values
@@ -145,7 +146,8 @@ class LogprobEngine:
         replica.in_flight += 1
         try:
             async with replica.limit:
-                raw = await replica.client.post("/completions", body=body, cast_to=httpx2.Response)
+                with openai_errors():  # ours, which the retry policy reads
+                    raw = await replica.client.post("/completions", body=body, cast_to=httpx2.Response)
             values = read_logprobs(raw, seqs)
         except Exception:
             replica.failures += 1

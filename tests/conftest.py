@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.config import UpstreamConfig
+from proxy.config import OpenAICompletionsConfig
 from proxy.testing.toy_server import ToyCompletionsServer
 from tests.vllm_engine import vllm_server  # noqa: F401  (one real vLLM per session, for every module that asks)
 from tiny_models import (  # noqa: F401  (fixtures for every test module)
@@ -23,9 +23,9 @@ async def loopback() -> AsyncIterator[ToyCompletionsServer]:
         yield server
 
 
-def upstream_config(server: ToyCompletionsServer, **kw: object) -> UpstreamConfig:
+def upstream_config(server: ToyCompletionsServer, **kw: object) -> OpenAICompletionsConfig:
     """An upstream on the loopback server with fast retries (tests must not sleep for long)."""
     base = dict(model="toy-instruct", base_url=server.base_url, backoff_initial_s=0.01, backoff_max_s=0.05,
                 timeout_s=10.0)
     base.update(kw)
-    return UpstreamConfig.model_validate(base)
+    return OpenAICompletionsConfig.model_validate(base)

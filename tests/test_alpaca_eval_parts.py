@@ -25,7 +25,7 @@ from proxy.alpaca_eval.dataset import (
 )
 from proxy.alpaca_eval.identity import config_fingerprint, generator_name
 from proxy.alpaca_eval.progress import ProgressBar, format_duration
-from proxy.config import ConfigError, UpstreamConfig
+from proxy.config import ConfigError, parse_upstream
 from proxy.presets import build_config, load_config, load_preset
 
 # Strings alpaca_eval must get back unchanged: whitespace at both ends, CRLF, tabs, non-ASCII.
@@ -142,7 +142,7 @@ def test_fingerprint_follows_what_shapes_answers_only() -> None:
     assert config_fingerprint(moved) == config_fingerprint(base)
     assert config_fingerprint(load_config("paper-cbs-w2k2l30", seed=1)) != config_fingerprint(base)
     assert config_fingerprint(load_config("paper-cbs-w2k2l30", l=20)) != config_fingerprint(base)
-    chat = base.model_copy(update={"upstream": UpstreamConfig.model_validate(load_preset("upstream", "vllm-chat"))})
+    chat = base.model_copy(update={"upstream": parse_upstream(load_preset("upstream", "vllm-chat"))})
     prefix = chat.model_copy(update={"upstream": chat.upstream.model_copy(update={"continuation": "prefix"})})
     assert len({config_fingerprint(c) for c in (base, chat, prefix)}) == 3
     # Checkpoints made before the start was an option drew K first chunks: they resume as

@@ -8,16 +8,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import openai
 import pytest
 
-from proxy.config import SearchConfig, UpstreamConfig
+from proxy.config import AnthropicConfig, SearchConfig
 from proxy.search import search
 from proxy.serving.errors import upstream_error
 from proxy.testing.fake_anthropic import FakeAnthropicServer
 from proxy.testing.toy_model import DEFAULT_VOCAB
 from proxy.types import Continuation, Conversation, Probe, SamplingParams
 from proxy.upstreams.anthropic_messages import AnthropicMessagesUpstream, PrefillUnsupportedError, to_messages
+from proxy.upstreams.errors import UpstreamError
 from proxy.upstreams.registry import make_upstream
 from proxy.upstreams.seam import join_held
 from tests.doubles import FnScorer
@@ -39,11 +39,11 @@ async def fake() -> AsyncIterator[FakeAnthropicServer]:
         yield server
 
 
-def config(server: FakeAnthropicServer, **kw: Any) -> UpstreamConfig:
+def config(server: FakeAnthropicServer, **kw: Any) -> AnthropicConfig:
     base: dict[str, Any] = dict(kind="anthropic", model=MODEL, base_url=server.base_url, backoff_initial_s=0.01,
                                 backoff_max_s=0.05, timeout_s=10.0)
     base.update(kw)
-    return UpstreamConfig.model_validate(base)
+    return AnthropicConfig.model_validate(base)
 
 
 def prefill_of(body: dict[str, Any]) -> str | None:
@@ -110,7 +110,7 @@ async def test_finish_reasons_and_token_counts(fake: FakeAnthropicServer) -> Non
 async def test_trailing_whitespace_is_held_back_and_joined_exactly() -> None:
     for spacing in ("trailing", "leading"):
         async with FakeAnthropicServer(api_key=KEY, spacing=spacing) as server:
-            async with AnthropicMessagesUpstream(config(server, hold_trailing_whitespace=False)) as up:
+            async with AnthropicMessagesUpstream(config(server)) as up:  # always held: no field to turn it off
                 res = await up.sample(STORY, "The cat \n", SamplingParams(n=3, max_tokens=4))
             assert [prefill_of(b) for b in server.requests] == ["The cat"] * 3
             assert [c.text for c in res.continuations] == [join_held(" \n", t) for t in server.responses]
@@ -173,7 +173,8 @@ async def test_a_model_refusing_prefill_fails_clearly_after_one_request() -> Non
             with pytest.raises(PrefillUnsupportedError):
                 await up.sample(STORY, "The cat", SamplingParams(n=2, max_tokens=3))
             assert len(server.requests) == 3  # known now: no request at all
-    assert isinstance(info.value, openai.BadRequestError)
+    assert isinstance(info.value, UpstreamError)
+    assert (info.value.kind, info.value.status, info.value.retryable) == ("unsuitable", 400, False)
     err = upstream_error(info.value)  # the client is told why, in our words
     assert err is not None and err.status == 502 and err.code == "upstream_unsuitable"
     assert "claude-sonnet-4-6 cannot continue a partial answer" in err.body.error.message
@@ -182,20 +183,21 @@ async def test_a_model_refusing_prefill_fails_clearly_after_one_request() -> Non
 async def test_failures_after_retries_become_502_and_504() -> None:
     async with FakeAnthropicServer(api_key=KEY, failures=[529] * 3) as server:
         async with AnthropicMessagesUpstream(config(server, max_attempts=3)) as up:
-            with pytest.raises(openai.APIStatusError) as info:
+            with pytest.raises(UpstreamError) as info:
                 await up.sample(STORY, "", SamplingParams(n=1, max_tokens=3))
         assert len(server.requests) == 3
-    assert info.value.status_code == 529 and upstream_error(info.value).status == 502  # type: ignore[union-attr]
+    assert info.value.status == 529 and upstream_error(info.value).status == 502  # type: ignore[union-attr]
     async with FakeAnthropicServer(api_key=KEY, latency_s=1.0) as server:
         async with AnthropicMessagesUpstream(config(server, max_attempts=2, timeout_s=0.2)) as up:
-            with pytest.raises(openai.APITimeoutError) as timeout:
+            with pytest.raises(UpstreamError) as timeout:
                 await up.sample(STORY, "", SamplingParams(n=1, max_tokens=3))
-    assert upstream_error(timeout.value).status == 504  # type: ignore[union-attr]
-    cfg = UpstreamConfig(kind="anthropic", model=MODEL, base_url=f"http://127.0.0.1:{free_port()}", max_attempts=2,
+    assert timeout.value.kind == "timeout" and upstream_error(timeout.value).status == 504  # type: ignore[union-attr]
+    cfg = AnthropicConfig(model=MODEL, base_url=f"http://127.0.0.1:{free_port()}", max_attempts=2,
                          backoff_initial_s=0.01, backoff_max_s=0.02)
     async with AnthropicMessagesUpstream(cfg) as up:
-        with pytest.raises(openai.APIConnectionError) as refused:
+        with pytest.raises(UpstreamError) as refused:
             await up.sample(STORY, "", SamplingParams(n=1, max_tokens=3))
+    assert refused.value.kind == "connection"
     assert upstream_error(refused.value).status == 502  # type: ignore[union-attr]
 
 
@@ -208,11 +210,12 @@ async def test_the_key_never_reaches_logs_or_errors(caplog: pytest.LogCaptureFix
             await up.sample(STORY, "x", SamplingParams(n=1, max_tokens=3))
             assert await up.probe() == Probe(True, "reachable")
         async with AnthropicMessagesUpstream(config(server, api_key_env="WRONG_ANTHROPIC_KEY")) as up:
-            with pytest.raises(openai.AuthenticationError) as info:
+            with pytest.raises(UpstreamError) as info:
                 await up.sample(STORY, "x", SamplingParams(n=1, max_tokens=3))
     assert "retrying" in caplog.text and "Request options" in caplog.text  # the SDK's debug log was captured
     assert "sk-openai" not in str(server.headers)
-    for text in (caplog.text, str(info.value), repr(info.value.body), repr(info.value.__cause__), str(server.headers)):
+    assert info.value.status == 401 and str(info.value) == "the upstream answered HTTP 401"  # ours, not the API's
+    for text in (caplog.text, str(info.value), repr(info.value), repr(info.value.__cause__), str(server.headers)):
         assert "SECRET" not in text
 
 
@@ -226,9 +229,10 @@ async def test_temperature_above_one_is_clamped_with_one_warning(caplog: pytest.
 
 async def test_temperature_with_top_p_refused_by_a_newer_model_is_not_retried(fake: FakeAnthropicServer) -> None:
     async with AnthropicMessagesUpstream(config(fake)) as up:
-        with pytest.raises(openai.BadRequestError, match="cannot both be specified"):
+        with pytest.raises(UpstreamError) as refused:
             await up.sample(STORY, "", SamplingParams(n=1, max_tokens=3, temperature=0.7, top_p=0.9))
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == 1 and (refused.value.status, refused.value.retryable) == (400, False)
+    assert "cannot both be specified" in str(refused.value.__cause__)  # the API's words stay in the SDK's error
 
 
 async def test_a_full_context_window_sends_nothing(fake: FakeAnthropicServer) -> None:
@@ -249,7 +253,7 @@ async def test_probe_states(fake: FakeAnthropicServer) -> None:
         assert (await up.probe()).state.startswith("model unknown")
     async with AnthropicMessagesUpstream(config(fake, api_key_env="WRONG_KEY")) as up:
         assert await up.probe() == Probe(False, "refused: HTTP 401")  # a keyless client sends "no-key"
-    cfg = UpstreamConfig(kind="anthropic", model=MODEL, base_url=f"http://127.0.0.1:{free_port()}")
+    cfg = AnthropicConfig(model=MODEL, base_url=f"http://127.0.0.1:{free_port()}")
     async with AnthropicMessagesUpstream(cfg) as up:
         assert (await up.probe()).state.startswith("unreachable")
     assert not fake.requests  # probing sent no messages

@@ -13,7 +13,7 @@ from proxy.config import (
     ScorerConfig,
     SearchConfig,
     ServerConfig,
-    UpstreamConfig,
+    OpenAICompletionsConfig,
     search_with,
     upstream_api_key,
 )
@@ -162,7 +162,7 @@ def test_presets_are_package_data_and_the_models_read_no_file(tmp_path: Path,
 def test_a_hosted_api_without_its_key_is_refused_before_any_request(
         base_url: str | None, needs_key: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("W2S_TEST_KEY", raising=False)
-    cfg = UpstreamConfig(model="m", base_url=base_url, api_key_env="W2S_TEST_KEY")
+    cfg = OpenAICompletionsConfig(model="m", base_url=base_url, api_key_env="W2S_TEST_KEY")
     if needs_key:
         with pytest.raises(ConfigError, match="W2S_TEST_KEY"):
             upstream_api_key(cfg)

@@ -14,7 +14,7 @@ import pytest
 from test_implicit_scorer import slow_score
 from tiny_models import Loaded, TinyModelDirs
 
-from proxy.config import ModelSpec, SearchConfig, UpstreamConfig
+from proxy.config import ModelSpec, OpenAICompletionsConfig, SearchConfig
 from proxy.local.server import LocalCompletionsServer
 from proxy.search import search
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
@@ -28,8 +28,8 @@ INSTRUCTION = "Tell me about the small fox and the river."
 async def gpt2_black_box(tiny_model_dirs: TinyModelDirs) -> AsyncIterator[OpenAICompletionsUpstream]:
     lm = LocalCausalLM.load(ModelSpec(path=str(tiny_model_dirs.gpt2)), "cpu", "float32")
     async with LocalCompletionsServer(lm, model="tiny-gpt2") as server:
-        cfg = UpstreamConfig(model="tiny-gpt2", base_url=server.base_url, prompt_template="{instruction}",
-                             timeout_s=30.0)
+        cfg = OpenAICompletionsConfig(model="tiny-gpt2", base_url=server.base_url, prompt_template="{instruction}",
+                                      timeout_s=30.0)
         async with OpenAICompletionsUpstream(cfg) as upstream:
             yield upstream
     lm.close()

@@ -7,12 +7,13 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.config import SearchConfig, UpstreamConfig
+from proxy.config import OpenAIChatConfig, SearchConfig
 from proxy.cost import count_tokens
-from proxy.protocol.engine import CompletionParams
+from proxy.protocol.model_requests import CompletionParams
 from proxy.search import search
 from proxy.testing.fake_openai_chat import REASONING, FakeChatServer, render
 from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, sample_seed
+from proxy.upstreams.errors import UpstreamError
 from proxy.upstreams.openai_chat import OpenAIChatUpstream
 from proxy.upstreams.registry import make_upstream
 from tests.doubles import FnScorer
@@ -28,13 +29,13 @@ DIALECT_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
-def chat_config(server: FakeChatServer, **kw: Any) -> UpstreamConfig:
+def chat_config(server: FakeChatServer, **kw: Any) -> OpenAIChatConfig:
     """An openai-chat upstream on the fake, in its dialect, with fast retries."""
     base: dict[str, Any] = dict(kind="openai-chat", model="toy-chat", base_url=server.base_url,
                                 backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=10.0,
                                 **DIALECT_CONFIG[server.dialect])
     base.update(kw)
-    return UpstreamConfig.model_validate(base)
+    return OpenAIChatConfig.model_validate(base)
 
 
 def toy(server: FakeChatServer, conv: Conversation, partial: str, params: SamplingParams,
@@ -257,8 +258,9 @@ async def test_the_fake_refuses_what_its_provider_refuses(dialect: str, body: di
 async def test_client_errors_fail_at_once_and_transient_ones_are_retried() -> None:
     async with FakeChatServer("mistral") as server:
         async with OpenAIChatUpstream(chat_config(server, seed_param="seed")) as up:  # a misconfigured seed field
-            with pytest.raises(openai.UnprocessableEntityError):
+            with pytest.raises(UpstreamError) as refused:
                 await up.sample(CONV, PARTIAL, SamplingParams(n=1, max_tokens=3, seed=1))
+            assert (refused.value.status, refused.value.retryable) == (422, False)
         assert len(server.requests) == 1
     async with FakeChatServer("vllm", failures=[429, 500]) as server, OpenAIChatUpstream(chat_config(server)) as up:
         res = await up.sample(CONV, PARTIAL, SamplingParams(n=2, max_tokens=3))

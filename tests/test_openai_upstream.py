@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import SimpleNamespace
 
-import openai
 import pytest
 from aiohttp import web
 
@@ -16,8 +14,8 @@ from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.search import search
 from proxy.serving.errors import ApiError
 from proxy.types import Conversation, Probe, SampleResult, SamplingParams, Usage, request_seed, sample_seed
+from proxy.upstreams.errors import UpstreamError, retry_after_from
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
-from proxy.upstreams.retry import retry_after_seconds
 from tests.conftest import upstream_config
 from tests.doubles import FnScorer
 
@@ -107,8 +105,9 @@ class RefusesBad(ToyCompletionsServer):
 async def test_a_bad_prompt_in_a_list_raises_and_lists_stay_on() -> None:
     async with RefusesBad() as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
-            with pytest.raises(openai.BadRequestError):
+            with pytest.raises(UpstreamError) as bad:
                 await up.sample_prompts(["fine", "BAD"], SamplingParams(n=2, max_tokens=3))
+            assert bad.value.status == 400 and bad.value.refused == {"prompt"}
             assert up.max_prompts_per_call == 16  # alone it failed too: the prompt was bad, not the list
             await up.sample_prompts(["fine", "also fine"], SamplingParams(n=2, max_tokens=3))
     assert isinstance(server.requests[-1]["prompt"], list)
@@ -186,7 +185,7 @@ async def test_a_200_that_is_not_an_answer_is_retried_and_only_answers_are_bille
     async with ToyCompletionsServer(failures=faults) as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
             res = await up.sample_prompt("P", SamplingParams(n=n, max_tokens=4, seed=5))
-            with pytest.raises(openai.APIResponseValidationError, match="no choices"):
+            with pytest.raises(UpstreamError, match="no choices"):
                 server.failures.extend(["no-choices"] * 6)  # every attempt: it gives up with why
                 await up.sample_prompt("P", SamplingParams(n=1, max_tokens=4))
     assert len(server.requests) == 4 + 6 and res.calls == 1 and len(res.continuations) == n
@@ -208,16 +207,16 @@ async def test_transient_failures_are_retried_honouring_retry_after() -> None:
 async def test_retries_give_up_with_the_upstream_error() -> None:
     async with ToyCompletionsServer(failures=[502] * 10) as server:
         async with OpenAICompletionsUpstream(upstream_config(server, max_attempts=3)) as up:
-            with pytest.raises(openai.InternalServerError):
+            with pytest.raises(UpstreamError) as failed:
                 await up.sample_prompt("P", SamplingParams(n=1, max_tokens=3))
-    assert len(server.requests) == 3
+    assert len(server.requests) == 3 and failed.value.status == 502 and failed.value.retryable
 
 
 async def test_client_errors_are_not_retried(loopback: ToyCompletionsServer) -> None:
     async with OpenAICompletionsUpstream(upstream_config(loopback)) as up:
-        with pytest.raises(openai.BadRequestError):
+        with pytest.raises(UpstreamError) as refused:
             await up.sample_prompt("P", SamplingParams(n=1, max_tokens=3, temperature=5.0))
-    assert len(loopback.requests) == 1
+    assert len(loopback.requests) == 1 and (refused.value.status, refused.value.retryable) == (400, False)
 
 
 async def test_concurrency_limit_bounds_requests_in_flight() -> None:
@@ -258,15 +257,12 @@ async def test_api_key_never_reaches_logs(caplog: pytest.LogCaptureFixture, monk
 
 
 def test_retry_after_parsing() -> None:
-    def err(headers: dict[str, str]) -> Exception:
-        e = Exception("slow down")
-        e.response = SimpleNamespace(headers=headers)  # type: ignore[attr-defined]
-        return e
-
-    assert retry_after_seconds(err({"retry-after": "2"})) == 2.0
-    assert retry_after_seconds(err({"retry-after-ms": "250", "retry-after": "9"})) == 0.25
-    assert retry_after_seconds(err({})) is None
-    assert 0 <= retry_after_seconds(err({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) < 1  # in the past
+    assert retry_after_from({"retry-after": "2"}) == 2.0
+    assert retry_after_from({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_from({}) is None
+    past = retry_after_from({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    assert past is not None and 0 <= past < 1  # a date in the past: no wait
+    assert retry_after_from({"retry-after": "soon"}) is None
 
 
 @pytest.mark.parametrize("per_call", [1, 16])
@@ -294,14 +290,16 @@ async def test_connection_errors_and_timeouts_are_retried_then_raised(caplog: py
         dead_url = closed.base_url  # the port is free again once the server stops
     cfg = upstream_config(closed, base_url=dead_url, max_attempts=3)
     async with OpenAICompletionsUpstream(cfg) as up:
-        with pytest.raises(openai.APIConnectionError):
+        with pytest.raises(UpstreamError) as refused:
             await up.sample_prompt("P", SamplingParams(n=1, max_tokens=2))
-    assert caplog.text.count("APIConnectionError") == 2  # attempts 1 and 2 retried, the 3rd raised
+    assert refused.value.kind == "connection"
+    assert caplog.text.count("(connection)") == 2  # attempts 1 and 2 retried, the 3rd raised
     async with ToyCompletionsServer(latency_s=1.0) as slow:
         async with OpenAICompletionsUpstream(upstream_config(slow, timeout_s=0.1, max_attempts=3)) as up:
-            with pytest.raises(openai.APITimeoutError):
+            with pytest.raises(UpstreamError) as timeout:
                 await up.sample_prompt("P", SamplingParams(n=1, max_tokens=2))
-    assert caplog.text.count("APITimeoutError") == 2 and slow.completed == 0
+    assert timeout.value.kind == "timeout"
+    assert caplog.text.count("(timeout)") == 2 and slow.completed == 0
 
 
 class KeyRefused(ToyCompletionsServer):
@@ -341,3 +339,12 @@ async def test_trailing_whitespace_held_back_is_joined_on_exactly(loopback: ToyC
     assert [c.text for c in held.continuations[:3]] == [c.text[1:] for c in stripped.continuations[:3]]
     assert held.continuations[3:] == stripped.continuations[3:]  # nothing held: as sent
     assert all(c.text.startswith(" ") for c in unheld.continuations[:3])  # the doubled space it avoids
+
+
+async def test_extra_body_adds_fields_but_never_overrides_the_searchs(loopback: ToyCompletionsServer) -> None:
+    extra = {"repetition_penalty": 1.1, "max_tokens": 999, "prompt": "not this"}
+    async with OpenAICompletionsUpstream(upstream_config(loopback, extra_body=extra)) as up:
+        await up.sample_prompt("P", SamplingParams(n=2, max_tokens=3, seed=4))
+    [body] = loopback.requests
+    assert (body["repetition_penalty"], body["max_tokens"], body["prompt"]) == (1.1, 3, "P")
+    assert (body["n"], body["seed"]) == (2, 4)

@@ -236,7 +236,7 @@ async def test_local_lm_batches_requests_and_seeds_each_row(tiny_model_dirs) -> 
     request gets alone: sample j of an n=16 request is sample j of the same request with n=4."""
     import asyncio
 
-    from proxy.protocol.engine import CompletionParams
+    from proxy.protocol.model_requests import CompletionParams
     from proxy.local.causal_lm import LocalCausalLM
 
     lm = LocalCausalLM.load(ModelSpec(path=str(tiny_model_dirs.llama_tuned)), "cpu", "float32")

@@ -159,8 +159,9 @@ async def test_model_list_and_aliases_from_config(loopback: ToyCompletionsServer
 
 
 async def test_without_a_scorer_only_plain_sampling_is_served(loopback: ToyCompletionsServer) -> None:
+    """Only the modes that need no scorer: plain sampling, by the model's name or the `base` preset."""
     async with served(app_config(loopback)) as (_, client):
-        assert [m.id async for m in client.models.list()] == [MODEL]
+        assert [m.id async for m in client.models.list()] == [MODEL, f"{MODEL}+base"]
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model=f"{MODEL}+bon4", prompt="x")
         with pytest.raises(openai.BadRequestError) as e:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import TinyModelDirs, cpu_scorer_config
 
 from proxy.client import GuidedClient
-from proxy.config import AppConfig, ScorerConfig, SearchConfig, UpstreamConfig
+from proxy.config import AppConfig, OpenAICompletionsConfig, ScorerConfig, SearchConfig
 from proxy.serving.app import GuidanceServer
 from proxy.testing.toy_server import ToyCompletionsServer
 from scorers.base import ScorerContextError
@@ -79,7 +79,7 @@ async def test_a_failed_load_and_an_unreachable_upstream_are_not_ready(monkeypat
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    up = UpstreamConfig(model=MODEL, base_url=f"http://127.0.0.1:{port}/v1", max_attempts=1)
+    up = OpenAICompletionsConfig(model=MODEL, base_url=f"http://127.0.0.1:{port}/v1", max_attempts=1)
     async with served(AppConfig(upstream=up, scorer=fake_scorer_config())) as (srv, client):
         with pytest.raises(RuntimeError, match=r"failed: OSError \(see the server log\)"):
             await srv.wait_ready()

@@ -16,6 +16,7 @@ from proxy.serving.guidance import GuidanceError, GuidanceModes
 from proxy.serving.metrics import ServerMetrics
 from proxy.presets import build_config, server_modes
 from proxy.serving.streaming import SettledText, common_prefix
+from proxy.upstreams.openai_http import from_openai
 
 # ------------------------------------------------------------------------------ metrics
 
@@ -55,9 +56,11 @@ def test_metrics_label_modes_and_upstream_failure_kinds() -> None:
     m.search_done("bon4", "finished")
     m.search_done("cbs-w3k3l9", "length")  # not a served mode: "custom", so the label set stays bounded
     request = httpx2.Request("POST", "http://upstream/v1/completions")
-    m.upstream_retried(openai.APIStatusError("busy", response=httpx2.Response(429, request=request), body=None))
-    m.upstream_retried(openai.APITimeoutError(request=request))
-    m.upstream_failed(openai.APIConnectionError(request=request))
+    # What the openai family raises for its SDK's errors (proxy.upstreams.openai_http.from_openai).
+    m.upstream_retried(from_openai(openai.APIStatusError("busy", response=httpx2.Response(429, request=request),
+                                                         body=None)))
+    m.upstream_retried(from_openai(openai.APITimeoutError(request=request)))
+    m.upstream_failed(from_openai(openai.APIConnectionError(request=request)))
     m.request_done("/v1/completions", 200, 0.002)
     fams = families(m.render()[0])
     assert value(fams, "w2s_searches", "w2s_searches_total", mode="bon4", outcome="finished") == 1

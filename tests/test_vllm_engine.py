@@ -43,7 +43,8 @@ def triples(res: SampleResult) -> list[tuple[str, str | None, int]]:
 
 
 def make(server: VllmServer, kind: str, **kw: object) -> Upstream:
-    cfg = server.config(kind, **({"prompt_template": SMOL_TEMPLATE} | kw))
+    own = {"prompt_template": SMOL_TEMPLATE} if kind == "openai-completions" else {}  # the chat family has none
+    cfg = server.config(kind, **(own | kw))
     return OpenAIChatUpstream(cfg) if kind == "openai-chat" else OpenAICompletionsUpstream(cfg)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import UpstreamConfig, cache_dir
+from proxy.config import UpstreamConfig, cache_dir, parse_upstream
 
 log = logging.getLogger("w2s.tests.vllm")
 
@@ -77,7 +77,7 @@ class VllmServer:
                                     api_key_env="W2S_TEST_VLLM_API_KEY", timeout_s=120.0, max_attempts=2,
                                     backoff_initial_s=0.05, backoff_max_s=0.2)
         base.update(kw)
-        return UpstreamConfig.model_validate(base)
+        return parse_upstream(base)
 
 
 # ----------------------------------------------------------------------------- preconditions

@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 
-from proxy.config import AppConfig, ModelSpec, SearchConfig
+from proxy.config import AppConfig, ModelSpec, SearchConfig, answer_shaping
 from proxy.config.search import search_identity
 from proxy.search import mode_name, needs_scorer
 
@@ -81,21 +81,15 @@ def _search_identity(search: SearchConfig) -> dict:
 
 
 def config_fingerprint(cfg: AppConfig) -> str:
-    up = cfg.upstream
     shaping = {
-        "upstream": {"kind": up.kind, "model": up.model, "prompt_template": up.prompt_template,
-                     "chat": up.chat.model_dump(), "context_window": up.context_window},
+        # What the upstream's family marks as shaping answers (proxy.config.upstream), as the
+        # response cache keys on it; fields that began to count later only where set, so the
+        # fingerprints of earlier runs (and their checkpoints) stay what they were.
+        "upstream": answer_shaping(cfg.upstream),
         "scorer": None if cfg.scorer is None else {
             "kind": cfg.scorer.kind, "tuned": _scoring_model(cfg.scorer.tuned),
             "untuned": _scoring_model(cfg.scorer.untuned),
             "expo_alpha": cfg.scorer.expo_alpha},
         "search": _search_identity(cfg.search),
     }
-    # How a chat family continues an answer shapes it too; added only where it applies, so the
-    # fingerprints of completions runs (and their checkpoints) stay what they were.
-    if up.kind != "openai-completions":
-        shaping["upstream"].update(continuation=up.continuation, seed_param=up.seed_param,
-                                   hold_trailing_whitespace=up.hold_trailing_whitespace)
-    if up.extra_body:
-        shaping["upstream"]["extra_body"] = up.extra_body
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

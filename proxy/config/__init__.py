@@ -15,12 +15,15 @@ from proxy.config.scorer import EngineEndpoint, ModelSpec, ScorerConfig, engine_
 from proxy.config.search import SETTINGS, SearchConfig, Setting, search_with
 from proxy.config.server import CapProblem, ServerCaps, ServerConfig, cap_problem, server_api_keys
 from proxy.config.upstream import (
-    ChatContinuation, ChatRenderConfig, Prices, UpstreamConfig, UpstreamKind, upstream_api_key,
+    AnthropicConfig, ChatContinuation, ChatRenderConfig, OpenAIChatConfig, OpenAICompatibleConfig,
+    OpenAICompletionsConfig, Prices, UpstreamBase, UpstreamConfig, UpstreamKind, answer_shaping, parse_upstream,
+    upstream_api_key,
 )
 
 __all__ = [
     "AppConfig", "CapProblem", "ChatContinuation", "SETTINGS", "Setting", "ChatRenderConfig", "ConfigError", "EngineEndpoint", "ModelSpec", "Prices",
-    "ScorerConfig", "SearchConfig", "ServerCaps", "ServerConfig", "Strict", "UpstreamConfig", "UpstreamKind",
+    "ScorerConfig", "SearchConfig", "ServerCaps", "ServerConfig", "Strict", "UpstreamConfig", "UpstreamKind", "AnthropicConfig", "OpenAIChatConfig",
+    "OpenAICompatibleConfig", "OpenAICompletionsConfig", "UpstreamBase", "answer_shaping", "parse_upstream",
     "cache_dir", "engine_api_key", "format_validation_error", "cap_problem", "search_with",
     "server_api_keys", "upstream_api_key",
 ]

@@ -38,7 +38,9 @@ class Setting:
     """pydantic Field constraints: ge, gt, le, max_length, pattern."""
     shapes_answer: bool = True
     """Does it change the answer (and so a resumed run's identity)?"""
-    identity: Identity = "always"
+    identity: Identity = "unless_default"
+    """A new setting's default keeps the fingerprints of runs made before it existed; the
+    settings the first runs were fingerprinted with are "always"."""
     per_request: bool = True
     """May a server request override it?"""
     openai_field: str | None = None
@@ -65,28 +67,30 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("algorithm", str, "cbs", "the search algorithm (proxy.search's registry): cbs is chunk-level beam "
-            "search, whose best-of-N and plain sampling are W=1 and W=K=1", {"min_length": 1},
-            identity="unless_default", names_mode=True),
-    Setting("w", int, 1, "beam width: beams kept after each step", {"ge": 1}, names_mode=True, request_null=True),
-    Setting("k", int, 1, "successors sampled per beam per step", {"ge": 1}, names_mode=True,
-            request_null=True),
+            "search, whose best-of-N and plain sampling are W=1 and W=K=1", {"min_length": 1}, names_mode=True),
+    Setting("w", int, 1, "beam width: beams kept after each step", {"ge": 1},
+            identity="always", names_mode=True, request_null=True),
+    Setting("k", int, 1, "successors sampled per beam per step", {"ge": 1},
+            identity="always", names_mode=True, request_null=True),
     Setting("l", int | None, None, "chunk length in upstream tokens; null: unbounded (one chunk)", {"ge": 1},
-            names_mode=True, request_null=True),
+            identity="always", names_mode=True, request_null=True),
     Setting("max_new_tokens", int, 512, "upstream tokens in the answer at most", {"ge": 1},
-            openai_field="max_tokens"),
+            identity="always", openai_field="max_tokens"),
     Setting("temperature", float, 0.7, "sampling temperature of the upstream", {"ge": 0.0},
-            openai_field="temperature"),
-    Setting("top_p", float, 1.0, "nucleus sampling of the upstream", {"gt": 0.0, "le": 1.0}, openai_field="top_p"),
+            identity="always", openai_field="temperature"),
+    Setting("top_p", float, 1.0, "nucleus sampling of the upstream", {"gt": 0.0, "le": 1.0},
+            identity="always", openai_field="top_p"),
     Setting("seed", int | None, None, "seeds every upstream request (derived per step and beam)",
-            openai_field="seed"),
+            identity="always", openai_field="seed"),
     Setting("stop", list[str], (), "stop sequences (at most 4), also cut where they straddle two chunks",
-            {"max_length": 4}, openai_field="stop", cli=False),
+            {"max_length": 4}, identity="always", openai_field="stop", cli=False),
     Setting("prefer_finished", bool, False,
             "answer with the best finished beam when there is one, and rank out-of-budget unfinished beams "
-            "last (default: the paper's rule, the top-scored beam; finishing counts only through the EOS term)"),
+            "last (default: the paper's rule, the top-scored beam; finishing counts only through the EOS term)",
+            identity="always"),
     Setting("narrow_start", bool, False,
             "draw K first chunks from the prompt instead of the paper's W*K (saves (W-1)*K chunks; with K <= W "
-            "the first selection then keeps every first chunk and chooses nothing)"),
+            "the first selection then keeps every first chunk and chooses nothing)", identity="always"),
     Setting("max_upstream_tokens", int | None, None,
             "tokens (prompt + completion) one search may be billed; it stops before a step that could pass it",
             {"ge": 1}, identity="when_set"),

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from proxy.config import AppConfig, ScorerConfig, SearchConfig, Strict, UpstreamConfig
+from proxy.config import AppConfig, OpenAICompletionsConfig, ScorerConfig, SearchConfig, Strict
 from proxy.engine import Engine
 from proxy.film_reviews.openings import TEST_OPENINGS
 from proxy.film_reviews.stats import Estimate, estimate, paired
@@ -179,8 +179,8 @@ async def demo_command(args: argparse.Namespace) -> int:
     lm = await asyncio.to_thread(LocalCausalLM.load, gemma, "auto", "auto")
     try:
         async with LocalCompletionsServer(lm, model="gemma-3-270m") as server:
-            cfg = UpstreamConfig(model="gemma-3-270m", base_url=server.base_url, prompt_template="{instruction}",
-                                 timeout_s=600.0)
+            cfg = OpenAICompletionsConfig(model="gemma-3-270m", base_url=server.base_url,
+                                          prompt_template="{instruction}", timeout_s=600.0)
             async with Engine(AppConfig(upstream=cfg, scorer=scorer_cfg)) as engine:
                 print(f"continuing {settings.openings} film-review openings x 3 methods, guide "
                       f"{settings.guide!r}, against {server.base_url} ...", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.protocol.engine import CompletionParams
+from proxy.protocol.model_requests import CompletionParams
 
 __all__ = ["Choice", "CompletionBackend", "CompletionParams"]
 

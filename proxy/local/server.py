@@ -3,7 +3,7 @@
 This is how a model we run ourselves (the demo's black box, `w2s serve-local`, the toy model in
 tests) reaches the search through exactly the code path a paid API takes: the real openai
 client, its error classes, its retry headers. Requests are validated by
-`proxy.protocol.engine`; a list of prompts is answered as OpenAI does, n choices per prompt,
+`proxy.protocol.model_requests`; a list of prompts is answered as OpenAI does, n choices per prompt,
 prompt-major by `index`, usage summed.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from proxy.local.backend import Choice, CompletionBackend
-from proxy.protocol.engine import CompletionParams, EngineCompletionRequest
+from proxy.protocol.model_requests import CompletionParams, ModelCompletionRequest
 from proxy.protocol.responses import CompletionChoice, CompletionResponse, ModelCard, ModelList, UsageInfo
 from proxy.serving.body import read_body
 from proxy.serving.errors import ApiError, validation_error
@@ -102,7 +102,7 @@ class LocalCompletionsServer:
         except (ValueError, RecursionError):  # not JSON, or nested past what the parser can hold
             raise ApiError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
         try:
-            return EngineCompletionRequest.model_validate(body).params()
+            return ModelCompletionRequest.model_validate(body).params()
         except ValidationError as e:
             raise validation_error(e) from None
 

@@ -3,20 +3,19 @@
 Handlers raise `ApiError` and the middleware (proxy.serving.app) writes it, so no route builds
 an error body by hand. Two translations live here because they decide what a client may learn:
 pydantic's complaints become one 400 naming the field the client sent, and an upstream failure
-the retry policy gave up on becomes a 502 or 504 that never repeats the upstream's own message
-(some APIs echo part of the key they were sent).
+the retry policy gave up on (our `UpstreamError`, whatever the family's SDK) becomes a 502 or 504
+that never repeats the upstream's own message (some APIs echo part of the key they were sent).
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 
-import openai
 from aiohttp import web
 from pydantic import ValidationError
 
 from proxy.protocol.responses import ErrorInfo, ErrorResponse
-from proxy.upstreams.base import UpstreamUnsuitable
+from proxy.upstreams.errors import UpstreamError
 
 log = logging.getLogger("w2s.server")
 
@@ -78,17 +77,16 @@ def validation_error(err: ValidationError) -> ApiError:
 def upstream_error(exc: BaseException) -> ApiError | None:
     """The answer for an upstream failure after retries (502, or 504 for a timeout); None when
     `exc` is not an upstream failure."""
-    if isinstance(exc, UpstreamUnsuitable):
+    if not isinstance(exc, UpstreamError):
+        return None
+    if exc.kind == "unsuitable":  # our words, about what the model cannot do
         return ApiError(502, str(exc), code="upstream_unsuitable")
-    if isinstance(exc, openai.APITimeoutError):
+    if exc.kind == "timeout":
         return ApiError(504, "The upstream did not answer in time (after retries).", code="upstream_timeout")
-    if isinstance(exc, openai.APIStatusError):
+    if exc.status is not None:
         # The upstream's own message is not passed on: some echo (part of) the key they got.
-        log.warning("upstream failed with HTTP %s after retries", exc.status_code)
-        return ApiError(502, f"The upstream failed with HTTP {exc.status_code} (after retries).",
-                        code="upstream_error")
-    if isinstance(exc, openai.APIConnectionError):
+        log.warning("upstream failed with HTTP %s after retries", exc.status)
+        return ApiError(502, f"The upstream failed with HTTP {exc.status} (after retries).", code="upstream_error")
+    if exc.kind == "connection":
         return ApiError(502, "The upstream could not be reached (after retries).", code="upstream_error")
-    if isinstance(exc, openai.APIResponseValidationError):
-        return ApiError(502, "The upstream answered with a malformed completion.", code="upstream_error")
-    return None
+    return ApiError(502, "The upstream answered with a malformed completion.", code="upstream_error")

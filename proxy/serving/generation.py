@@ -14,7 +14,6 @@ import logging
 from functools import partial
 from typing import Any, Literal, TypeVar
 
-import openai
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
@@ -32,6 +31,7 @@ from proxy.serving.guidance import GuidanceError, GuidanceModes, ModeChoice
 from proxy.serving.metrics import ServerMetrics
 from proxy.serving.streaming import StepHook, stream_search
 from proxy.types import Conversation
+from proxy.upstreams.errors import UpstreamError
 from proxy.upstreams.retry import retries_reported_to
 from scorers.base import ScorerContextError, ScorerFailure
 
@@ -162,7 +162,7 @@ class Generation:
         except (asyncio.CancelledError, ConnectionResetError):  # the client went away
             outcome = "cancelled"
             raise
-        except openai.APIError as e:
+        except UpstreamError as e:
             error = upstream_error(e)
             if error is None:
                 raise

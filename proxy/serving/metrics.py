@@ -7,8 +7,9 @@ shows 0 rather than "no data" before the first guided request. Each server has i
 CollectorRegistry: two servers in one process (tests, benchmarks) never share or collide.
 
 Label values stay bounded: `mode` is "base", a mode the server serves, or "custom" (a request
-that set W, K or L itself); `kind` of an upstream failure is timeout, connection, malformed or
-http_<status>. Label children are cached, so an observation costs a dict lookup and a locked add.
+that set W, K or L itself); `kind` of an upstream failure is the label of our UpstreamError
+(timeout, connection, malformed, or http_<status>, whatever the family's SDK). Label children
+are cached, so an observation costs a dict lookup and a locked add.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from proxy.protocol.engine import CompletionParams
+from proxy.protocol.model_requests import CompletionParams
 from proxy.serving.site import listen
 from proxy.testing.toy_model import ToyBackend
 from proxy.types import first_stop

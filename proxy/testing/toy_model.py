@@ -23,7 +23,7 @@ import tiktoken
 
 from proxy.cost import get_encoding as load_encoding
 from proxy.local.backend import Choice
-from proxy.protocol.engine import CompletionParams
+from proxy.protocol.model_requests import CompletionParams
 from proxy.types import choice_seed, first_stop, stable_int
 
 #: Common English words, most frequent first (the order sets a Zipf-like prior). Each, with its

@@ -51,7 +51,7 @@ from aiohttp import web
 
 from proxy.local.backend import Choice
 from proxy.local.server import LocalCompletionsServer
-from proxy.protocol.engine import CompletionParams
+from proxy.protocol.model_requests import CompletionParams
 from proxy.serving.body import read_body
 from proxy.serving.errors import ApiError
 from proxy.testing.faults import (

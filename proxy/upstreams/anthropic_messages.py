@@ -8,8 +8,8 @@ What the API lacks and how the search still gets what it needs:
 - No `n`, no seed: every one of the K samples is its own request, all in parallel under
   `max_concurrency` (a Capability known to be off, so n_choices never asks for n > 1).
 - A final assistant turn ending in whitespace is refused (400): the trailing whitespace of the
-  partial answer is always held back and the continuation joined on (proxy.upstreams.seam),
-  whatever `hold_trailing_whitespace` says, so no character is lost or doubled.
+  partial answer is always held back and the continuation joined on (proxy.upstreams.seam), so
+  no character is lost or doubled (this family has no `hold_trailing_whitespace` to set).
 - Whitespace-only stop sequences are refused (400): they are not sent, and the upstream cuts
   the text at them itself; the others go as `stop_sequences`.
 - Temperature is 0..1 (400 above): a higher one is clamped to 1.0, the model's own
@@ -18,18 +18,17 @@ What the API lacks and how the search still gets what it needs:
   only shapes the candidates. `top_p` is sent only below 1 (no effect at 1), since newer models
   refuse `temperature` and `top_p` together.
 - Claude 4.6 and later refuse any prefill (400): that model cannot continue a partial answer,
-  so this upstream cannot work with it. It fails with `PrefillUnsupportedError`, never retried;
+  so this upstream cannot work with it. It fails with `PrefillUnsupportedError` (an
+  `UpstreamError` of kind "unsuitable", in our words), never retried;
   the first prefilled request goes alone so a search finds out with one request rather than
   W*K, and later prefills fail at once without a request.
 - Reasoning blocks (`thinking`, `redacted_thinking`) are never part of the answer.
 
-Retries: proxy.upstreams.retry decides by the openai SDK's exception types (and reads
-Retry-After from `exc.response.headers`, which both SDKs carry as an httpx2 response). Rather
-than teach it a second SDK, an anthropic failure is raised as the openai exception of the same
-status, with the same response (so Retry-After is believed), the anthropic one as its cause.
-One retry policy and one mapping to 502/504 (proxy.serving.errors.upstream_error) then serve
-both families. The SDK's own retries are off; its HTTP runs over our aiohttp transport, as the
-openai family's does (proxy.upstreams.aiohttp_transport says why).
+Errors: an anthropic SDK failure becomes our `UpstreamError` inside the retried call
+(`from_anthropic`: its status, and its Retry-After / retry-after-ms headers, so the server's wait
+is believed), with the SDK's as its cause; the one retry policy, the server's 502 / 504 and the
+metrics read only ours. The SDK's own retries are off; its HTTP runs over our aiohttp transport,
+as the openai family's does (proxy.upstreams.aiohttp_transport says why).
 """
 from __future__ import annotations
 
@@ -39,16 +38,15 @@ from typing import Any
 
 import anthropic
 import httpx2
-import openai
 from anthropic.types import Message
 
-from proxy.config import UpstreamConfig, upstream_api_key
+from proxy.config import AnthropicConfig, upstream_api_key
 from proxy.cost import count_tokens
 from proxy.types import ChatMessage, Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage, first_stop
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
-from proxy.upstreams.base import Upstream, UpstreamUnsuitable
+from proxy.upstreams.base import Upstream
 from proxy.upstreams.capability import Capability, n_choices
-from proxy.upstreams.openai_http import probe_failure
+from proxy.upstreams.errors import UpstreamError, malformed, probe_failure, retry_after_from
 from proxy.upstreams.retry import retrying
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
@@ -56,37 +54,31 @@ log = logging.getLogger("w2s.upstream")
 
 MAX_TEMPERATURE = 1.0
 SYSTEM_ROLES = ("system", "developer")
-_STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
-    400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
-    404: openai.NotFoundError, 409: openai.ConflictError, 422: openai.UnprocessableEntityError,
-    429: openai.RateLimitError,
-}
 
 
-class PrefillUnsupportedError(openai.BadRequestError, UpstreamUnsuitable):
+class PrefillUnsupportedError(UpstreamError):
     """The model refuses a final assistant turn: it cannot continue a partial answer. The message
     is ours (the API's own text is not repeated), so the server may show it to its client."""
 
+    def __init__(self, model: str) -> None:
+        super().__init__("unsuitable", f"{model} cannot continue a partial answer: it refuses an assistant prefill. "
+                         "The anthropic upstream needs a model that accepts prefill (Claude 4.5 or earlier).",
+                         status=400)
 
-def as_openai_error(exc: anthropic.APIError, model: str) -> openai.APIError:
-    """The openai exception the retry policy and the server understand, for an anthropic one."""
+
+def from_anthropic(exc: anthropic.APIError, model: str) -> UpstreamError:
+    """Ours for an anthropic SDK error. The API's message is read only to recognise a refused
+    prefill, never kept."""
     if isinstance(exc, anthropic.APITimeoutError):  # before its base class, APIConnectionError
-        return openai.APITimeoutError(request=exc.request)
+        return UpstreamError("timeout")
     if isinstance(exc, anthropic.APIConnectionError):
-        return openai.APIConnectionError(message=exc.message, request=exc.request)
-    if isinstance(exc, anthropic.APIResponseValidationError):
-        return openai.APIResponseValidationError(exc.response, exc.body, message=exc.message)
+        return UpstreamError("connection")
     if isinstance(exc, anthropic.APIStatusError):
         said = exc.api_message or exc.message
         if exc.status_code == 400 and "prefill" in said.lower():
-            return PrefillUnsupportedError(
-                f"{model} cannot continue a partial answer: it refuses an assistant prefill. "
-                "The anthropic upstream needs a model that accepts prefill (Claude 4.5 or earlier).",
-                response=exc.response, body=exc.body)
-        cls = _STATUS_ERRORS.get(exc.status_code) or (
-            openai.InternalServerError if exc.status_code >= 500 else openai.APIStatusError)
-        return cls(exc.message, response=exc.response, body=exc.body)
-    return openai.APIError(exc.message, exc.request, body=exc.body)
+            return PrefillUnsupportedError(model)
+        return UpstreamError("http", status=exc.status_code, retry_after=retry_after_from(exc.response.headers))
+    return malformed("the SDK could not read it")  # APIResponseValidationError, or an error in a 200
 
 
 def to_messages(conversation: Conversation, prefill: str) -> tuple[str, list[dict[str, Any]]]:
@@ -118,7 +110,7 @@ def _usage_of(message: Message) -> Usage:
     return Usage(prompt, u.output_tokens)
 
 
-def new_client(cfg: UpstreamConfig) -> anthropic.AsyncAnthropic:
+def new_client(cfg: AnthropicConfig) -> anthropic.AsyncAnthropic:
     """The SDK client over our aiohttp transport, SDK retries off (one retry policy: ours); the
     key from `api_key_env` (ANTHROPIC_API_KEY unless the config names another)."""
     http = httpx2.AsyncClient(transport=AiohttpTransport(), timeout=cfg.timeout_s, follow_redirects=True)
@@ -127,15 +119,16 @@ def new_client(cfg: UpstreamConfig) -> anthropic.AsyncAnthropic:
 
 
 class AnthropicMessagesUpstream(Upstream):
-    def __init__(self, cfg: UpstreamConfig, client: anthropic.AsyncAnthropic | None = None) -> None:
+    def __init__(self, cfg: AnthropicConfig, client: anthropic.AsyncAnthropic | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.model
+        self.context_window, self.encoding = cfg.context_window, cfg.encoding
         self.client = client or new_client(cfg)
         self._limit = asyncio.Semaphore(cfg.max_concurrency)
         self.n_choices = Capability("n>1", self.name, known=False)
         self._prefill_gate = asyncio.Lock()
         self._prefill_ok = False
-        self._no_prefill: PrefillUnsupportedError | None = None
+        self._refuses_prefill = False
         self._warned_temperature = False
 
     async def aclose(self) -> None:
@@ -149,7 +142,7 @@ class AnthropicMessagesUpstream(Upstream):
                     try:
                         message = await self.client.messages.create(**body)
                     except anthropic.APIError as e:
-                        raise as_openai_error(e, self.cfg.model) from e
+                        raise from_anthropic(e, self.cfg.model) from e
         self.record(_usage_of(message))
         return message
 
@@ -159,14 +152,13 @@ class AnthropicMessagesUpstream(Upstream):
         if not prefilled or self._prefill_ok:
             return await self._call(body)
         async with self._prefill_gate:
-            if self._no_prefill is not None:
-                e = self._no_prefill
-                raise PrefillUnsupportedError(e.message, response=e.response, body=e.body)
+            if self._refuses_prefill:
+                raise PrefillUnsupportedError(self.cfg.model)
             if not self._prefill_ok:
                 try:
                     message = await self._call(body)
-                except PrefillUnsupportedError as e:
-                    self._no_prefill = e
+                except PrefillUnsupportedError:
+                    self._refuses_prefill = True
                     raise
                 self._prefill_ok = True
                 return message
@@ -181,20 +173,14 @@ class AnthropicMessagesUpstream(Upstream):
                         self.name, asked, MAX_TEMPERATURE)
         return MAX_TEMPERATURE
 
-    def _budget(self, system: str, messages: list[dict[str, Any]], max_tokens: int) -> int:
-        """`max_tokens`, or what the context window leaves of it (approximated in cfg.encoding)."""
-        if self.cfg.context_window is None:
-            return max_tokens
-        texts = [system] + [m["content"] if isinstance(m["content"], str) else "".join(b["text"] for b in m["content"])
-                            for m in messages]
-        return min(max_tokens, self.cfg.context_window - count_tokens("".join(texts), self.cfg.encoding))
-
     async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
         sent, held = hold_trailing_whitespace(partial)
         system, messages = to_messages(conversation, sent)
-        max_tokens = self._budget(system, messages, params.max_tokens)
+        texts = [system] + [m["content"] if isinstance(m["content"], str) else "".join(b["text"] for b in m["content"])
+                            for m in messages]
+        max_tokens = self.room(["".join(texts)], params.max_tokens)
         if max_tokens < 1:  # the context window is full: nothing more can be generated
-            return SampleResult([Continuation("", False, 0, "length")] * params.n, Usage(), 0)
+            return self.window_full(params.n)
         body: dict[str, Any] = dict(model=self.cfg.model, max_tokens=max_tokens, messages=messages)
         if system:
             body["system"] = system
@@ -243,5 +229,5 @@ class AnthropicMessagesUpstream(Upstream):
             except anthropic.NotFoundError:
                 return Probe(False, f"model unknown: the upstream does not know {self.cfg.model!r}")
         except anthropic.APIError as e:
-            return probe_failure(as_openai_error(e, self.cfg.model))
+            return probe_failure(from_anthropic(e, self.cfg.model))
         return Probe(True, "reachable")

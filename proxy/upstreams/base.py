@@ -10,6 +10,10 @@ know, per continuation, whether the model ended it (so the beam is finished) and
 tokens it spent (so the per-beam budget is honest), plus what the API billed. An upstream also
 keeps the running total of everything it was billed (`usage`, `api_calls`: failed searches'
 requests included) and says whether it can serve right now (`probe`).
+
+Every family fits a continuation in the model's context window the same way (`room`, and
+`window_full` when nothing fits), and fails with our own error (proxy.upstreams.errors), never
+its SDK's.
 """
 from __future__ import annotations
 
@@ -18,12 +22,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import replace
 
-from proxy.types import Conversation, Probe, SampleResult, SamplingParams, Usage
-
-
-class UpstreamUnsuitable(Exception):
-    """The upstream cannot do what guided search needs (a model that refuses to continue a
-    partial answer): retrying cannot help, and the message is ours, safe to show a client."""
+from proxy.cost import count_tokens
+from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage
 
 
 class Upstream(ABC):
@@ -40,6 +40,11 @@ class Upstream(ABC):
     """Everything this upstream was billed so far."""
     api_calls: int = 0
     """API calls that succeeded so far."""
+    context_window: int | None = None
+    """Tokens the model's context holds, prompt and answer; None: unknown, nothing is capped."""
+    encoding: str = "cl100k_base"
+    """The tiktoken encoding prompts are counted in against `context_window` (an approximation
+    for a model with another tokenizer)."""
 
     @abstractmethod
     async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
@@ -57,6 +62,20 @@ class Upstream(ABC):
         results = await asyncio.gather(*(self.sample(conversation, p, replace(params, seed=s))
                                          for p, s in zip(partials, per_prompt, strict=True)))
         return SampleResult.joined(results)
+
+    def room(self, prompt: Sequence[str], max_tokens: int) -> int:
+        """How many tokens a continuation may use: `max_tokens`, or less where the context window
+        cannot hold the prompt (its texts, as the family sends them) and that many more. Below 1
+        the window is full: nothing is sent, and `window_full` is the answer."""
+        if self.context_window is None:
+            return max_tokens
+        return min(max_tokens, self.context_window - sum(count_tokens(t, self.encoding) for t in prompt))
+
+    @staticmethod
+    def window_full(n: int) -> SampleResult:
+        """The answer when the context window is full: `n` unfinished empty continuations of 0
+        tokens, no call, nothing billed."""
+        return SampleResult([Continuation("", False, 0, "length")] * n, Usage(), 0)
 
     def record(self, usage: Usage, calls: int = 1) -> None:
         """Add what the API billed for `calls` calls to the running totals."""

@@ -2,12 +2,18 @@
 pays nothing twice (`upstream.response_cache_dir`, off by default).
 
 Only a request whose every prompt is seeded is cached: an unseeded one asks for fresh samples,
-and answering it from disk would change what it means. The key is the whole request as the
-upstream would see it (family, model, endpoint, how prompts are rendered, the conversation,
-the partial answers, the sampling parameters and the seeds), hashed; the value is the
-continuations. A hit bills nothing and makes no call; a miss asks the upstream and writes the
-answer atomically (a reader sees a whole entry or none), so runs in parallel may share a cache.
-An entry that cannot be read is asked again and rewritten.
+and answering it from disk would change what it means. The key is the whole request as far as
+it shapes the answer (the upstream config's `answer_shaping`: family, model, how prompts are
+rendered and continued, ...; then the conversation, the partial answers, the sampling
+parameters and the seeds), hashed; the value is the continuations.
+
+Where the model is asked (`base_url`) is not part of the key: that is where, not what it
+answers, so a cache filled through one endpoint serves another that serves the same model (the
+AlpacaEval identity treats it alike: a resumed run may move, proxy.alpaca_eval.identity).
+
+A hit bills nothing and makes no call; a miss asks the upstream and writes the answer
+atomically (a reader sees a whole entry or none), so runs in parallel may share a cache. An
+entry that cannot be read is asked again and rewritten.
 """
 from __future__ import annotations
 
@@ -20,24 +26,20 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from proxy.config import UpstreamConfig
+from proxy.config import UpstreamBase, answer_shaping
 from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage
 from proxy.upstreams.base import Upstream
 
 log = logging.getLogger("w2s.upstream")
 
-# The config fields that change what an upstream answers (not where or how fast it is asked).
-_SHAPING = ("kind", "model", "base_url", "prompt_template", "chat", "continuation", "seed_param", "extra_body",
-            "hold_trailing_whitespace", "context_window")
-
 
 class CachedUpstream(Upstream):
-    def __init__(self, inner: Upstream, cfg: UpstreamConfig, directory: str | Path) -> None:
+    def __init__(self, inner: Upstream, cfg: UpstreamBase, directory: str | Path) -> None:
         self.inner = inner
         self.name = inner.name
         self.dir = Path(directory).expanduser()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._shaping = cfg.model_dump(include=set(_SHAPING), mode="json")
+        self._shaping = answer_shaping(cfg)
         self.hits = 0
         self.misses = 0
 

@@ -4,7 +4,7 @@ Mistral, OpenRouter and other chat-only hosts).
 Many strong models are served only behind POST /v1/chat/completions, where a prompt cannot be
 extended as text. Their servers can still continue an assistant turn: the messages go as they
 are and the partial answer goes last, as `{"role": "assistant", "content": partial}`, marked to
-be continued rather than answered. How it is marked is the dialect (`UpstreamConfig.continuation`):
+be continued rather than answered. How it is marked is the dialect (`OpenAIChatConfig.continuation`):
 
   continue_final_message  vLLM, SGLang: `"continue_final_message": true,
                           "add_generation_prompt": false` in the body (both true is refused).
@@ -40,11 +40,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from proxy.config import OpenAIChatConfig
 from proxy.cost import count_tokens
-from proxy.protocol.chat_reading import EngineChatChoice, EngineChatCompletion
-from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage
+from proxy.types import Continuation, Conversation, SampleResult, SamplingParams
 from proxy.upstreams.capability import n_choices
 from proxy.upstreams.openai_http import OpenAICompatibleUpstream, read_as, refuses_n
+from proxy.upstreams.reading import ChatAnswer, ChatChoice
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
 log = logging.getLogger("w2s.upstream")
@@ -56,6 +57,8 @@ UNFINISHED = frozenset({"length", "model_length"})
 
 class OpenAIChatUpstream(OpenAICompatibleUpstream):
     """A chat completions API that continues the final assistant turn, in `cfg.continuation`'s dialect."""
+
+    cfg: OpenAIChatConfig
 
     def messages(self, conversation: Conversation, partial: str) -> list[dict[str, Any]]:
         """The request's messages: the conversation, then the partial answer to continue (none
@@ -80,24 +83,17 @@ class OpenAIChatUpstream(OpenAICompatibleUpstream):
             body.update(continue_final_message=True, add_generation_prompt=False)
         return body
 
-    def _budget(self, conversation: Conversation, partial: str, max_tokens: int) -> int:
-        """max_tokens, less what the context window cannot hold; the prompt's tokens are
-        approximated by its texts' (a chat template adds a few per turn)."""
-        if self.cfg.context_window is None:
-            return max_tokens
-        used = sum(count_tokens(m["content"], self.cfg.encoding) for m in conversation.messages)
-        return min(max_tokens, self.cfg.context_window - used - count_tokens(partial, self.cfg.encoding))
-
-    async def _create(self, body: dict[str, Any], n: int, seed: int | None) -> EngineChatCompletion:
+    async def _create(self, body: dict[str, Any], n: int, seed: int | None) -> ChatAnswer:
         """One API call under the retry policy and the concurrency limit, billed as it returns."""
         body = {**body, "n": n} if n > 1 else body  # n=1 is every API's default: never sent
-        return await self.call("/chat/completions", body, seed, lambda raw: read_as(EngineChatCompletion, raw))
+        return await self.call("/chat/completions", body, seed, lambda raw: read_as(ChatAnswer, raw))
 
     async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
         sent, held = hold_trailing_whitespace(partial) if self.cfg.hold_trailing_whitespace else (partial, "")
-        max_tokens = self._budget(conversation, sent, params.max_tokens)
+        # The prompt's tokens approximated by its texts' (a chat template adds a few per turn).
+        max_tokens = self.room([m["content"] for m in conversation.messages] + [sent], params.max_tokens)
         if max_tokens < 1:  # the context window is full: nothing more can be generated
-            return SampleResult([Continuation("", False, 0, "length")] * params.n, Usage(), 0)
+            return self.window_full(params.n)
         body = self.body(conversation, sent, params, max_tokens)
         responses = await n_choices(params.n, params.seed, self.n_choices,
                                     lambda k, seed: self._create(body, k, seed),
@@ -105,7 +101,7 @@ class OpenAIChatUpstream(OpenAICompatibleUpstream):
         return self.collect(responses, params.n,
                             lambda c, resp, count: self._continuation(c, resp, count, max_tokens, held))
 
-    def _continuation(self, c: EngineChatChoice, resp: EngineChatCompletion, choices: int, max_tokens: int,
+    def _continuation(self, c: ChatChoice, resp: ChatAnswer, choices: int, max_tokens: int,
                       held: str) -> Continuation:
         raw = c.message.text
         reason = c.finish_reason

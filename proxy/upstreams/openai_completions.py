@@ -1,7 +1,8 @@
 """OpenAI completions API (gpt-3.5-turbo-instruct, davinci-002, vLLM, any compatible server).
 
 The conversation is rendered through the upstream's template (proxy.prompts.render) and the
-partial answer appended: the prompt a completions model continues.
+partial answer appended: the prompt a completions model continues. `extra_body` adds provider
+fields under ours (as in the chat family), never overriding what the search decides.
 
 One request with n=K per beam; servers that refuse n>1 (a 400 naming `n`) or silently
 return fewer choices get the missing samples as parallel n=1 requests (seeded per sample,
@@ -28,14 +29,15 @@ from dataclasses import replace
 import httpx2
 import openai
 
-from proxy.config import UpstreamConfig
+from proxy.config import OpenAICompletionsConfig
 from proxy.cost import count_tokens
-from proxy.protocol.engine import EngineChoice
-from proxy.protocol.engine import EngineCompletion as Completion
 from proxy.prompts import render
-from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage, request_seed
+from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, request_seed
 from proxy.upstreams.capability import Capability, n_choices
-from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, malformed, read_as, refuses_n
+from proxy.upstreams.errors import UpstreamError, malformed
+from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, read_as, refuses_n
+from proxy.upstreams.reading import CompletionAnswer as Completion
+from proxy.upstreams.reading import CompletionChoice
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
 log = logging.getLogger("w2s.upstream")
@@ -47,7 +49,7 @@ def _read(raw: httpx2.Response) -> Completion:
     an empty one would count as a chunk of L tokens)."""
     resp = read_as(Completion, raw)
     if any(c.finish_reason == "length" and not c.text for c in resp.choices):
-        raise malformed(raw, "an empty choice cut at the length limit")
+        raise malformed("an empty choice cut at the length limit")
     return resp
 
 
@@ -56,7 +58,9 @@ def _all_choices(resp: Completion, expected: int) -> bool:
 
 
 class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
-    def __init__(self, cfg: UpstreamConfig, client: openai.AsyncOpenAI | None = None) -> None:
+    cfg: OpenAICompletionsConfig
+
+    def __init__(self, cfg: OpenAICompletionsConfig, client: openai.AsyncOpenAI | None = None) -> None:
         super().__init__(cfg, client)
         self.prompt_lists = Capability("lists of prompts", self.name, known=cfg.supports_prompt_lists)
 
@@ -68,14 +72,11 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         """One API call under the retry policy and the concurrency limit, billed as it returns."""
         return await self.call("/completions", body, seed, _read)
 
-    def _prompt_budget(self, prompt: str, max_tokens: int) -> int:
-        if self.cfg.context_window is None:
-            return max_tokens
-        return min(max_tokens, self.cfg.context_window - count_tokens(prompt, self.cfg.encoding))
-
     def _body(self, prompt: str | list[str], params: SamplingParams, max_tokens: int) -> dict[str, object]:
-        body: dict[str, object] = dict(model=self.cfg.model, prompt=prompt, max_tokens=max_tokens,
-                                       temperature=params.temperature, top_p=params.top_p)
+        """Everything but n and the seed; `extra_body` under our fields."""
+        body: dict[str, object] = dict(self.cfg.extra_body)
+        body.update(model=self.cfg.model, prompt=prompt, max_tokens=max_tokens, temperature=params.temperature,
+                    top_p=params.top_p)
         if params.stop:
             body["stop"] = list(params.stop)
         return body
@@ -86,9 +87,9 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
     async def sample_prompt(self, prompt: str, params: SamplingParams) -> SampleResult:
         """`params.n` continuations of one completion prompt, as sent."""
         n = params.n
-        max_tokens = self._prompt_budget(prompt, params.max_tokens)
+        max_tokens = self.room([prompt], params.max_tokens)
         if max_tokens < 1:  # the context window is full: nothing more can be generated
-            return SampleResult([Continuation("", False, 0, "length")] * n, Usage(), 0)
+            return self.window_full(n)
         body = self._body(prompt, params, max_tokens)
         responses = await n_choices(n, params.seed, self.n_choices,
                                     lambda k, seed: self._create({**body, "n": k}, seed),
@@ -121,7 +122,7 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
                                              for p, s in zip(prompts, seeds, strict=True)))
             return SampleResult.joined(results)
 
-        budgets = {self._prompt_budget(p, params.max_tokens) for p in prompts}
+        budgets = {self.room([p], params.max_tokens) for p in prompts}
         if (len(prompts) == 1 or self.max_prompts_per_call == 1 or len(budgets) > 1 or min(budgets) < 1
                 or not self.prompt_lists.use()):
             return await one_by_one()
@@ -129,7 +130,9 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         body = {**self._body(list(prompts), params, max_tokens), "n": params.n}
         try:
             resp = await self._create(body, request_seed(seeds))
-        except openai.BadRequestError as e:
+        except UpstreamError as e:
+            if e.status != 400:
+                raise
             if refuses_n(e):
                 self.n_choices.refused(f"refused n={params.n}")
             elif not about_prompt(e):
@@ -148,7 +151,7 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         return SampleResult(rest.continuations, rest.usage + answered.usage, rest.calls + answered.calls)
 
     def _collect(self, responses: list[Completion], n: int, max_tokens: int) -> SampleResult:
-        def continuation(c: EngineChoice, resp: Completion, choices: int) -> Continuation:
+        def continuation(c: CompletionChoice, resp: Completion, choices: int) -> Continuation:
             if c.finish_reason == "length":
                 used = max_tokens
             elif choices == 1 and resp.usage is not None:

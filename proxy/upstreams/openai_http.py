@@ -1,27 +1,31 @@
 """What the OpenAI-compatible families (completions, chat) share: the SDK client over our
-transport, one call under the retry policy with the body read inside it, how a refusal of n or
-of a prompt list is recognised, the usage, and the readiness probe.
+transport, one call under the retry policy with the body read inside it, the openai SDK's errors
+translated into ours, how a refusal of n or of a prompt list is recognised, the usage, and the
+readiness probe.
 
 The body is read inside the retry loop: a 200 that is not a usable answer (cut short, not JSON,
 no choices) is asked again like a 5xx rather than failing the whole search; only answers that
-were read are billed.
+were read are billed. The SDK's errors become `UpstreamError` inside the retried call
+(`openai_errors`), so the retry policy and everything above it see only ours.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx2
 import openai
 from pydantic import BaseModel, ValidationError
 
-from proxy.config import UpstreamConfig, upstream_api_key
-from proxy.protocol.engine import EngineUsage
+from proxy.config import OpenAICompatibleConfig, upstream_api_key
 from proxy.types import Continuation, Probe, SampleResult, Usage
+from proxy.upstreams.aiohttp_transport import AiohttpTransport
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.capability import Capability
-from proxy.upstreams.aiohttp_transport import AiohttpTransport
+from proxy.upstreams.errors import UpstreamError, malformed, probe_failure, retry_after_from
+from proxy.upstreams.reading import AnswerUsage
 from proxy.upstreams.retry import retrying
 
 Answer = TypeVar("Answer", bound=BaseModel)
@@ -33,7 +37,7 @@ def sdk_client(base_url: str | None, api_key: str, timeout_s: float) -> openai.A
     return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s, http_client=http)
 
 
-def new_client(cfg: UpstreamConfig) -> openai.AsyncOpenAI:
+def new_client(cfg: OpenAICompatibleConfig) -> openai.AsyncOpenAI:
     return sdk_client(cfg.base_url, upstream_api_key(cfg).get_secret_value(), cfg.timeout_s)
 
 
@@ -42,36 +46,64 @@ def _complaint(exc: openai.APIStatusError) -> tuple[str | None, str]:
     return body.get("param"), str(body.get("message") or exc.message).lower()
 
 
+def _refused(exc: openai.APIStatusError) -> set[str]:
+    """The request fields a client error complains about, as far as we use them: `n` (a 400, or
+    a 422 from a schema-validating API such as Mistral's) and `prompt` (a 400)."""
+    if exc.status_code not in (400, 422):
+        return set()
+    param, msg = _complaint(exc)
+    fields = set()
+    if param == "n" or "'n'" in msg or " n " in f" {msg} " or "n>1" in msg.replace(" ", "") or "n must be 1" in msg:
+        fields.add("n")
+    if exc.status_code == 400 and (param == "prompt" or "prompt" in msg):
+        fields.add("prompt")
+    return fields
+
+
+def from_openai(exc: openai.APIError) -> UpstreamError:
+    """Ours for an openai SDK error. The upstream's message is read only to learn which request
+    field a refusal names (`refused`), never kept."""
+    if isinstance(exc, openai.APITimeoutError):  # before its base class, APIConnectionError
+        return UpstreamError("timeout")
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamError("connection")
+    if isinstance(exc, openai.APIStatusError):
+        return UpstreamError("http", status=exc.status_code, retry_after=retry_after_from(exc.response.headers),
+                             refused=_refused(exc))
+    return malformed("the SDK could not read it")  # APIResponseValidationError, or an error in a 200
+
+
+@contextlib.contextmanager
+def openai_errors() -> Iterator[None]:
+    """Around an openai SDK call: its errors raised as ours (`from_openai`), the SDK's as the cause."""
+    try:
+        yield
+    except openai.APIError as e:
+        raise from_openai(e) from e
+
+
 def refuses_n(exc: BaseException) -> bool:
     """A client error about `n` (a 400, or a 422 from a schema-validating API such as Mistral's)."""
-    if not isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
-        return False
-    param, msg = _complaint(exc)
-    return param == "n" or "'n'" in msg or " n " in f" {msg} " or "n>1" in msg.replace(" ", "") or "n must be 1" in msg
+    return isinstance(exc, UpstreamError) and "n" in exc.refused
 
 
-def about_prompt(exc: openai.BadRequestError) -> bool:
-    param, msg = _complaint(exc)
-    return param == "prompt" or "prompt" in msg
+def about_prompt(exc: UpstreamError) -> bool:
+    return "prompt" in exc.refused
 
 
-def usage_of(usage: EngineUsage | None) -> Usage:
+def usage_of(usage: AnswerUsage | None) -> Usage:
     return Usage(usage.prompt_tokens, usage.completion_tokens) if usage is not None else Usage()
 
 
-def malformed(raw: httpx2.Response, problem: str) -> openai.APIResponseValidationError:
-    return openai.APIResponseValidationError(response=raw, body=None,
-                                             message=f"the upstream's answer is malformed: {problem}")
-
-
-async def post(client: openai.AsyncOpenAI, cfg: UpstreamConfig, limit: asyncio.Semaphore, path: str,
+async def post(client: openai.AsyncOpenAI, cfg: OpenAICompatibleConfig, limit: asyncio.Semaphore, path: str,
                body: dict[str, Any], read: Callable[[httpx2.Response], Answer]) -> Answer:
     """One API call under the retry policy and the concurrency limit; `read` turns the 200 into
     an answer or raises `malformed(...)`, which is retried."""
     async for attempt in retrying(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s):
         with attempt:
             async with limit:
-                raw = await client.post(path, body=body, cast_to=httpx2.Response)
+                with openai_errors():
+                    raw = await client.post(path, body=body, cast_to=httpx2.Response)
             answer = read(raw)
     return answer
 
@@ -81,9 +113,9 @@ def read_as(model: type[Answer], raw: httpx2.Response) -> Answer:
     try:
         answer = model.model_validate_json(raw.content)
     except ValidationError as e:
-        raise malformed(raw, e.errors()[0]["msg"]) from None
+        raise malformed(e.errors()[0]["msg"]) from None
     if not getattr(answer, "choices", None):
-        raise malformed(raw, "no choices")
+        raise malformed("no choices")
     return answer
 
 
@@ -91,9 +123,10 @@ class OpenAICompatibleUpstream(Upstream):
     """What an OpenAI-compatible family holds: the config, the SDK client, the concurrency limit,
     what n does; one billed call (`call`), closing, and the probe."""
 
-    def __init__(self, cfg: UpstreamConfig, client: openai.AsyncOpenAI | None = None) -> None:
+    def __init__(self, cfg: OpenAICompatibleConfig, client: openai.AsyncOpenAI | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.model
+        self.context_window, self.encoding = cfg.context_window, cfg.encoding
         self.client = client or new_client(cfg)
         self._limit = asyncio.Semaphore(cfg.max_concurrency)
         self.n_choices = Capability("n>1", self.name, known=cfg.supports_n)
@@ -126,22 +159,13 @@ class OpenAICompatibleUpstream(Upstream):
         return await probe_models(self.client, self.cfg)
 
 
-def probe_failure(exc: openai.APIError) -> Probe:
-    """Why a probe failed, in the words every family uses (another SDK's failure is first
-    translated to the openai exception of the same meaning)."""
-    if isinstance(exc, openai.APIStatusError):
-        return Probe(False, f"refused: HTTP {exc.status_code}")
-    if isinstance(exc, openai.APIConnectionError):
-        return Probe(False, f"unreachable: {type(exc).__name__}")
-    return Probe(False, f"failed: {type(exc).__name__}")
-
-
-async def probe_models(client: openai.AsyncOpenAI, cfg: UpstreamConfig) -> Probe:
+async def probe_models(client: openai.AsyncOpenAI, cfg: OpenAICompatibleConfig) -> Probe:
     """GET /models once, without retries (reachability now, not eventually), and look for the
     configured model in what it lists."""
     try:
-        page = await client.with_options(timeout=min(5.0, cfg.timeout_s), max_retries=0).models.list()
-    except openai.APIError as e:
+        with openai_errors():
+            page = await client.with_options(timeout=min(5.0, cfg.timeout_s), max_retries=0).models.list()
+    except UpstreamError as e:
         return probe_failure(e)
     listed = {m.id for m in page.data}
     if listed and cfg.model not in listed and not page.has_next_page():

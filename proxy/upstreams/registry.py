@@ -1,7 +1,7 @@
 """Builds the upstream a config names: one module per API family, imported only when used."""
 from __future__ import annotations
 
-from proxy.config import UpstreamConfig
+from proxy.config import AnthropicConfig, OpenAIChatConfig, OpenAICompletionsConfig, UpstreamConfig
 from proxy.upstreams.base import Upstream
 
 
@@ -15,15 +15,15 @@ def make_upstream(cfg: UpstreamConfig) -> Upstream:
 
 
 def _family(cfg: UpstreamConfig) -> Upstream:
-    if cfg.kind == "openai-completions":
+    if isinstance(cfg, OpenAICompletionsConfig):
         from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 
         return OpenAICompletionsUpstream(cfg)
-    if cfg.kind == "openai-chat":
+    if isinstance(cfg, OpenAIChatConfig):
         from proxy.upstreams.openai_chat import OpenAIChatUpstream
 
         return OpenAIChatUpstream(cfg)
-    if cfg.kind == "anthropic":
+    if isinstance(cfg, AnthropicConfig):
         from proxy.upstreams.anthropic_messages import AnthropicMessagesUpstream
 
         return AnthropicMessagesUpstream(cfg)
