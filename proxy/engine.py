@@ -243,7 +243,7 @@ class Engine:
             upstream_ok, upstream_state = False, "not started"
         else:
             p = await self._upstream.probe()
-            upstream_ok, upstream_state = p.ok, p.state
+            upstream_ok, upstream_state = p.ok, str(p)
         scorer_ok = self.scorer_state in (ScorerState.LOADED, ScorerState.NONE)
         return Readiness(upstream_ok and scorer_ok, upstream_state, self.scorer_status)
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 
 class ChatMessage(TypedDict):
@@ -126,13 +126,24 @@ class SampleResult:
                    sum((r.usage for r in results), Usage()), sum(r.calls for r in results))
 
 
+ProbeState = Literal["reachable", "in-process", "refused", "unreachable", "model unknown", "failed"]
+
+
 @dataclass(frozen=True)
 class Probe:
-    """Whether an upstream can serve now; `state` says why not ("reachable", "in-process",
-    "refused: HTTP 401", "unreachable: APIConnectionError", "model unknown: ...")."""
+    """Whether an upstream can serve now: `state` one of ProbeState, `detail` what it adds
+    ("HTTP 401", "APIConnectionError", the model it does not list)."""
 
-    ok: bool
-    state: str
+    state: ProbeState
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("reachable", "in-process")
+
+    def __str__(self) -> str:
+        """As readiness reports it: "reachable", "refused: HTTP 401", ..."""
+        return f"{self.state}: {self.detail}" if self.detail else self.state
 
 
 # ---------------------------------------------------------------------------------- seeds

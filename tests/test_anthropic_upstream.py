@@ -208,7 +208,7 @@ async def test_the_key_never_reaches_logs_or_errors(caplog: pytest.LogCaptureFix
     async with FakeAnthropicServer(api_key=KEY, failures=[429]) as server:
         async with AnthropicMessagesUpstream(config(server)) as up:
             await up.sample(STORY, "x", SamplingParams(n=1, max_tokens=3))
-            assert await up.probe() == Probe(True, "reachable")
+            assert await up.probe() == Probe("reachable")
         async with AnthropicMessagesUpstream(config(server, api_key_env="WRONG_ANTHROPIC_KEY")) as up:
             with pytest.raises(UpstreamError) as info:
                 await up.sample(STORY, "x", SamplingParams(n=1, max_tokens=3))
@@ -246,13 +246,13 @@ async def test_a_full_context_window_sends_nothing(fake: FakeAnthropicServer) ->
 
 async def test_probe_states(fake: FakeAnthropicServer) -> None:
     async with AnthropicMessagesUpstream(config(fake)) as up:
-        assert await up.probe() == Probe(True, "reachable")
+        assert await up.probe() == Probe("reachable")
     async with AnthropicMessagesUpstream(config(fake, model="claude-opus-4-5")) as up:  # an alias, not listed
-        assert await up.probe() == Probe(True, "reachable")
+        assert await up.probe() == Probe("reachable")
     async with AnthropicMessagesUpstream(config(fake, model="claude-nonexistent")) as up:
         assert (await up.probe()).state.startswith("model unknown")
     async with AnthropicMessagesUpstream(config(fake, api_key_env="WRONG_KEY")) as up:
-        assert await up.probe() == Probe(False, "refused: HTTP 401")  # a keyless client sends "no-key"
+        assert await up.probe() == Probe("refused", "HTTP 401")  # a keyless client sends "no-key"
     cfg = AnthropicConfig(model=MODEL, base_url=f"http://127.0.0.1:{free_port()}")
     async with AnthropicMessagesUpstream(cfg) as up:
         assert (await up.probe()).state.startswith("unreachable")

@@ -314,15 +314,15 @@ async def test_running_usage_counts_every_billed_call_and_probe_says_why_not(
         a = await up.sample_prompt("P", SamplingParams(n=2, max_tokens=3))
         b = await up.sample_prompts(PROMPTS, SamplingParams(n=2, max_tokens=3))
         assert up.usage == a.usage + b.usage and up.api_calls == a.calls + b.calls == 2
-        assert await up.probe() == Probe(True, "reachable")
+        assert await up.probe() == Probe("reachable")
     async with OpenAICompletionsUpstream(upstream_config(loopback, model="other-model")) as up:
-        assert await up.probe() == Probe(False, "model unknown: the upstream does not list 'other-model'")
+        assert await up.probe() == Probe("model unknown", "the upstream does not list 'other-model'")
     async with KeyRefused() as server:
         async with OpenAICompletionsUpstream(upstream_config(server)) as up:
-            assert await up.probe() == Probe(False, "refused: HTTP 401")
+            assert await up.probe() == Probe("refused", "HTTP 401")
         dead = server.base_url
     async with OpenAICompletionsUpstream(upstream_config(loopback, base_url=dead)) as up:
-        assert await up.probe() == Probe(False, "unreachable: APIConnectionError")
+        assert await up.probe() == Probe("unreachable", "APIConnectionError")
 
 
 async def test_trailing_whitespace_held_back_is_joined_on_exactly(loopback: ToyCompletionsServer) -> None:

@@ -114,9 +114,9 @@ def test_the_server_mapping_and_the_labels_read_our_error(error: UpstreamError, 
 
 
 def test_probe_words_stay_what_readiness_always_said() -> None:
-    assert probe_failure(UpstreamError("http", status=401)) == Probe(False, "refused: HTTP 401")
-    assert probe_failure(UpstreamError("connection")) == Probe(False, "unreachable: APIConnectionError")
-    assert probe_failure(UpstreamError("timeout")) == Probe(False, "unreachable: APITimeoutError")
+    assert probe_failure(UpstreamError("http", status=401)) == Probe("refused", "HTTP 401")
+    assert probe_failure(UpstreamError("connection")) == Probe("unreachable", "APIConnectionError")
+    assert probe_failure(UpstreamError("timeout")) == Probe("unreachable", "APITimeoutError")
 
 
 async def served_answer(fake: FakeAnthropicServer, **upstream: Any) -> tuple[int, dict[str, Any], GuidanceServer]:

@@ -223,11 +223,11 @@ class AnthropicMessagesUpstream(Upstream):
         try:
             page = await client.models.list(limit=1000)
             if any(m.id == self.cfg.model for m in page.data):
-                return Probe(True, "reachable")
+                return Probe("reachable")
             try:
                 await client.models.retrieve(self.cfg.model)
             except anthropic.NotFoundError:
-                return Probe(False, f"model unknown: the upstream does not know {self.cfg.model!r}")
+                return Probe("model unknown", f"the upstream does not know {self.cfg.model!r}")
         except anthropic.APIError as e:
             return probe_failure(from_anthropic(e, self.cfg.model))
-        return Probe(True, "reachable")
+        return Probe("reachable")

@@ -84,7 +84,7 @@ class Upstream(ABC):
 
     async def probe(self) -> Probe:
         """Can it serve now, without retries? The default is an in-process upstream: always."""
-        return Probe(True, "in-process")
+        return Probe("in-process")
 
     async def aclose(self) -> None:
         """Close connections."""

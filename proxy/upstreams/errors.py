@@ -102,7 +102,7 @@ _UNREACHABLE = {"connection": "APIConnectionError", "timeout": "APITimeoutError"
 def probe_failure(exc: UpstreamError) -> Probe:
     """Why a readiness probe failed, in the words every family uses."""
     if exc.status is not None:
-        return Probe(False, f"refused: HTTP {exc.status}")
+        return Probe("refused", f"HTTP {exc.status}")
     if exc.kind in _UNREACHABLE:
-        return Probe(False, f"unreachable: {_UNREACHABLE[exc.kind]}")
-    return Probe(False, f"failed: {exc.kind}")
+        return Probe("unreachable", _UNREACHABLE[exc.kind])
+    return Probe("failed", exc.kind)

@@ -169,5 +169,5 @@ async def probe_models(client: openai.AsyncOpenAI, cfg: OpenAICompatibleConfig) 
         return probe_failure(e)
     listed = {m.id for m in page.data}
     if listed and cfg.model not in listed and not page.has_next_page():
-        return Probe(False, f"model unknown: the upstream does not list {cfg.model!r}")
-    return Probe(True, "reachable")
+        return Probe("model unknown", f"the upstream does not list {cfg.model!r}")
+    return Probe("reachable")
