@@ -7,15 +7,22 @@ import argparse
 import types
 import typing
 from collections.abc import Iterable
+from typing import Any
 
 from proxy.config.search import SETTINGS, Setting
 
 
-def _scalar(t: object) -> type:
-    """int from `int | None`: what argparse converts a flag's text to."""
+def _scalar(t: object) -> Any:
+    """What argparse converts a flag's text with: int from `int | None`; a list of ints from
+    `list[int]`, written comma-separated (`--sample-schedule 16,4`)."""
     if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
-        return next(a for a in typing.get_args(t) if a is not type(None))
-    return t  # type: ignore[return-value]
+        return _scalar(next(a for a in typing.get_args(t) if a is not type(None)))
+    if typing.get_origin(t) is list:
+        item = _scalar(typing.get_args(t)[0])
+        return lambda text: [item(part) for part in text.split(",")]
+    if typing.get_origin(t) is typing.Annotated:
+        return _scalar(typing.get_args(t)[0])
+    return t
 
 
 def _flagged(settings: Iterable[Setting] | None) -> list[Setting]:

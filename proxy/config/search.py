@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model
 
@@ -91,6 +91,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("narrow_start", bool, False,
             "draw K first chunks from the prompt instead of the paper's W*K (saves (W-1)*K chunks; with K <= W "
             "the first selection then keeps every first chunk and chooses nothing)", identity="always"),
+    Setting("horizon", int | None, None,
+            "search only the first H upstream tokens, then finish the chosen beam with one plain continuation "
+            "to max_new_tokens (null: search to the end, the paper's)", {"ge": 1}, names_mode=True),
+    Setting("sample_schedule", list[Annotated[int, Field(ge=1)]] | None, None,
+            "samples per expanded beam at each step, the last repeated: [16, 4] draws 16 first chunks of the "
+            "prompt, then 4 per beam (null: W*K first, K after, the paper's)", {"min_length": 1, "max_length": 64},
+            names_mode=True),
     Setting("max_upstream_tokens", int | None, None,
             "tokens (prompt + completion) one search may be billed; it stops before a step that could pass it",
             {"ge": 1}, identity="when_set"),

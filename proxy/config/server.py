@@ -46,8 +46,16 @@ class CapProblem:
 
 
 def cap_problem(search: Any, caps: ServerCaps) -> CapProblem | None:
-    """Is `search` (a SearchConfig) wider, or its chunks shorter, than `caps` allow?"""
-    if search.w * search.k > caps.max_w_times_k:
+    """Is `search` (a SearchConfig) wider, or its chunks shorter, than `caps` allow? Its width is
+    the most samples one step draws: W·K, or with a sample schedule its first entry (one beam,
+    the prompt) and W times each later one."""
+    if search.sample_schedule:
+        first, *later = search.sample_schedule
+        widest = max(first, search.w * max(later or [first]))
+        if widest > caps.max_w_times_k:
+            return CapProblem("w2s.sample_schedule", f"samples per step = {widest}", "max_w_times_k",
+                              caps.max_w_times_k, False)
+    elif search.w * search.k > caps.max_w_times_k:
         return CapProblem("w2s", f"w*k = {search.w * search.k}", "max_w_times_k", caps.max_w_times_k, False)
     if search.l is not None and search.l < caps.min_l:
         return CapProblem("w2s.l", f"l = {search.l}", "min_l", caps.min_l, True)
