@@ -7,7 +7,9 @@
 It builds the upstream (its connection pool, retry policy and concurrency limit) and loads the
 scorer off the event loop (setting torch's thread pool first, once, from
 `scorer.torch_threads`), answers readiness (`probe`), keeps the running usage, and summarizes
-results the one way every adapter reports them. The server (proxy.serving), the Python client
+results the one way every adapter reports them. A request becomes a checked plan (`plan`:
+conversation, settings, the scorer it runs with, its context room) that `run` runs, so every
+check is made once and before anything is paid for. The server (proxy.serving), the Python client
 (proxy.client), the CLI and the AlpacaEval runner are adapters over it. An upstream or scorer
 handed in is used as it is and never closed here; what the engine built, it closes, once.
 
