@@ -21,7 +21,7 @@ from proxy.search_flags import add_search_flags, search_overrides
 from proxy.serving import command as serve_command
 from proxy.serving.errors import upstream_error
 from scorers.base import ScorerFailure
-from scorers.tuning import cli as tune_command
+from proxy.film_reviews import tune_command
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ async def _generate(args: argparse.Namespace) -> int:
     if args.trace:
         from proxy.demo.trace_html import TracedSearch, render_trace
 
-        Path(args.trace).write_text(render_trace([TracedSearch(result.config.mode, args.prompt, result)]))
+        Path(args.trace).write_text(render_trace([TracedSearch(result.mode, args.prompt, result)]))
     if args.json:
         print(json.dumps({"text": result.text, **asdict(summary)}, indent=2))
         return 0

@@ -9,11 +9,11 @@ ending mid-word, on whitespace, inside a multi-byte character), the shared run s
 earlier, the cache is cut there, and the differing tokens are run again. The result is the same
 sum of log-probabilities a full recompute gives, up to float rounding.
 
-A batch row is (cached past, new tokens). Past caches of different lengths are stacked
-left-aligned with an attention mask over past + new, and position ids continue each row's own
-past, so every real token sees exactly its own prefix at its own positions. Rows are planned in
-up to two phases: first long runs that several new sequences share (a new session's prompt, or
-a parent recomputed after its cache was evicted), then each sequence's own tokens on top.
+This module is the engine that runs gathered requests on the worker thread: it encodes them,
+plans rows (scorers.incremental_rows) in up to two phases, first long runs that several new
+sequences share (a new session's prompt, or a parent recomputed after its cache was evicted),
+then each sequence's own tokens on top, runs them (scorers.incremental_forward) and sums the
+scores from the prefixes they leave in the session caches.
 """
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import PreTrainedModel
 
-from scorers.kv_cache import Chain, CachePool, Prefix, SessionCache, SideCache, common_prefix, cut_chain, key_of
+from scorers.incremental_forward import run_rows
+from scorers.incremental_rows import Row, plan_row, plan_row_batches
+from scorers.kv_cache import CachePool, Prefix, SessionCache, SideCache, common_prefix, key_of
 from scorers.reading import PromptEncoding
 from scorers.scoring_model import ScoringModel
 
@@ -33,161 +34,6 @@ MIN_SHARED = 16
 """A run shared by several new sequences gets its own first-phase row when it saves this many tokens.
 Below that, one more forward pass costs more than the duplicated tokens (siblings that happen to
 start with the same word are not worth a phase)."""
-
-
-@dataclass(eq=False)
-class Row:
-    """Tokens ids[start:] to run on top of `chain` (which covers ids[:start])."""
-
-    sm: ScoringModel
-    side: SideCache
-    ids: np.ndarray
-    start: int
-    chain: Chain
-    head: torch.Tensor
-    """logp of ids[:start + 1], known before the forward (float64, CPU)."""
-    gen: int
-    base: Prefix | None
-    rollback: bool
-    """The cached base had tokens past `start` that this row runs again (a seam changed)."""
-
-    @property
-    def n_new(self) -> int:
-        return len(self.ids) - self.start
-
-
-def plan_row(sm: ScoringModel, side: SideCache, ids: np.ndarray, gen: int) -> Row | None:
-    """The cheapest row that produces a prefix for `ids`; None when it is already cached."""
-    base, shared = side.best(ids)
-    if base is None:
-        return Row(sm, side, ids, 0, (), torch.zeros(1, dtype=torch.float64), gen, None, False)
-    if shared == len(base):
-        if shared == len(ids):
-            return None
-        # The base's next-token distribution scores the first new token: nothing is rerun.
-        first = torch.tensor([base.next_logp[int(ids[shared])].item()], dtype=torch.float64)
-        return Row(sm, side, ids, shared, base.chain, torch.cat([base.logp, first]), gen, base, False)
-    # Rollback: keep the cache up to the last shared token, which runs again to predict the first differing one.
-    start = shared - 1
-    return Row(sm, side, ids, start, cut_chain(base.chain, start), base.logp[:shared].clone(), gen, base, True)
-
-
-def plan_row_batches(rows: Sequence[Row], batch_size: int, max_batch_tokens: int, window: int | None) -> list[list[Row]]:
-    """Greedy packing, longest past first, by the padded area rows * (max past + max new).
-
-    A sliding-window model only gets multi-row batches narrower than its window: left-aligned
-    pasts leave holes, and the window is measured in cache slots, so a wider stack could mask
-    keys that are within the window in real positions.
-    """
-    order = sorted(rows, key=lambda r: (r.start, r.n_new), reverse=True)
-    batches: list[list[Row]] = []
-    current: list[Row] = []
-    past = new = 0
-    for r in order:
-        p, n = max(past, r.start), max(new, r.n_new)
-        fits = (
-            len(current) + 1 <= batch_size
-            and (len(current) + 1) * (p + n) <= max_batch_tokens
-            and (window is None or p + n <= window)
-        )
-        if current and not fits:
-            batches.append(current)
-            current, p, n = [], r.start, r.n_new
-        current.append(r)
-        past, new = p, n
-    if current:
-        batches.append(current)
-    return batches
-
-
-def run_rows(model: PreTrainedModel, rows: Sequence[Row], pad_id: int, pool: CachePool) -> list[Prefix]:
-    """One forward pass over rows with cached pasts; returns the prefix each row completes."""
-    device = model.device
-    starts = [r.start for r in rows]
-    news = [r.n_new for r in rows]
-    width_past, width_new = max(starts), max(news)
-    batch = len(rows)
-    input_ids = torch.full((batch, width_new), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width_past + width_new), dtype=torch.long)
-    positions = torch.zeros((batch, width_new), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : news[i]] = torch.from_numpy(r.ids[r.start :])
-        mask[i, : starts[i]] = 1
-        mask[i, width_past : width_past + news[i]] = 1
-        positions[i, : news[i]] = torch.arange(starts[i], starts[i] + news[i])
-
-    cache = DynamicCache()
-    buffer = None
-    if width_past:
-        ref = next(seg.kv for r in rows for seg, _ in r.chain)
-        layers, _, heads, _, head_dim = ref.shape
-        # Past and new tokens in one buffer per layer: pasts are copied in once, the model writes
-        # the new keys/values behind them, and nothing is concatenated.
-        buffer = torch.empty((layers, 2, batch, heads, width_past + width_new, head_dim), dtype=ref.dtype, device=device)
-        for i, r in enumerate(rows):
-            at = 0
-            for seg, used in r.chain:
-                buffer[:, :, i, :, at : at + used] = seg.kv[:, :, :, :used]
-                at += used
-            buffer[:, :, i, :, at:width_past] = 0  # masked holes must still be finite (0 * NaN is NaN)
-        cache.layers = [_InPlaceLayer(buffer[layer, 0], buffer[layer, 1], width_past) for layer in range(layers)]
-
-    out = model(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    # [layers, 2, batch, heads, width_new, head_dim]
-    new_kv = buffer[..., width_past:, :] if buffer is not None else _stacked_new_kv(out.past_key_values)
-    prefixes: list[Prefix] = []
-    for i, r in enumerate(rows):
-        n = news[i]
-        logp_rows = torch.log_softmax(out.logits[i, :n].float(), dim=-1)
-        if n > 1:
-            targets = torch.from_numpy(r.ids[r.start + 1 :]).to(device)
-            new_logp = logp_rows[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
-            logp = torch.cat([r.head, new_logp])
-        else:
-            logp = r.head
-        seg = pool.segment(new_kv[:, :, i, :, :n].clone())
-        prefixes.append(Prefix(r.ids, r.chain + ((seg, n),), logp, logp_rows[-1].clone(), r.gen))
-    return prefixes
-
-
-class _InPlaceLayer(DynamicLayer):
-    """A cache layer whose past already sits in a buffer with room for the new tokens."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, past: int) -> None:
-        super().__init__()
-        self._buffer = (keys, values)
-        self._past = past
-        self.dtype, self.device = keys.dtype, keys.device
-        self.keys, self.values = keys[:, :, :past], values[:, :, :past]
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self._buffer
-        end = self._past + key_states.shape[-2]
-        keys[:, :, self._past : end] = key_states
-        values[:, :, self._past : end] = value_states
-        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
-        return self.keys, self.values
-
-
-def _stacked_new_kv(cache: object) -> torch.Tensor:
-    """Keys/values of a forward that started from an empty cache, stacked over layers."""
-    layers = getattr(cache, "layers", None)
-    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
-        raise ValueError("incremental scoring needs a model that returns a DynamicCache of keys/values "
-                         "(set scorer.incremental: false for this model)")
-    shapes = {tuple(layer.keys.shape) for layer in layers}
-    if len(shapes) != 1:
-        raise ValueError("incremental scoring needs the same key/value shape in every layer "
-                         "(set scorer.incremental: false for this model)")
-    return torch.stack([torch.stack((layer.keys, layer.values)) for layer in layers])
 
 
 @dataclass(eq=False)

@@ -60,6 +60,27 @@ async def scorers(vllm_server: VllmServer) -> AsyncIterator[tuple[ImplicitReward
     await local.aclose()
 
 
+SEAMS = {
+    "inside a word": lambda text, i: text[i - 1].isalnum() and text[i].isalnum(),
+    "before a space": lambda text, i: text[i] == " ",
+    "after a space": lambda text, i: text[i - 1] == " ",
+    "before punctuation": lambda text, i: text[i] in ",.;:!?'\")",
+}
+"""Where a chunk can end, and so where the scorers' seam between prompt + response tokens moves."""
+
+
+def seam_cuts(text: str, per_kind: int = 3) -> list[str]:
+    """Prefixes of `text` ending at every kind of seam, `per_kind` of each spread over the text
+    (the whole text last): each kind is met at a few places rather than wherever a fixed stride
+    happens to land, and the engine re-scores fewer sequences."""
+    cuts: set[int] = set()
+    for kind, at in SEAMS.items():
+        spots = [i for i in range(1, len(text)) if at(text, i)]
+        assert spots, f"the answer has no seam {kind}: {text!r}"
+        cuts.update(spots[len(spots) * (j + 1) // (per_kind + 1)] for j in range(min(per_kind, len(spots))))
+    return [text[:i] for i in sorted(cuts)] + [text]
+
+
 async def greedy_answer(server: VllmServer) -> str:
     async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=120) as client:
         r = await client.chat.completions.create(model=server.model, messages=QUESTION,  # type: ignore[arg-type]
@@ -73,7 +94,7 @@ async def test_remote_equals_local_in_float32(vllm_server: VllmServer,
                                               scorers: tuple[ImplicitRewardScorer, RemoteScorer]) -> None:
     local, remote = scorers
     answer = await greedy_answer(vllm_server)
-    cuts = [answer[:i] for i in range(11, len(answer), 11)] + [answer]  # mid-word, after spaces, before punctuation
+    cuts = seam_cuts(answer)
     odd = ["Café ☕ — naïve 😊 résumé", "  two leading spaces", "trailing space ", "line\nbreak\n"]
     texts = cuts + odd
     worst = 0.0
@@ -115,8 +136,11 @@ async def test_two_replicas_over_one_engine_answer_alike(vllm_server: VllmServer
         "scorer": {"kind": "remote", **sides(vllm_server)},
         "server": {"modes": {"cbs": {"w": 2, "k": 2, "l": 8}}},
     }))
-    procs = [await serve(config) for _ in range(2)]
+    started = await asyncio.gather(serve(config), serve(config), return_exceptions=True)  # side by side
+    procs = [p for p in started if not isinstance(p, BaseException)]
     try:
+        for failed in (p for p in started if isinstance(p, BaseException)):
+            raise failed
         requests = [dict(prompt=p, max_tokens=16, temperature=0.8, seed=s)
                     for p, s in (("Write one line about the sea.", 3), ("Name a good breakfast.", 4))]
         answers: list[list[tuple[str, Any]]] = []

@@ -15,7 +15,7 @@ from scorers.implicit import ImplicitRewardScorer
 from scorers.loading import load_causal_lm
 from scorers.tuning import shipped_adapter_path
 from scorers.tuning.check import agreement, pearson, ranks, spearman
-from scorers.tuning.cli import register, settings_from_args
+from proxy.film_reviews.tune_command import register, settings_from_args
 from scorers.tuning.pairs import PreferencePair, read_pairs, select_pair, select_pairs, write_pairs
 from scorers.tuning.settings import SamplingSettings, TrainSettings, TuneSettings
 from tiny_models import TinyModelDirs

