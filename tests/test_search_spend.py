@@ -96,3 +96,14 @@ async def test_budgets_bound_the_finishing_step_too() -> None:
     r = await search("Q:", up, FnScorer(sample_sum), cfg, budget=Budget(max_tokens=30))
     assert [(c.n, c.max_tokens) for c in up.calls] == [(2, 3)]
     assert r.stopped_by == "budget" and r.tokens == 3
+
+
+def test_the_servers_plain_sampling_resets_every_setting_that_shapes_a_search() -> None:
+    """A server whose default search has a horizon and a schedule still serves the bare model
+    name as one plain sample, with the default search's sampling settings."""
+    from proxy.serving.guidance import GuidanceModes
+
+    default = SearchConfig(w=2, k=2, l=8, horizon=4, sample_schedule=[4, 2], temperature=0.3)
+    plain = GuidanceModes("m", default, {}, ServerCaps(), guided=False).resolve("m")
+    assert plain.mode == "base" and mode_name(plain.search) == "base"
+    assert plain.search == SearchConfig(temperature=0.3)

@@ -53,7 +53,9 @@ class Setting:
     """A request's explicit null is passed on (`l: null` is an unbounded chunk; `w: null` is
     refused as not a number); otherwise a null leaves the mode's value as it is."""
     names_mode: bool = False
-    """A request that sets it runs a search named after its settings, not the mode it asked for."""
+    """It shapes the search (which algorithm, how wide, how long its chunks): a request that sets
+    it runs a search named after its settings, not the mode it asked for, and plain sampling is
+    every such setting at its default."""
 
     @property
     def request_field(self) -> str:

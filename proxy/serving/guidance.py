@@ -20,6 +20,9 @@ from proxy.search import algorithm, mode_name, needs_scorer
 
 _REQUEST_FIELD = {s.name: s.request_field for s in SETTINGS}
 """Which request field sets each search setting, so a 400 names what the client sent."""
+_PLAIN = {s.name: s.default for s in SETTINGS if s.names_mode}
+"""The settings that shape a search, at their defaults: plain sampling (one sample, one chunk)."""
+
 
 class GuidanceError(ValueError):
     """A request the server refuses; `status` is 400 (bad field) or 404 (unknown model)."""
@@ -45,7 +48,7 @@ class GuidanceModes:
         (plain sampling, an algorithm that ranks without one) are offered. A mode naming an
         unknown algorithm is a ConfigError here, when the server starts."""
         self.model = model
-        self.plain = plain.model_copy(update={"algorithm": "cbs", "w": 1, "k": 1, "l": None})
+        self.plain = plain.model_copy(update=_PLAIN)
         self.modes = {name: m for name, m in modes.items() if guided or not needs_scorer(m)}
         self.guided = guided
         self.caps = caps
