@@ -1,7 +1,9 @@
 """Caps on what upstream calls may cost, so a search, an API key or an evaluation run never
 spends more than it was given.
 
-A budget caps tokens billed (prompt + completion) and/or US dollars at the upstream's prices.
+A budget caps tokens billed (prompt + completion) and/or US dollars at the upstream's prices
+(proxy.cost: cache reads and writes at their own rates, a bound's prompt tokens at the dearer
+of the uncached and cache-write rates, since the split is known only once billed).
 Budgets nest: a search's budget charges its parent too (an API key's on the server, a run's in
 AlpacaEval), and a search stops before a step that could exceed any of them, then answers with
 its best beam so far, marked `stopped_by="budget"`: never silently, never a step too far. What a
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from proxy.config import Prices
-from proxy.cost import cost_usd
+from proxy.cost import cost_usd, write_surcharge_usd
 from proxy.types import Usage
 
 
@@ -41,7 +43,8 @@ class Budget:
         total = self.spent + usage
         if self.max_tokens is not None and total.total_tokens > self.max_tokens:
             return self
-        if self.max_usd is not None and cost_usd(total, self.prices) > self.max_usd:
+        if self.max_usd is not None and (cost_usd(total, self.prices)
+                                         + write_surcharge_usd(usage, self.prices)) > self.max_usd:
             return self
         return None if self.parent is None else self.parent.blocker(usage)
 

@@ -46,7 +46,8 @@ async def _generate(args: argparse.Namespace) -> int:
     print()
     print(f"mode {summary.mode}  score {score}  finished {'yes' if summary.finished else 'no'}  "
           f"steps {summary.steps}  upstream calls {summary.upstream_calls}  "
-          f"upstream tokens {summary.prompt_tokens} prompt + {summary.completion_tokens} completion  "
+          f"upstream tokens {summary.prompt_tokens} prompt ({summary.cached_tokens} cached, "
+          f"{summary.cache_write_tokens} cache writes) + {summary.completion_tokens} completion  "
           f"cost ${summary.cost_usd:.6f}  wall {summary.wall_s}s"
           + (f"  stopped by {summary.stopped_by}" if summary.stopped_by else ""))
     return 0

@@ -27,4 +27,17 @@ def count_tokens(text: str, encoding: str = "cl100k_base") -> int:
 
 
 def cost_usd(usage: Usage, prices: Prices) -> float:
-    return (usage.prompt_tokens * prices.prompt + usage.completion_tokens * prices.completion) / 1e6
+    """Uncached prompt tokens at `prompt`, cache reads at `cached_prompt`, cache writes at
+    `cache_write` (each of those two `prompt` where unset), completion tokens at `completion`."""
+    cached = prices.prompt if prices.cached_prompt is None else prices.cached_prompt
+    write = prices.prompt if prices.cache_write is None else prices.cache_write
+    return (usage.uncached_prompt_tokens * prices.prompt + usage.cached_tokens * cached
+            + usage.cache_write_tokens * write + usage.completion_tokens * prices.completion) / 1e6
+
+
+def write_surcharge_usd(usage: Usage, prices: Prices) -> float:
+    """What `usage`'s uncached prompt tokens would cost more if each were a cache write (0 where
+    writes are not dearer): a bound made before a call, whose prompt tokens are not yet split,
+    adds it to be an upper bound."""
+    write = prices.prompt if prices.cache_write is None else prices.cache_write
+    return usage.uncached_prompt_tokens * max(0.0, write - prices.prompt) / 1e6

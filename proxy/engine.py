@@ -95,6 +95,10 @@ class ResultSummary:
     wall_s: float
     stopped_by: StoppedBy | None = None
     """Set when a budget or the deadline ended the search before its beams ended."""
+    cached_tokens: int = 0
+    """Of prompt_tokens, those the upstream read from its prompt cache."""
+    cache_write_tokens: int = 0
+    """Of prompt_tokens, those the upstream wrote to its prompt cache."""
 
 
 def summarize(result: SearchResult, prices: Prices, mode: str | None = None) -> ResultSummary:
@@ -103,7 +107,8 @@ def summarize(result: SearchResult, prices: Prices, mode: str | None = None) -> 
     return ResultSummary(mode=mode or result.mode, score=result.score, finished=result.finished,
                          steps=len(result.steps), upstream_calls=result.calls, tokens=result.tokens,
                          prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                         cost_usd=cost_usd(u, prices), wall_s=round(result.wall_s, 4), stopped_by=result.stopped_by)
+                         cost_usd=cost_usd(u, prices), wall_s=round(result.wall_s, 4), stopped_by=result.stopped_by,
+                         cached_tokens=u.cached_tokens, cache_write_tokens=u.cache_write_tokens)
 
 
 async def _open_scorer(cfg: ScorerConfig) -> Scorer:

@@ -85,20 +85,33 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens billed by the upstream, summed over calls."""
+    """Tokens billed by the upstream, summed over calls.
+
+    `prompt_tokens` counts every prompt token billed: those read from the provider's prompt
+    cache (`cached_tokens`), those written to it (`cache_write_tokens`, Anthropic and OpenRouter)
+    and the rest (`uncached_prompt_tokens`). A provider that reports no cache counts leaves
+    both at 0: all its prompt tokens are uncached."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    @property
+    def uncached_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens - self.cache_write_tokens
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def __add__(self, other: "Usage") -> "Usage":
-        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens,
+                     self.cached_tokens + other.cached_tokens, self.cache_write_tokens + other.cache_write_tokens)
 
     def __sub__(self, other: "Usage") -> "Usage":
-        return Usage(self.prompt_tokens - other.prompt_tokens, self.completion_tokens - other.completion_tokens)
+        return Usage(self.prompt_tokens - other.prompt_tokens, self.completion_tokens - other.completion_tokens,
+                     self.cached_tokens - other.cached_tokens, self.cache_write_tokens - other.cache_write_tokens)
 
 
 @dataclass(frozen=True)

@@ -92,11 +92,15 @@ async def test_plain_completion_passes_the_openai_fields_through(loopback: ToyCo
                                         top_p=0.5, stop=["."], seed=derive_seed(5, 1, 0))
     await direct.close()
     assert r.choices[0].text == d.choices[0].text and r.choices[0].finish_reason == d.choices[0].finish_reason
-    assert r.usage == d.usage and r.model == MODEL and r.object == "text_completion"
+    assert r.usage is not None and d.usage is not None and r.model == MODEL and r.object == "text_completion"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        d.usage.prompt_tokens, d.usage.completion_tokens, d.usage.total_tokens)
+    assert r.usage.prompt_tokens_details is not None and r.usage.prompt_tokens_details.cached_tokens == 0
     assert r.model_extra["w2s"] == {"mode": "base", "steps": 1, "upstream_calls": 1, "score": None,
                                     "finished": d.choices[0].finish_reason == "stop",
                                     "tokens": d.usage.completion_tokens, "cost_usd": 0.0,
-                                    "wall_s": r.model_extra["w2s"]["wall_s"], "stopped_by": None}
+                                    "wall_s": r.model_extra["w2s"]["wall_s"], "stopped_by": None,
+                                    "cached_tokens": 0, "cache_write_tokens": 0}
 
 
 async def test_guided_completion_equals_the_in_process_search(loopback: ToyCompletionsServer) -> None:

@@ -171,7 +171,7 @@ async def test_metrics_add_up_to_the_traffic(loopback: ToyCompletionsServer) -> 
     completion_tokens = sum(a.usage.completion_tokens for a in answers)
     scored = [t for call in scorer.calls for t in call.texts]
     assert metric(text, "w2s_upstream_calls_total") == sum(i["upstream_calls"] for i in info) == loopback.completed
-    assert metric(text, "w2s_upstream_tokens_total", kind="prompt") == prompt_tokens
+    assert metric(text, "w2s_upstream_tokens_total", kind="prompt_uncached") == prompt_tokens
     assert metric(text, "w2s_upstream_tokens_total", kind="completion") == completion_tokens
     assert metric(text, "w2s_upstream_cost_usd_total") == pytest.approx(
         (prompt_tokens * 1.5 + completion_tokens * 2.0) / 1e6)
@@ -191,7 +191,8 @@ async def test_metrics_add_up_to_the_traffic(loopback: ToyCompletionsServer) -> 
     # by mode: plain sampling, a served mode, and one whose L the request changed ("custom")
     for answer, mode in zip(answers, ("base", "custom", "bon4")):
         assert answer.usage is not None
-        assert metric(text, "w2s_upstream_tokens_total", mode=mode, kind="prompt") == answer.usage.prompt_tokens
+        assert metric(text, "w2s_upstream_tokens_total", mode=mode,
+                      kind="prompt_uncached") == answer.usage.prompt_tokens
         assert metric(text, "w2s_upstream_cost_usd_total", mode=mode) == pytest.approx(
             (answer.usage.prompt_tokens * 1.5 + answer.usage.completion_tokens * 2.0) / 1e6)
         assert metric(text, "w2s_searches_total", mode=mode) == 1

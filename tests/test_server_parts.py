@@ -37,7 +37,8 @@ def test_metrics_start_zeroed_for_every_known_label_and_negotiate_the_format() -
     assert content_type == "text/plain; version=0.0.4; charset=utf-8"
     fams = families(body)
     for mode in ("base", "bon4", "custom"):  # served modes, plain sampling, and requests that set W/K/L
-        assert value(fams, "w2s_upstream_tokens", "w2s_upstream_tokens_total", mode=mode, kind="prompt") == 0
+        for kind in ("prompt_uncached", "prompt_cached", "cache_write", "completion"):
+            assert value(fams, "w2s_upstream_tokens", "w2s_upstream_tokens_total", mode=mode, kind=kind) == 0
         assert value(fams, "w2s_upstream_cost_usd", "w2s_upstream_cost_usd_total", mode=mode) == 0
         for outcome in ("finished", "length", "error", "cancelled"):
             assert value(fams, "w2s_searches", "w2s_searches_total", mode=mode, outcome=outcome) == 0

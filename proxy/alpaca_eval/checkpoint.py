@@ -63,6 +63,9 @@ class ItemRecord(_Record):
     tokens: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Of prompt_tokens, those read from the upstream's cache (0 in records written before it was kept)."""
+    cache_write_tokens: int = 0
     cost_usd: float = 0.0
     wall_s: float = 0.0
     error: str | None = None

@@ -65,6 +65,8 @@ def combine_stats(parts: Sequence[ItemStats]) -> ItemStats:
         answered=sum(p.answered for p in parts),
         prompt_tokens=sum(p.prompt_tokens for p in parts),
         completion_tokens=sum(p.completion_tokens for p in parts),
+        cached_tokens=sum(p.cached_tokens for p in parts),
+        cache_write_tokens=sum(p.cache_write_tokens for p in parts),
         upstream_calls=sum(p.upstream_calls for p in parts),
         cost_usd=sum(p.cost_usd for p in parts),
         mean_steps=weighted([(p.mean_steps, p.answered) for p in parts]),

@@ -73,6 +73,9 @@ class ItemStats(BaseModel):
     answered: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Of prompt_tokens, those read from the upstream's prompt cache; cache_write_tokens: written to it."""
+    cache_write_tokens: int = 0
     upstream_calls: int = 0
     cost_usd: float = 0.0
     mean_steps: float | None = None
@@ -89,6 +92,8 @@ class ItemStats(BaseModel):
             answered=len(records),
             prompt_tokens=sum(r.prompt_tokens for r in records),
             completion_tokens=sum(r.completion_tokens for r in records),
+            cached_tokens=sum(r.cached_tokens for r in records),
+            cache_write_tokens=sum(r.cache_write_tokens for r in records),
             upstream_calls=sum(r.calls for r in records),
             cost_usd=sum(r.cost_usd for r in records),
             mean_steps=statistics.fmean(r.steps for r in records) if records else None,
@@ -113,6 +118,8 @@ class ThisRun(BaseModel):
     billed_cost_usd: float
     wall_s: float
     concurrency: int
+    billed_cached_tokens: int = 0
+    billed_cache_write_tokens: int = 0
 
 
 class Failure(BaseModel):

@@ -54,6 +54,7 @@ def item_record(index: int, item: Instruction, g: Generated, client: GuidedClien
         index=index, instruction=item.instruction, dataset=item.dataset, status="ok", output=g.result.text,
         score=s.score, finished=s.finished, steps=s.steps, calls=s.upstream_calls, tokens=s.tokens,
         prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens, cost_usd=s.cost_usd, wall_s=s.wall_s,
+        cached_tokens=s.cached_tokens, cache_write_tokens=s.cache_write_tokens,
     )
 
 
@@ -188,7 +189,8 @@ async def run_alpaca_eval(
                              billed_prompt_tokens=billed.prompt_tokens,
                              billed_completion_tokens=billed.completion_tokens,
                              billed_cost_usd=cost_usd(billed, cfg.upstream.prices), wall_s=round(wall, 3),
-                             concurrency=concurrency),
+                             concurrency=concurrency, billed_cached_tokens=billed.cached_tokens,
+                             billed_cache_write_tokens=billed.cache_write_tokens),
             failures=failures,
             model_outputs=None if outputs is None else str(outputs.resolve()),
             alpaca_eval_command=None if outputs is None else alpaca_eval_command(outputs),

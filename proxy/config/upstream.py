@@ -53,10 +53,14 @@ class ChatRenderConfig(Strict):
 
 
 class Prices(Strict):
-    """US dollars per million tokens."""
+    """US dollars per million tokens. `prompt` is the price of an uncached prompt token;
+    `cached_prompt` of one read from the provider's prompt cache, `cache_write` of one written to
+    it (Anthropic, OpenRouter); either unset costs `prompt`."""
 
     prompt: float = Field(0.0, ge=0.0)
     completion: float = Field(0.0, ge=0.0)
+    cached_prompt: float | None = Field(None, ge=0.0)
+    cache_write: float | None = Field(None, ge=0.0)
 
 
 UpstreamKind = Literal["openai-completions", "openai-chat", "anthropic"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -21,12 +21,30 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(_Response):
+    """OpenAI's `usage.prompt_tokens_details`: of the prompt tokens, those read from the
+    upstream's prompt cache; and (as OpenRouter writes it) those written to it."""
+
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
 class UsageInfo(_Response):
-    """Tokens billed by the upstream for the whole search, not only the returned text."""
+    """Tokens billed by the upstream for the whole search, not only the returned text.
+    `prompt_tokens` counts them all, cached and written included; `prompt_tokens_details` is
+    left out of the body where it is None (our model servers, which have no cache to report)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("prompt_tokens_details", 0) is None:
+            del data["prompt_tokens_details"]
+        return data
 
 
 class SearchSummary(_Response):
@@ -43,6 +61,10 @@ class SearchSummary(_Response):
     wall_s: float
     stopped_by: str | None = None
     """"budget" when a budget ended the search early (the answer is its best beam so far)."""
+    cached_tokens: int = 0
+    """Prompt tokens billed for the whole search that the upstream read from its cache."""
+    cache_write_tokens: int = 0
+    """Prompt tokens billed for the whole search that the upstream wrote to its cache."""
 
 
 class CompletionChoice(_Response):

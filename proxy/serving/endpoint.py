@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from proxy.search import SearchResult
 from proxy.protocol.requests import SamplingRequest
-from proxy.protocol.responses import SearchSummary, UsageInfo
+from proxy.protocol.responses import PromptTokensDetails, SearchSummary, UsageInfo
 from proxy.types import Conversation
 
 Req = TypeVar("Req", bound=SamplingRequest)
@@ -62,10 +62,13 @@ class Endpoint(ABC, Generic[Req]):
 
 
 def usage_info(result: SearchResult) -> UsageInfo:
-    """Every token billed upstream for the whole search, not only the answer's."""
+    """Every token billed upstream for the whole search, not only the answer's; of the prompt
+    tokens, those the upstream's cache served (and wrote) in OpenAI's `prompt_tokens_details`."""
     u = result.usage
     return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                     total_tokens=u.total_tokens)
+                     total_tokens=u.total_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens,
+                                                               cache_write_tokens=u.cache_write_tokens))
 
 
 def finish_reason(result: SearchResult) -> FinishReason:

@@ -7,9 +7,10 @@ shows 0 rather than "no data" before the first guided request. Each server has i
 CollectorRegistry: two servers in one process (tests, benchmarks) never share or collide.
 
 Label values stay bounded: `mode` is "base", a mode the server serves, or "custom" (a request
-that set W, K or L itself); `kind` of an upstream failure is the label of our UpstreamError
-(timeout, connection, malformed, or http_<status>, whatever the family's SDK). Label children
-are cached, so an observation costs a dict lookup and a locked add.
+that set W, K or L itself); `kind` of upstream tokens is one of TOKEN_KINDS; `kind` of an
+upstream failure is the label of our UpstreamError (timeout, connection, malformed, or
+http_<status>, whatever the family's SDK). Label children are cached, so an observation costs a
+dict lookup and a locked add.
 """
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                                       2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OUTCOMES = ("finished", "length", "error", "cancelled")
-TOKEN_KINDS = ("prompt", "completion")
+TOKEN_KINDS = ("prompt_uncached", "prompt_cached", "cache_write", "completion")
+"""The `kind` of w2s_upstream_tokens_total: prompt tokens billed uncached, read from the
+upstream's prompt cache, written to it; completion tokens. The prompt tokens billed are the
+first three summed."""
 CUSTOM_MODE = "custom"
 
 
@@ -44,8 +48,7 @@ class _ModeSeries:
     """The children of one `mode` label value, made once."""
 
     def __init__(self, m: ServerMetrics, mode: str) -> None:
-        self.prompt_tokens = m.upstream_tokens.labels(mode=mode, kind="prompt")
-        self.completion_tokens = m.upstream_tokens.labels(mode=mode, kind="completion")
+        self.tokens = {kind: m.upstream_tokens.labels(mode=mode, kind=kind) for kind in TOKEN_KINDS}
         self.cost = m.upstream_cost.labels(mode=mode)
         self.searches = {outcome: m.searches.labels(mode=mode, outcome=outcome) for outcome in OUTCOMES}
 
@@ -71,7 +74,9 @@ class ServerMetrics:
                                 ("mode", "outcome"), registry=r)
         self.steps = Counter("w2s_search_steps_total", "Search steps run", registry=r)
         self.upstream_calls = Counter("w2s_upstream_calls_total", "Successful upstream HTTP calls", registry=r)
-        self.upstream_tokens = Counter("w2s_upstream_tokens_total", "Tokens billed by the upstream, by mode and kind",
+        self.upstream_tokens = Counter("w2s_upstream_tokens_total",
+                                       "Tokens billed by the upstream, by mode and kind (prompt_uncached, "
+                                       "prompt_cached, cache_write, completion)",
                                        ("mode", "kind"), registry=r)
         self.upstream_cost = Counter("w2s_upstream_cost_usd_total",
                                      "Upstream cost at the configured prices, by mode", ("mode",), registry=r)
@@ -119,8 +124,10 @@ class ServerMetrics:
         series = self._modes[self.mode_label(mode)]
         self.steps.inc()
         self.upstream_calls.inc(trace.calls)
-        series.prompt_tokens.inc(trace.usage.prompt_tokens)
-        series.completion_tokens.inc(trace.usage.completion_tokens)
+        u = trace.usage
+        for kind, count in zip(TOKEN_KINDS, (u.uncached_prompt_tokens, u.cached_tokens, u.cache_write_tokens,
+                                             u.completion_tokens)):
+            series.tokens[kind].inc(count)
         series.cost.inc(cost_usd)
         self.step_upstream_seconds.observe(trace.upstream_s)
         scored = [c for c in trace.candidates if c.score is not None]

@@ -15,6 +15,13 @@ contents joined, prefill included, seeded by a request counter so parallel sampl
 whitespace as real ones often do; `thinking=True` puts a thinking block (`thinking_words` long,
 counted in output_tokens and against max_tokens) before the text.
 
+Prompt cache (simpler than Anthropic's rules: no minimum length, no expiry, no block-boundary
+lookback): the prefix up to and including the last text block carrying `cache_control` (system
+blocks first, then the messages' blocks; a top-level `cache_control` marks the last block) is
+written the first time it is seen (`usage.cache_creation_input_tokens`, its toy tokens) and read
+every later time (`cache_read_input_tokens`); `input_tokens` counts the prompt's tokens after it,
+as the API's does. A request without a breakpoint reports both cache fields as 0.
+
 Bookkeeping: `requests` (every JSON body POSTed to /v1/messages, refused ones included),
 `headers` (their headers without the key), `responses` (the text answered to each 200),
 `in_flight`/`max_in_flight`. The key itself is never recorded.
@@ -47,6 +54,11 @@ class Refused(Exception):
         self.status, self.type, self.message, self.headers = status, type_, message, headers
 
 
+def _blocks(content: Any) -> list[Any]:
+    """A content's blocks (a string is one block, with no cache_control; none: no blocks)."""
+    return content if isinstance(content, list) else [content] if content else []
+
+
 def _texts(content: Any) -> list[str]:
     if isinstance(content, str):
         return [content]
@@ -75,6 +87,7 @@ class FakeAnthropicServer:
         self.headers: list[dict[str, str]] = []
         self.responses: list[str] = []
         self.in_flight = self.max_in_flight = 0
+        self.cached_prefixes: set[str] = set()
         self._counter = itertools.count()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -200,8 +213,24 @@ class FakeAnthropicServer:
         self.responses.append(text)
         return {"id": f"msg_fake{len(self.responses)}", "type": "message", "role": "assistant", "model": model,
                 "content": content, "stop_reason": reason, "stop_sequence": matched,
-                "usage": {"input_tokens": len(self.toy.encoding.encode_ordinary(prompt)),
-                          "output_tokens": thought + len(words)}}
+                "usage": {**self._cache_usage(body, texts), "output_tokens": thought + len(words)}}
+
+    def _cache_usage(self, body: dict[str, Any], texts: list[str]) -> dict[str, int]:
+        """input_tokens and the cache fields of a valid body (see the module's docstring)."""
+        count = len(self.toy.encoding.encode_ordinary("\n".join(texts)))
+        marks = [isinstance(b, dict) and "cache_control" in b for b in _blocks(body.get("system"))]
+        for m in body["messages"]:
+            marks.extend(isinstance(b, dict) and "cache_control" in b for b in _blocks(m.get("content")))
+        if body.get("cache_control") is not None:
+            marks[-1] = True
+        upto = max((i + 1 for i, marked in enumerate(marks) if marked), default=0)
+        prefix = "\n".join(texts[:upto])
+        cached = len(self.toy.encoding.encode_ordinary(prefix)) if upto else 0
+        read = prefix in self.cached_prefixes
+        if upto:
+            self.cached_prefixes.add(prefix)
+        return {"input_tokens": max(count - cached, 0), "cache_read_input_tokens": cached if read else 0,
+                "cache_creation_input_tokens": 0 if read else cached}
 
     async def _messages(self, request: web.Request) -> web.Response:
         self.in_flight += 1

@@ -19,6 +19,15 @@ providers' documentation (what they refuse, where the seed goes, what they add):
   ignores-n  OpenRouter-like: a final assistant message is continued (prefill), n is accepted
              and silently answered with one choice.
 
+Prompt cache (deterministic, simpler than any provider's): the prompt's toy tokens that a prompt
+answered earlier also began with (the longest shared token prefix) are cached, the rest are not.
+Where each dialect reports it: vllm in `usage.prompt_tokens_details.cached_tokens`, only with
+`prompt_tokens_details=True` (vLLM's --enable-prompt-tokens-details); deepseek as
+`prompt_cache_hit_tokens` and `prompt_cache_miss_tokens`; mistral in
+`prompt_tokens_details.cached_tokens`; ignores-n (OpenRouter) there too, with every uncached token
+counted as written (`prompt_tokens_details.cache_write_tokens`, as a route that bills writes says).
+`prompt_tokens` counts every prompt token in each dialect.
+
 The "model" is the toy Markov chain (proxy.testing.toy_model) over the chat rendered as text by
 `render`: a turn is `<role>content</role>`, the continued final turn is left open, a new turn is
 an open `<assistant>`. So continuing an empty assistant turn and starting a new one see the same
@@ -76,13 +85,17 @@ class FakeChatServer:
 
     def __init__(self, dialect: Dialect = "vllm", *, model: str = "toy-chat", eos_prob: float = 0.08,
                  strip_final_whitespace: bool = False, reasoning: bool = False,
-                 failures: Sequence[int] = ()) -> None:
+                 failures: Sequence[int] = (), prompt_tokens_details: bool = False) -> None:
         self.dialect = dialect
         self.model = model
         self.toy = ToyBackend(eos_prob=eos_prob)
         self.strip_final_whitespace = strip_final_whitespace
         """Trim the continued turn's trailing whitespace (templates that trim, older transformers)."""
         self.reasoning = reasoning or dialect == "deepseek"
+        self.prompt_tokens_details = prompt_tokens_details
+        """vllm: report cached tokens (vLLM's --enable-prompt-tokens-details); the others always do."""
+        self.seen: list[list[int]] = []
+        """The token ids of every prompt answered, for the prompt cache."""
         self.failures: deque[int] = deque(failures)
         self.rewrite: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.requests: list[dict[str, Any]] = []
@@ -197,10 +210,33 @@ class FakeChatServer:
             if thinking:
                 message[field] = REASONING
             out.append({"index": i, "message": message, "finish_reason": c.finish_reason})
-        prompt_tokens = len(self.toy.encoding.encode_ordinary(prompt))
+        ids = self.toy.encoding.encode_ordinary(prompt)
         completion_tokens = sum(c.tokens for c in choices) + reasoning_tokens
+        usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                 "total_tokens": len(ids) + completion_tokens,
+                 "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}, **self.cache_usage(ids)}
         return {"id": f"chatcmpl-fake-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model, "choices": out,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens,
-                          "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}}
+                "model": self.model, "choices": out, "usage": usage}
+
+    def cache_usage(self, ids: list[int]) -> dict[str, Any]:
+        """The dialect's cache fields for a prompt of token `ids` (see the module's docstring);
+        the prompt is then remembered."""
+        cached = max((_shared(ids, seen) for seen in self.seen), default=0)
+        self.seen.append(ids)
+        if self.dialect == "deepseek":
+            return {"prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": len(ids) - cached}
+        if self.dialect == "ignores-n":
+            return {"prompt_tokens_details": {"cached_tokens": cached, "cache_write_tokens": len(ids) - cached}}
+        if self.dialect == "mistral" or self.prompt_tokens_details:
+            return {"prompt_tokens_details": {"cached_tokens": cached}}
+        return {}
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of `a` and `b`."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -104,10 +104,12 @@ def to_messages(conversation: Conversation, prefill: str) -> tuple[str, list[dic
     return "\n\n".join(s for s in system if s), messages
 
 
-def _usage_of(message: Message) -> Usage:
+def usage_of(message: Message) -> Usage:
+    """`input_tokens` counts only the tokens after the last cache breakpoint: the prompt billed
+    is those, the cache reads and the cache writes (either absent or null: 0)."""
     u = message.usage
-    prompt = u.input_tokens + (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
-    return Usage(prompt, u.output_tokens)
+    read, write = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
+    return Usage((u.input_tokens or 0) + read + write, u.output_tokens or 0, read, write)
 
 
 def new_client(cfg: AnthropicConfig) -> anthropic.AsyncAnthropic:
@@ -143,7 +145,7 @@ class AnthropicMessagesUpstream(Upstream):
                         message = await self.client.messages.create(**body)
                     except anthropic.APIError as e:
                         raise from_anthropic(e, self.cfg.model) from e
-        self.record(_usage_of(message))
+        self.record(usage_of(message))
         return message
 
     async def _create(self, body: dict[str, Any], prefilled: bool) -> Message:
@@ -196,7 +198,7 @@ class AnthropicMessagesUpstream(Upstream):
                                   lambda k, seed: self._create(body, prefilled), lambda m: 1, lambda e: False)
         local_stops = [s for s in params.stop if s and not s.strip()]
         conts = [self._continuation(m, held, max_tokens, local_stops) for m in answers]
-        return SampleResult(conts, sum((_usage_of(m) for m in answers), Usage()), len(answers))
+        return SampleResult(conts, sum((usage_of(m) for m in answers), Usage()), len(answers))
 
     def _continuation(self, message: Message, held: str, max_tokens: int, local_stops: list[str]) -> Continuation:
         """The chunk that extends the partial answer, from the text blocks only. The billed output

@@ -92,7 +92,12 @@ def about_prompt(exc: UpstreamError) -> bool:
 
 
 def usage_of(usage: AnswerUsage | None) -> Usage:
-    return Usage(usage.prompt_tokens, usage.completion_tokens) if usage is not None else Usage()
+    """The answer's usage with its cache split (proxy.upstreams.reading.AnswerUsage)."""
+    if usage is None:
+        return Usage()
+    prompt = usage.billed_prompt_tokens
+    cached = min(usage.cached_tokens, prompt)
+    return Usage(prompt, usage.completion_tokens, cached, min(usage.cache_write_tokens, prompt - cached))
 
 
 async def post(client: openai.AsyncOpenAI, cfg: OpenAICompatibleConfig, limit: asyncio.Semaphore, path: str,
@@ -108,6 +113,10 @@ async def post(client: openai.AsyncOpenAI, cfg: OpenAICompatibleConfig, limit: a
     return answer
 
 
+CACHED_HEADER = "fireworks-cached-prompt-tokens"
+"""Fireworks reports the prompt tokens its cache served in this response header."""
+
+
 def read_as(model: type[Answer], raw: httpx2.Response) -> Answer:
     """The 200's body as `model` with at least one choice, or `malformed`."""
     try:
@@ -116,6 +125,10 @@ def read_as(model: type[Answer], raw: httpx2.Response) -> Answer:
         raise malformed(e.errors()[0]["msg"]) from None
     if not getattr(answer, "choices", None):
         raise malformed("no choices")
+    usage = getattr(answer, "usage", None)
+    header = raw.headers.get(CACHED_HEADER, "").strip()
+    if usage is not None and header.isdigit():
+        usage.cached_from_header = int(header)
     return answer
 
 
