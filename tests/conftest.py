@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.config import OpenAICompletionsConfig
+from proxy.config import AppConfig, OpenAICompletionsConfig
 from proxy.testing.toy_server import ToyCompletionsServer
 # One real vLLM per session, for every module that asks; its collection hook starts the server
 # beside the first tests (half a minute to several on a fresh machine) when a selected test needs it.
@@ -31,3 +31,9 @@ def upstream_config(server: ToyCompletionsServer, **kw: object) -> OpenAIComplet
                 timeout_s=10.0)
     base.update(kw)
     return OpenAICompletionsConfig.model_validate(base)
+
+
+def on_any_port(cfg: AppConfig) -> AppConfig:
+    """`cfg` with the guidance server on an ephemeral port: a test never takes 8000 (the
+    default) from a server a developer is running, nor from a second test run."""
+    return cfg.model_copy(update={"server": cfg.server.model_copy(update={"port": 0})})

@@ -33,6 +33,7 @@ from proxy.upstreams.openai_chat import OpenAIChatUpstream
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 from proxy.upstreams.openai_http import usage_of
 from proxy.upstreams.reading import ChatAnswer
+from tests.conftest import on_any_port
 
 CONV = Conversation.chat([{"role": "system", "content": "You tell short stories."},
                           {"role": "user", "content": "Tell me about a cat"}])
@@ -222,7 +223,7 @@ async def test_server_usage_summary_and_metrics_carry_the_cache_split() -> None:
                                     continuation="prefix", timeout_s=10.0, prices=prices)
         cfg = AppConfig(upstream=upstream, search=SearchConfig(),
                         server=ServerConfig.model_validate(resolve_server({})))
-        async with GuidanceServer(cfg, shutdown_timeout_s=0.5) as server:
+        async with GuidanceServer(on_any_port(cfg), shutdown_timeout_s=0.5) as server:
             client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
             try:
                 answers = [await client.chat.completions.create(model="toy-chat", messages=list(CONV.messages),

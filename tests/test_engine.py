@@ -16,7 +16,7 @@ from proxy.engine import Engine, Readiness, ScorerUnavailable
 from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.serving.app import GuidanceServer
 from proxy.types import Continuation, Usage
-from tests.conftest import upstream_config
+from tests.conftest import on_any_port, upstream_config
 from tests.doubles import Call, FnScorer, ScriptedUpstream, word_responder
 
 
@@ -127,7 +127,7 @@ async def test_one_engine_shared_by_a_server_and_a_client_closes_its_scorer_once
     cfg = AppConfig(upstream=upstream_config(loopback), scorer=scorer_config())
     engine = Engine(cfg)
     await engine.start()
-    async with GuidanceServer(cfg, engine=engine, shutdown_timeout_s=0.5) as server:
+    async with GuidanceServer(on_any_port(cfg), engine=engine, shutdown_timeout_s=0.5) as server:
         api = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
         r = await api.completions.create(model="toy-instruct+bon4", prompt="x", max_tokens=3, seed=1)
         await api.close()

@@ -32,6 +32,7 @@ from proxy.testing.toy_model import ToyBackend
 from proxy.testing.toy_server import ToyCompletionsServer
 from tests.doubles import FnScorer
 from tests.test_server import MODEL, app_config, distinct_words
+from tests.conftest import on_any_port
 
 REQUEST_BOUND_S = 30.0
 """Every request must be answered within this (W2S_FUZZ_EXAMPLES=N runs a longer fuzz)."""
@@ -438,7 +439,7 @@ async def test_serve_local_refuses_a_too_large_body_in_openai_shape() -> None:
 async def test_a_body_aiohttp_cannot_decode_is_refused_in_openai_shape(encoding: str, body: bytes, status: int) -> None:
     async with ToyCompletionsServer() as toy:
         cfg = app_config(toy, server={"port": 0})
-        async with GuidanceServer(cfg, shutdown_timeout_s=0.5) as server:
+        async with GuidanceServer(on_any_port(cfg), shutdown_timeout_s=0.5) as server:
             answer = await _post(server.base_url + "/completions", body,
                                  {"Content-Encoding": encoding, "Content-Type": "application/json"})
     assert answer.status == status and openai_error(answer) is None

@@ -30,6 +30,7 @@ from scorers.implicit import ImplicitRewardScorer
 from scorers.logprob_engine import EngineUnsuitable
 from scorers.registry import load_scorer, open_scorer
 from scorers.remote import RemoteScorer
+from tests.conftest import on_any_port
 
 PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello there! How are you?"}]
 
@@ -246,7 +247,7 @@ async def test_an_engine_that_keeps_failing_is_a_clear_502_not_an_upstream_failu
         "upstream": {"model": "toy", "base_url": loopback.base_url, "api_key_env": "W2S_TEST_NO_KEY"},
         "scorer": remote_config(tiny_model_dirs, engines[0].base_url, engines[1].base_url).model_dump(),
         "server": {"modes": {"cbs": {"w": 2, "k": 2, "l": 8}}}})
-    async with GuidanceServer(cfg, shutdown_timeout_s=0.5) as server:
+    async with GuidanceServer(on_any_port(cfg), shutdown_timeout_s=0.5) as server:
         await server.engine.wait_ready()
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as client:
             engines[1].fail_next = [503] * 3

@@ -20,7 +20,7 @@ from proxy.search import Candidate, SearchAlgorithm, StepTrace, mode_name, regis
 from proxy.serving.app import GuidanceServer
 from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.types import Usage, derive_seed
-from tests.conftest import upstream_config
+from tests.conftest import on_any_port, upstream_config
 
 MODEL = "toy-instruct"
 
@@ -81,7 +81,7 @@ async def test_served_by_name_per_request_and_as_a_mode(loopback: ToyCompletions
     server_cfg = ServerConfig.model_validate({"modes": {"long": {"algorithm": "longest", "k": 3,
                                                                  "max_new_tokens": 9}}})
     cfg = AppConfig(upstream=upstream_config(loopback), server=server_cfg)
-    async with GuidanceServer(cfg, shutdown_timeout_s=0.5) as served:
+    async with GuidanceServer(on_any_port(cfg), shutdown_timeout_s=0.5) as served:
         client = openai.AsyncOpenAI(base_url=served.base_url, api_key="x", max_retries=0)
         try:
             models = [m.id async for m in client.models.list()]

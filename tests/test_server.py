@@ -26,7 +26,7 @@ from proxy.serving.app import GuidanceServer
 from proxy.types import Conversation, SampleResult, SamplingParams, derive_seed
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
-from tests.conftest import upstream_config
+from tests.conftest import on_any_port, upstream_config
 from tests.doubles import FnScorer
 
 MODEL = "toy-instruct"
@@ -45,7 +45,8 @@ def app_config(loopback: ToyCompletionsServer, *, search: dict[str, Any] | None 
 @asynccontextmanager
 async def served(cfg: AppConfig, *, scorer: Any = None, upstream: Upstream | None = None,
                  api_key: str = "unused") -> AsyncIterator[tuple[GuidanceServer, openai.AsyncOpenAI]]:
-    async with GuidanceServer(cfg, scorer=scorer, upstream=upstream, shutdown_timeout_s=0.5) as server:
+    async with GuidanceServer(on_any_port(cfg), scorer=scorer, upstream=upstream,
+                              shutdown_timeout_s=0.5) as server:
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key=api_key, max_retries=0)
         try:
             yield server, client

@@ -20,6 +20,7 @@ from proxy.upstreams.anthropic_messages import PrefillUnsupportedError, from_ant
 from proxy.upstreams.errors import UpstreamError, malformed, probe_failure
 from proxy.upstreams.openai_http import from_openai, refuses_n
 from proxy.upstreams.retry import failure_kind, is_transient, retry_after_seconds
+from tests.conftest import on_any_port
 
 REQUEST = httpx2.Request("POST", "http://upstream.example/v1/messages")
 SAID = "Invalid key sk-SECRET-123 (the upstream's own words)"
@@ -122,7 +123,7 @@ def test_probe_words_stay_what_readiness_always_said() -> None:
 async def served_answer(fake: FakeAnthropicServer, **upstream: Any) -> tuple[int, dict[str, Any], GuidanceServer]:
     cfg = AppConfig(upstream=parse_upstream({"kind": "anthropic", "model": "claude-opus-4-5", "base_url": fake.base_url,
                                              "backoff_initial_s": 0.01, "backoff_max_s": 0.02, **upstream}))
-    async with GuidanceServer(cfg, shutdown_timeout_s=0.5) as server:
+    async with GuidanceServer(on_any_port(cfg), shutdown_timeout_s=0.5) as server:
         async with aiohttp.ClientSession() as s:
             async with s.post(server.base_url + "/chat/completions", json={
                     "model": "claude-opus-4-5", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}) as r:

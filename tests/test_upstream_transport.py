@@ -21,7 +21,7 @@ from proxy.types import SamplingParams
 from proxy.upstreams.aiohttp_transport import AiohttpTransport, _mapped
 from proxy.upstreams.errors import UpstreamError
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
-from tests.conftest import upstream_config
+from tests.conftest import on_any_port, upstream_config
 
 COMPLETION = {"id": "c", "object": "text_completion", "created": 0, "model": "m",
               "choices": [{"index": 0, "text": " naïve café 🙂", "finish_reason": "stop", "logprobs": None}],
@@ -79,7 +79,7 @@ async def test_a_malformed_completion_is_an_error_naming_it_and_a_502_at_the_ser
                 await up.sample_prompt("P", SamplingParams(n=1, max_tokens=5))
         cfg = AppConfig(upstream=upstream_config(ToyCompletionsServer(), base_url=url, max_attempts=3),
                         search=SearchConfig())
-        async with GuidanceServer(cfg, shutdown_timeout_s=0.5) as server:
+        async with GuidanceServer(on_any_port(cfg), shutdown_timeout_s=0.5) as server:
             async with aiohttp.ClientSession() as s:
                 async with s.post(server.base_url + "/completions", json={"model": "toy-instruct", "prompt": "x"}) as r:
                     status, body = r.status, await r.json()
