@@ -75,6 +75,10 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    cache_key: str | None = None
+    """Not a sampling setting: the key that asks a provider to route every request of one
+    conversation to the same prompt cache (proxy.upstreams.openai_http.affinity_key), sent where
+    the upstream's `cache_affinity` says."""
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_tokens < 1:

@@ -105,6 +105,11 @@ class OpenAICompatibleConfig(UpstreamBase):
     a tokenizer that would see a lone space token); see proxy.upstreams.seam."""
     supports_n: bool | None = None
     """Does the API honour n > 1? None: learn it from the answers (proxy.upstreams.capability)."""
+    cache_affinity: Literal["none", "prompt_cache_key", "x-session-affinity"] = "none"
+    """How the requests of one conversation ask to reach the same prompt cache, so a search's
+    re-sent prefixes are read from it: a `prompt_cache_key` body field (OpenAI, Mistral,
+    Fireworks) or an `x-session-affinity` header (Fireworks), both carrying a hash of the
+    conversation; `none` sends neither (DeepSeek and vLLM cache without a hint)."""
 
 
 class OpenAICompletionsConfig(OpenAICompatibleConfig):

@@ -61,7 +61,7 @@ REASONING = "Thinking it over: REASONING-MARKER the user wants a story."
 MISTRAL_FIELDS = frozenset({
     "model", "messages", "max_tokens", "temperature", "top_p", "stop", "n", "random_seed", "stream",
     "safe_prompt", "response_format", "tools", "tool_choice", "presence_penalty", "frequency_penalty",
-    "parallel_tool_calls", "prediction", "prompt_mode"})
+    "parallel_tool_calls", "prediction", "prompt_mode", "prompt_cache_key"})
 SEED_FIELD = {"vllm": "seed", "deepseek": "seed", "mistral": "random_seed", "ignores-n": "seed"}
 
 

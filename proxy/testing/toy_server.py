@@ -116,6 +116,8 @@ class ToyCompletionsServer(LocalCompletionsServer):
         self.quirks: dict[str, str] = dict(quirks or {})
         self._rng = random.Random(fault_seed)
         self.requests: list[dict[str, Any]] = []
+        self.affinity: list[str | None] = []
+        """Each recorded request's `x-session-affinity` header (Fireworks' cache routing), or None."""
         self.completed = 0
         self.in_flight = 0
         self.injected: Counter[str] = Counter()
@@ -200,6 +202,7 @@ class ToyCompletionsServer(LocalCompletionsServer):
                 body = None
             if isinstance(body, dict):
                 self.requests.append(body)
+                self.affinity.append(request.headers.get("x-session-affinity"))
             fault = self._next_fault(body)  # chosen on arrival
             response: web.StreamResponse
             if fault is None:

@@ -44,7 +44,7 @@ from proxy.config import OpenAIChatConfig
 from proxy.cost import count_tokens
 from proxy.types import Continuation, Conversation, SampleResult, SamplingParams
 from proxy.upstreams.capability import n_choices
-from proxy.upstreams.openai_http import OpenAICompatibleUpstream, read_as, refuses_n
+from proxy.upstreams.openai_http import OpenAICompatibleUpstream, affinity_key, read_as, refuses_n
 from proxy.upstreams.reading import ChatAnswer, ChatChoice
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
@@ -83,10 +83,10 @@ class OpenAIChatUpstream(OpenAICompatibleUpstream):
             body.update(continue_final_message=True, add_generation_prompt=False)
         return body
 
-    async def _create(self, body: dict[str, Any], n: int, seed: int | None) -> ChatAnswer:
+    async def _create(self, body: dict[str, Any], n: int, seed: int | None, cache_key: str) -> ChatAnswer:
         """One API call under the retry policy and the concurrency limit, billed as it returns."""
         body = {**body, "n": n} if n > 1 else body  # n=1 is every API's default: never sent
-        return await self.call("/chat/completions", body, seed, lambda raw: read_as(ChatAnswer, raw))
+        return await self.call("/chat/completions", body, seed, lambda raw: read_as(ChatAnswer, raw), cache_key)
 
     async def sample(self, conversation: Conversation, partial: str, params: SamplingParams) -> SampleResult:
         sent, held = hold_trailing_whitespace(partial) if self.cfg.hold_trailing_whitespace else (partial, "")
@@ -96,7 +96,7 @@ class OpenAIChatUpstream(OpenAICompatibleUpstream):
             return self.window_full(params.n)
         body = self.body(conversation, sent, params, max_tokens)
         responses = await n_choices(params.n, params.seed, self.n_choices,
-                                    lambda k, seed: self._create(body, k, seed),
+                                    lambda k, seed: self._create(body, k, seed, affinity_key(conversation)),
                                     lambda r: len(r.choices), refuses_n)
         return self.collect(responses, params.n,
                             lambda c, resp, count: self._continuation(c, resp, count, max_tokens, held))

@@ -35,7 +35,7 @@ from proxy.prompts import render
 from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, request_seed
 from proxy.upstreams.capability import Capability, n_choices
 from proxy.upstreams.errors import UpstreamError, malformed
-from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, read_as, refuses_n
+from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, affinity_key, read_as, refuses_n
 from proxy.upstreams.reading import CompletionAnswer as Completion
 from proxy.upstreams.reading import CompletionChoice
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
@@ -68,9 +68,9 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
     def max_prompts_per_call(self) -> int:
         return self.cfg.max_prompts_per_call if self.prompt_lists.on and self.n_choices.on else 1
 
-    async def _create(self, body: dict[str, object], seed: int | None) -> Completion:
+    async def _create(self, body: dict[str, object], seed: int | None, cache_key: str | None) -> Completion:
         """One API call under the retry policy and the concurrency limit, billed as it returns."""
-        return await self.call("/completions", body, seed, _read)
+        return await self.call("/completions", body, seed, _read, cache_key)
 
     def _body(self, prompt: str | list[str], params: SamplingParams, max_tokens: int) -> dict[str, object]:
         """Everything but n and the seed; `extra_body` under our fields."""
@@ -92,7 +92,7 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
             return self.window_full(n)
         body = self._body(prompt, params, max_tokens)
         responses = await n_choices(n, params.seed, self.n_choices,
-                                    lambda k, seed: self._create({**body, "n": k}, seed),
+                                    lambda k, seed: self._create({**body, "n": k}, seed, params.cache_key),
                                     lambda r: len(r.choices), refuses_n)
         return self._collect(responses, n, max_tokens)
 
@@ -103,6 +103,7 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         would otherwise see a lone space token the model never wrote, and continue differently)
         and each continuation is joined on exactly (proxy.upstreams.seam)."""
         head = render(conversation, self.cfg)
+        params = replace(params, cache_key=affinity_key(conversation))
         if not self.cfg.hold_trailing_whitespace:
             return await self.sample_prompts([head + p for p in partials], params, seeds)
         sent, held = zip(*(hold_trailing_whitespace(p) for p in partials))
@@ -129,7 +130,7 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         [max_tokens] = budgets
         body = {**self._body(list(prompts), params, max_tokens), "n": params.n}
         try:
-            resp = await self._create(body, request_seed(seeds))
+            resp = await self._create(body, request_seed(seeds), params.cache_key)
         except UpstreamError as e:
             if e.status != 400:
                 raise

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -20,7 +22,7 @@ import openai
 from pydantic import BaseModel, ValidationError
 
 from proxy.config import OpenAICompatibleConfig, upstream_api_key
-from proxy.types import Continuation, Probe, SampleResult, Usage
+from proxy.types import Continuation, Conversation, Probe, SampleResult, Usage
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.capability import Capability
@@ -100,15 +102,24 @@ def usage_of(usage: AnswerUsage | None) -> Usage:
     return Usage(prompt, usage.completion_tokens, cached, min(usage.cache_write_tokens, prompt - cached))
 
 
+def affinity_key(conversation: Conversation) -> str:
+    """The same for every request about one conversation, whatever the partial answer: what a
+    provider's cache routing (`cache_affinity`) keys on. A hash, so the text is not repeated."""
+    text = json.dumps([list(conversation.messages), conversation.raw], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 async def post(client: openai.AsyncOpenAI, cfg: OpenAICompatibleConfig, limit: asyncio.Semaphore, path: str,
-               body: dict[str, Any], read: Callable[[httpx2.Response], Answer]) -> Answer:
+               body: dict[str, Any], read: Callable[[httpx2.Response], Answer],
+               headers: dict[str, str] | None = None) -> Answer:
     """One API call under the retry policy and the concurrency limit; `read` turns the 200 into
     an answer or raises `malformed(...)`, which is retried."""
+    options: Any = {"headers": headers} if headers else {}
     async for attempt in retrying(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s):
         with attempt:
             async with limit:
                 with openai_errors():
-                    raw = await client.post(path, body=body, cast_to=httpx2.Response)
+                    raw = await client.post(path, body=body, cast_to=httpx2.Response, options=options)
             answer = read(raw)
     return answer
 
@@ -145,11 +156,17 @@ class OpenAICompatibleUpstream(Upstream):
         self.n_choices = Capability("n>1", self.name, known=cfg.supports_n)
 
     async def call(self, path: str, body: dict[str, Any], seed: int | None,
-                   read: Callable[[httpx2.Response], Answer]) -> Answer:
-        """One API call (the seed under `seed_param`), retried, billed as it returns."""
+                   read: Callable[[httpx2.Response], Answer], cache_key: str | None = None) -> Answer:
+        """One API call (the seed under `seed_param`, the cache key where `cache_affinity` says),
+        retried, billed as it returns."""
         if seed is not None and self.cfg.seed_param is not None:
             body = {**body, self.cfg.seed_param: seed}
-        answer = await post(self.client, self.cfg, self._limit, path, body, read)
+        headers: dict[str, str] = {}
+        if cache_key is not None and self.cfg.cache_affinity == "prompt_cache_key":
+            body = {**body, "prompt_cache_key": cache_key}
+        elif cache_key is not None and self.cfg.cache_affinity == "x-session-affinity":
+            headers["x-session-affinity"] = cache_key
+        answer = await post(self.client, self.cfg, self._limit, path, body, read, headers)
         self.record(usage_of(getattr(answer, "usage", None)))
         return answer
 

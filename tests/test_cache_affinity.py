@@ -1,0 +1,50 @@
+"""Requests a prompt cache can serve: with `cache_affinity` an OpenAI-compatible upstream sends
+every request about one conversation with the same key (a `prompt_cache_key` body field, or
+Fireworks' `x-session-affinity` header), through a whole search, and nothing without it."""
+from __future__ import annotations
+
+import re
+
+from proxy.config import OpenAIChatConfig
+from proxy.config import SearchConfig
+from proxy.search import search
+from proxy.testing.fake_openai_chat import FakeChatServer
+from proxy.testing.toy_server import ToyCompletionsServer
+from proxy.types import Conversation
+from proxy.upstreams.openai_chat import OpenAIChatUpstream
+from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
+from proxy.upstreams.openai_http import affinity_key
+from tests.conftest import upstream_config
+from tests.doubles import FnScorer
+
+CBS = SearchConfig(w=2, k=2, l=4, max_new_tokens=12, seed=5)
+
+
+def words(text: str, finished: bool) -> float:
+    return float(len(re.findall(r"\w+", text)))
+
+
+async def test_a_chat_search_sends_one_prompt_cache_key_per_conversation() -> None:
+    first, second = (Conversation.instruction(q) for q in ("Name a pet.", "Name a tree."))
+    async with FakeChatServer("mistral") as fake:
+        cfg = OpenAIChatConfig(model="toy-chat", base_url=fake.base_url, continuation="prefix",
+                               seed_param="random_seed", cache_affinity="prompt_cache_key", timeout_s=10.0)
+        async with OpenAIChatUpstream(cfg) as up:
+            await search(first, up, FnScorer(words), CBS)
+            sent_first = len(fake.requests)
+            await search(second, up, FnScorer(words), CBS)
+    keys = [body.get("prompt_cache_key") for body in fake.requests]
+    assert sent_first > 2 and set(keys[:sent_first]) == {affinity_key(first)}
+    assert set(keys[sent_first:]) == {affinity_key(second)} and affinity_key(first) != affinity_key(second)
+
+
+async def test_a_completions_search_sends_the_affinity_header_and_none_by_default(
+        loopback: ToyCompletionsServer) -> None:
+    conversation = Conversation.instruction("Say hi.")
+    for affinity, want in (("x-session-affinity", affinity_key(conversation)), ("none", None)):
+        loopback.requests.clear()
+        loopback.affinity.clear()
+        async with OpenAICompletionsUpstream(upstream_config(loopback, cache_affinity=affinity)) as up:
+            await search(conversation, up, FnScorer(words), CBS)
+        assert len(loopback.affinity) > 2 and set(loopback.affinity) == {want}
+        assert all("prompt_cache_key" not in body for body in loopback.requests)
