@@ -147,6 +147,14 @@ class AnthropicConfig(UpstreamBase):
 
     kind: Shapes[Literal["anthropic"]] = "anthropic"
     api_key_env: str = "ANTHROPIC_API_KEY"
+    prompt_caching: bool = False
+    """Place `cache_control` breakpoints so a search's later requests read what its earlier ones
+    wrote (proxy.upstreams.anthropic_cache); Anthropic caches nothing without them."""
+    cache_min_tokens: int = Field(1024, ge=0)
+    """The model's minimum cacheable prefix (Sonnet 4.5: 1,024 tokens; Opus 4.5 and Haiku 4.5:
+    4,096): no breakpoint is placed on a shorter prefix, where it would cache nothing."""
+    cache_ttl: Literal["5m", "1h"] = "5m"
+    """How long a written prefix lives (a 1-hour write costs 2x the input price, 5 minutes 1.25x)."""
 
 
 FAMILIES: dict[str, type[UpstreamBase]] = {

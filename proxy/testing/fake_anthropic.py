@@ -15,12 +15,13 @@ contents joined, prefill included, seeded by a request counter so parallel sampl
 whitespace as real ones often do; `thinking=True` puts a thinking block (`thinking_words` long,
 counted in output_tokens and against max_tokens) before the text.
 
-Prompt cache (simpler than Anthropic's rules: no minimum length, no expiry, no block-boundary
-lookback): the prefix up to and including the last text block carrying `cache_control` (system
-blocks first, then the messages' blocks; a top-level `cache_control` marks the last block) is
-written the first time it is seen (`usage.cache_creation_input_tokens`, its toy tokens) and read
-every later time (`cache_read_input_tokens`); `input_tokens` counts the prompt's tokens after it,
-as the API's does. A request without a breakpoint reports both cache fields as 0.
+Prompt cache (Anthropic's rules less expiry and the 20-block lookback limit): every text block
+carrying `cache_control` (system blocks first, then the messages' blocks; a top-level
+`cache_control` marks the last block) ends a prefix that is cached once it reaches
+`cache_min_tokens` toy tokens. A request reads the longest marked prefix that was cached when it
+arrived (`cache_read_input_tokens`: parallel twins find nothing of each other's), writes the rest
+up to its last cacheable mark (`cache_creation_input_tokens`), and `input_tokens` counts the
+tokens after that, as the API's does. A request without a breakpoint reports both as 0.
 
 Bookkeeping: `requests` (every JSON body POSTed to /v1/messages, refused ones included),
 `headers` (their headers without the key), `responses` (the text answered to each 200),
@@ -73,7 +74,7 @@ class FakeAnthropicServer:
                  no_prefill_models: Iterable[str] = DEFAULT_NO_PREFILL, exclusive_temperature_top_p: bool = True,
                  spacing: Literal["leading", "trailing"] = "leading", eos_prob: float = 0.08,
                  thinking: bool = False, thinking_words: int = 3, failures: Sequence[int] = (),
-                 retry_after_s: float | None = None, latency_s: float = 0.0) -> None:
+                 retry_after_s: float | None = None, latency_s: float = 0.0, cache_min_tokens: int = 0) -> None:
         self.models = list(models)
         self.aliases = dict(aliases or {"claude-opus-4-5": "claude-opus-4-5-20251101"})
         self.api_key = api_key
@@ -88,6 +89,8 @@ class FakeAnthropicServer:
         self.responses: list[str] = []
         self.in_flight = self.max_in_flight = 0
         self.cached_prefixes: set[str] = set()
+        self.cache_min_tokens = cache_min_tokens
+        """The model's minimum cacheable prefix, in toy tokens: a shorter marked prefix caches nothing."""
         self._counter = itertools.count()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -183,7 +186,8 @@ class FakeAnthropicServer:
 
     # ------------------------------------------------------------------ answers
 
-    def _generate(self, body: dict[str, Any], model: str, texts: list[str]) -> dict[str, Any]:
+    def _generate(self, body: dict[str, Any], model: str, texts: list[str],
+                  available: frozenset[str]) -> dict[str, Any]:
         prompt = "\n".join(texts)
         budget = body["max_tokens"]
         content: list[dict[str, Any]] = []
@@ -213,24 +217,26 @@ class FakeAnthropicServer:
         self.responses.append(text)
         return {"id": f"msg_fake{len(self.responses)}", "type": "message", "role": "assistant", "model": model,
                 "content": content, "stop_reason": reason, "stop_sequence": matched,
-                "usage": {**self._cache_usage(body, texts), "output_tokens": thought + len(words)}}
+                "usage": {**self._cache_usage(body, texts, available), "output_tokens": thought + len(words)}}
 
-    def _cache_usage(self, body: dict[str, Any], texts: list[str]) -> dict[str, int]:
-        """input_tokens and the cache fields of a valid body (see the module's docstring)."""
-        count = len(self.toy.encoding.encode_ordinary("\n".join(texts)))
+    def _cache_usage(self, body: dict[str, Any], texts: list[str], available: frozenset[str]) -> dict[str, int]:
+        """input_tokens and the cache fields of a valid body (see the module's docstring);
+        `available`: the prefixes cached when the request arrived."""
+        def tokens(text: str) -> int:
+            return len(self.toy.encoding.encode_ordinary(text))
+
         marks = [isinstance(b, dict) and "cache_control" in b for b in _blocks(body.get("system"))]
         for m in body["messages"]:
             marks.extend(isinstance(b, dict) and "cache_control" in b for b in _blocks(m.get("content")))
         if body.get("cache_control") is not None:
             marks[-1] = True
-        upto = max((i + 1 for i, marked in enumerate(marks) if marked), default=0)
-        prefix = "\n".join(texts[:upto])
-        cached = len(self.toy.encoding.encode_ordinary(prefix)) if upto else 0
-        read = prefix in self.cached_prefixes
-        if upto:
-            self.cached_prefixes.add(prefix)
-        return {"input_tokens": max(count - cached, 0), "cache_read_input_tokens": cached if read else 0,
-                "cache_creation_input_tokens": 0 if read else cached}
+        prefixes = ["\n".join(texts[:i + 1]) for i, marked in enumerate(marks) if marked]
+        cacheable = [p for p in prefixes if tokens(p) >= self.cache_min_tokens]
+        read = max((tokens(p) for p in cacheable if p in available), default=0)
+        last = tokens(cacheable[-1]) if cacheable else 0
+        self.cached_prefixes.update(cacheable)
+        return {"input_tokens": max(tokens("\n".join(texts)) - max(read, last), 0),
+                "cache_read_input_tokens": read, "cache_creation_input_tokens": max(last - read, 0)}
 
     async def _messages(self, request: web.Request) -> web.Response:
         self.in_flight += 1
@@ -243,6 +249,7 @@ class FakeAnthropicServer:
                 self.requests.append(body if isinstance(body, dict) else {"<invalid>": body})
                 self.headers.append({k.lower(): v for k, v in request.headers.items()
                                      if k.lower() not in SECRET_HEADERS})
+            available = frozenset(self.cached_prefixes)  # what a request finds is what was there when it came
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
             self._check_auth(request)
@@ -250,7 +257,7 @@ class FakeAnthropicServer:
             if not isinstance(body, dict):
                 raise Refused(400, "invalid_request_error", "request body must be a JSON object")
             model, texts = self._validate(body)
-            return web.json_response(self._generate(body, model, texts), headers={"request-id": "req_fake"})
+            return web.json_response(self._generate(body, model, texts, available), headers={"request-id": "req_fake"})
         except Refused as e:
             return self._error(e)
         finally:

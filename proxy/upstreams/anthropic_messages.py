@@ -44,6 +44,7 @@ from proxy.config import AnthropicConfig, upstream_api_key
 from proxy.cost import count_tokens
 from proxy.types import ChatMessage, Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage, first_stop
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
+from proxy.upstreams.anthropic_cache import Breakpoints
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.capability import Capability, n_choices
 from proxy.upstreams.errors import UpstreamError, malformed, probe_failure, retry_after_from
@@ -132,6 +133,7 @@ class AnthropicMessagesUpstream(Upstream):
         self._prefill_ok = False
         self._refuses_prefill = False
         self._warned_temperature = False
+        self.breakpoints = Breakpoints(cfg)
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -183,7 +185,8 @@ class AnthropicMessagesUpstream(Upstream):
         max_tokens = self.room(["".join(texts)], params.max_tokens)
         if max_tokens < 1:  # the context window is full: nothing more can be generated
             return self.window_full(params.n)
-        body: dict[str, Any] = dict(model=self.cfg.model, max_tokens=max_tokens, messages=messages)
+        writes, twins, written = self.breakpoints.bodies(conversation, system, messages)
+        body: dict[str, Any] = dict(model=self.cfg.model, max_tokens=max_tokens, messages=twins)
         if system:
             body["system"] = system
         api_stops = [s for s in params.stop if s.strip()]
@@ -194,8 +197,17 @@ class AnthropicMessagesUpstream(Upstream):
             sampling["top_p"] = params.top_p
         body["extra_body"] = {**sampling, **self.cfg.extra_body}  # this SDK has no sampling kwargs
         prefilled = messages[-1]["role"] == "assistant" if messages else False
-        answers = await n_choices(params.n, params.seed, self.n_choices,
-                                  lambda k, seed: self._create(body, prefilled), lambda m: 1, lambda e: False)
+        first = [True]
+
+        def create(k: int, seed: int | None) -> Any:
+            """The first request of the K writes the prefill (when it is to be written); its
+            twins only read, as none of them could read what the first writes."""
+            one, first[0] = {**body, "messages": writes} if first[0] else body, False
+            return self._create(one, prefilled)
+
+        answers = await n_choices(params.n, params.seed, self.n_choices, create, lambda m: 1, lambda e: False)
+        if written is not None:
+            self.breakpoints.wrote(conversation, written)
         local_stops = [s for s in params.stop if s and not s.strip()]
         conts = [self._continuation(m, held, max_tokens, local_stops) for m in answers]
         return SampleResult(conts, sum((usage_of(m) for m in answers), Usage()), len(answers))
