@@ -55,6 +55,14 @@ ENFORCE_EAGER = True
 "'function' object has no attribute 'finalize_loading'"). The HTTP API, the sampler and the
 tokenizer are the same; only the model's kernels differ (eager PyTorch), which keeps the first
 run, install included, within the time `make test` can spend on it."""
+BLOCK_SIZE = 128
+"""Tokens per KV-cache block: vLLM 0.32.0's CPU default (its GPU default is 16), passed
+explicitly so that the prefix-cache tests' arithmetic does not move with a new default. Automatic
+prefix caching (on by default for this model; asked for explicitly too) reuses whole blocks only:
+a request reads from the cache at most the whole blocks of its prompt before its last token
+(`(prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE`), and only blocks an earlier request filled.
+With `--enable-prompt-tokens-details` the server reports what it read in
+`usage.prompt_tokens_details.cached_tokens`."""
 INSTALL_TIMEOUT_S = 900
 START_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 20
@@ -283,7 +291,8 @@ def start_server(venv: Path, model: Path, log_path: Path, dtype: str = DTYPE, en
     port = free_port()
     cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-           "--max-model-len", "2048"] + (["--enforce-eager"] if ENFORCE_EAGER else [])
+           "--max-model-len", "2048", "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching",
+           "--enable-prompt-tokens-details"] + (["--enforce-eager"] if ENFORCE_EAGER else [])
     t0 = time.monotonic()
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
