@@ -10,13 +10,17 @@ broken module is still checked, and the check needs only the standard library):
   remote scorer's transport): scorers are the layer below the proxy;
 - no module longer than MAX_LINES lines.
 
-It prints each violation, one per line, and exits 1 if there is any.
+It prints each violation, one per line, and exits 1 if there is any. `--docs` also builds the
+manual strictly (`mkdocs build --strict`, which needs the test extra installed), so one command
+runs every check of the code base's shape.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import subprocess
 import sys
+import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,19 +190,33 @@ def check(root: Path) -> list[str]:
     return problems
 
 
+def build_docs(root: Path) -> list[str]:
+    """The manual built strictly (a broken link or anchor is an error): its errors, if any."""
+    with tempfile.TemporaryDirectory() as site:
+        done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", site], cwd=root,
+                              capture_output=True, text=True, env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"})
+    if done.returncode == 0:
+        return []
+    return [f"docs: {line}" for line in (done.stdout + done.stderr).splitlines() if line.strip()][-20:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="repository root holding proxy/ and scorers/ (default: this checkout)")
+    parser.add_argument("--docs", action="store_true", help="also build docs/ with `mkdocs build --strict`")
     args = parser.parse_args(argv)
     problems = check(args.root)
+    if args.docs:
+        problems += build_docs(args.root)
     for problem in problems:
         print(problem)
     if problems:
         print(f"{len(problems)} structure problem(s)")
         return 1
     print(f"structure ok: {len(discover(args.root))} modules in {', '.join(PACKAGES)}; no import cycles, "
-          f"scorers/ imports only {', '.join(SCORERS_MAY_IMPORT)} of proxy/, no module over {MAX_LINES} lines")
+          f"scorers/ imports only {', '.join(SCORERS_MAY_IMPORT)} of proxy/, no module over {MAX_LINES} lines"
+          + ("; docs build strictly" if args.docs else ""))
     return 0
 
 
