@@ -17,6 +17,8 @@ Each request is classified:
              (which then ends without [DONE]);
   lost       anything else: another status, a malformed answer, a dropped connection, or no
              answer within --request-timeout-s.
+Then 100 concurrent plain requests on one proxy key with a 300-token budget (a fault-free toy
+upstream): how far past its cap the key was billed, against the bound of docs/budgets.md.
 Latency percentiles are over completed requests. The server's peak memory is its VmHWM
 (/proc/PID/status, Linux): the high-water mark of its resident set since it started.
 """
@@ -218,6 +220,35 @@ async def upstream_stats(url: str) -> dict[str, Any]:
             return await r.json()
 
 
+async def budget_overshoot(args: argparse.Namespace, workdir: Path, requests: int = 100,
+                           cap_tokens: int = 300, max_tokens: int = 16) -> str:
+    """`requests` concurrent plain requests on one proxy key with a `cap_tokens` budget, against a
+    fault-free toy upstream: what got in, what was billed, and how far past the cap (docs/budgets.md)."""
+    os.environ["W2S_LOAD_KEYS"] = "load-key"
+    async with toy_upstream_process("--latency-s", str(args.latency_s)) as upstream:
+        config = serve_config(upstream.url, args, None)
+        config["server"].update(api_keys_env="W2S_LOAD_KEYS", key_budget_tokens=cap_tokens,
+                                max_concurrent_requests=2 * requests)
+        async with w2s_serve(config, workdir) as served:
+            async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, dict[str, Any]]:
+                body = {"model": MODEL, "prompt": f"Story {i}: the dog sat on", "max_tokens": max_tokens, "seed": i}
+                async with session.post(served.base_url + "/completions", json=body,
+                                        headers={"Authorization": "Bearer load-key"}) as r:
+                    return r.status, await r.json()
+
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                answers = await asyncio.gather(*(one(session, i) for i in range(requests)))
+    ok = [b["usage"] for status, b in answers if status == 200]
+    refused = sum(1 for status, b in answers if status == 429 and b["error"]["code"] == "insufficient_quota")
+    billed = sum(u["total_tokens"] for u in ok)
+    prompt = max((u["prompt_tokens"] for u in ok), default=0)
+    bound = cap_tokens // max_tokens * prompt
+    return (f"budget: {requests} concurrent requests on one key, cap {cap_tokens} tokens: {len(ok)} answered, "
+            f"{refused} refused (429 insufficient_quota), {len(answers) - len(ok) - refused} other; billed "
+            f"{billed} tokens, overshoot {max(0, billed - cap_tokens)} tokens ({max(0, billed - cap_tokens) / cap_tokens:.0%}),"
+            f" bound {bound} (cap // step bound {max_tokens} x prompt {prompt})")
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=200)
@@ -252,6 +283,7 @@ async def main() -> None:
                 cpu = cpu_seconds(served.proc.pid) - cpu0
                 rss_peak = served.peak_rss_mib
                 stats = await upstream_stats(upstream.url)
+        overshoot = await budget_overshoot(args, Path(tmp))
 
     counts = Counter(o.kind for o in outcomes)
     done = [o.latency_s for o in outcomes if o.kind == "completed"]
@@ -272,6 +304,7 @@ async def main() -> None:
           + ", ".join(f"{k} {v}" for k, v in sorted(injected.items(), key=lambda kv: -kv[1])))
     for o in [o for o in outcomes if o.kind == "lost"][:5]:
         print(f"lost: {o.detail}")
+    print(f"\n{overshoot}")
 
 
 if __name__ == "__main__":

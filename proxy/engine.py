@@ -29,6 +29,7 @@ from proxy.config import AppConfig, Prices, ScorerConfig, SearchConfig
 from proxy.cost import cost_usd
 from proxy.search import SearchPlan, SearchResult, StepCallback, StoppedBy, needs_scorer, plan_search, \
     require_scorer, run_plan
+from proxy.search.plan import SettingTooSmall
 from proxy.types import Conversation, Usage
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.registry import make_upstream
@@ -265,7 +266,20 @@ class Engine:
         if self._scorer is None and needs_scorer(cfg):
             require_scorer(cfg, self.config.scorer is not None)
             raise ScorerUnavailable(self.scorer_status)
-        return plan_search(conversation, cfg, self._scorer, score_plain=score_plain)
+        plan = plan_search(conversation, cfg, self._scorer, score_plain=score_plain)
+        self._check_own_caps(plan)
+        return plan
+
+    def _check_own_caps(self, plan: SearchPlan) -> None:
+        """SettingTooSmall when the search's own cap cannot pay for its first step's samples (the
+        prompt's tokens not even counted): it would be billed nothing and answer nothing."""
+        cfg, bound = plan.settings, plan.first_step_bound
+        if cfg.max_upstream_tokens is not None and bound.total_tokens > cfg.max_upstream_tokens:
+            raise SettingTooSmall("max_upstream_tokens", f"{cfg.max_upstream_tokens} cannot pay for the first "
+                                  f"step, which may take {bound.total_tokens} completion tokens (and the prompt's)")
+        if cfg.max_cost_usd is not None and not Budget(None, cfg.max_cost_usd, self.config.upstream.prices).allows(bound):
+            raise SettingTooSmall("max_cost_usd", f"{cfg.max_cost_usd} cannot pay for the first step, which may "
+                                  f"cost ${cost_usd(bound, self.config.upstream.prices):.6f} (and the prompt)")
 
     async def run(self, plan: SearchPlan, *, on_step: StepCallback | None = None,
                   budget: Budget | None = None) -> SearchResult:

@@ -7,7 +7,7 @@ from all of theirs (`request_seed`); one that stands in n=1 requests for an n>1 
 sample i from the request's seed (`sample_seed`). All three are stable across processes and
 machines (plain integer arithmetic, no `hash()`), and None (unseeded) stays None. A server we
 run ourselves (the local model server, the toy test model) seeds choice i of a prompt with
-`choice_seed`, the same way in both.
+`choice_seed`, the same way in both, and as the n=1 request seeded `sample_seed` would be.
 
 Stop sequences are found here too (`first_stop`): the search, the local model server and the
 toy model must agree to the character on where a stop sequence cuts a text.
@@ -209,8 +209,11 @@ def stable_int(*parts: object) -> int:
 
 def choice_seed(prompt: str, seed: int, index: int) -> int:
     """The random seed of choice `index` for `prompt` on a server we run that was asked for `seed`:
-    each prompt of a list samples as it would alone, and the choices of a request differ."""
-    return stable_int("sample", prompt, seed, index)
+    each prompt of a list samples as it would alone, and the choices of a request differ. Choice
+    `index` is choice 0 of the n=1 request seeded `sample_seed(seed, index)`, so an answer with
+    fewer choices than asked, completed by n=1 requests (proxy.upstreams.capability.n_choices),
+    is the full answer: every sample keeps the seed it would have had."""
+    return stable_int("sample", prompt, sample_seed(seed, index), 0)
 
 
 # ---------------------------------------------------------------------------------- stops

@@ -39,12 +39,17 @@ from proxy.types import Usage
 
 log = logging.getLogger("w2s.alpaca_eval")
 
+
 def item_record(index: int, item: Instruction, g: Generated, client: GuidedClient) -> ItemRecord:
     """A failure keeps its error and no output: it is retried, never written as an empty answer.
     An answer the run's budget cut short is a failure too (the next run, with money, redoes it);
-    one cut by its own per-search cap is an answer, as configured."""
+    one cut by its own per-search cap is an answer, as configured, unless it was cut before its
+    first step ended (a deadline shorter than a step): then there is no answer to write."""
     if g.result is not None and g.result.stopped_by == "shared budget":
         g = Generated(g.index, g.prompt, error=BudgetExhausted("the run's budget ran out during this item"))
+    elif g.result is not None and not g.result.steps and g.result.stopped_by is not None:
+        g = Generated(g.index, g.prompt, error=TimeoutError(f"cut by {g.result.stopped_by} before its first step "
+                                                            "ended: nothing was answered"))
     if g.result is None:
         err = g.error
         return ItemRecord(index=index, instruction=item.instruction, dataset=item.dataset, status="failed",

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from proxy.budget import Budget
+from proxy.budget import Budget, Reservation, release_admission
 from proxy.search.trace import Candidate, SearchResult, StepCallback, StepTrace
 from proxy.types import Continuation, Conversation, SamplingParams, Usage, derive_seed, first_stop
 from proxy.upstreams.base import Upstream
@@ -158,24 +158,32 @@ async def drive(search: SearchAlgorithm, mode: str, *, budget: Budget | None = N
                           steps=search.steps, nodes=search.nodes)
     number = 0
     while live := search.live():
-        blocker = None if budget is None else budget.blocker(search.next_step_bound(live))
-        if blocker is not None:
-            result.stopped_by = "budget" if blocker is budget else "shared budget"
-            break
+        held: Reservation | None = None
+        if budget is not None:  # check and hold the step's bound at once; the admission hold is handed over
+            release_admission()
+            got = budget.reserve(search.next_step_bound(live))
+            if not isinstance(got, Reservation):
+                result.stopped_by = "budget" if got is budget else "shared budget"
+                break
+            held = got
         left = None if deadline_s is None else deadline_s - (time.perf_counter() - t_start)
-        if left is not None and left <= 0:
-            result.stopped_by = "deadline"
-            break
-        number += 1
         try:
-            async with asyncio.timeout(left):
-                trace, survivors = await search.step(number, live)
-        except TimeoutError:  # the step is dropped; what it was billed is in upstream.usage
-            result.stopped_by = "deadline"
-            break
-        search.steps.append(trace)
-        if budget is not None:
-            budget.charge(trace.usage)
+            if left is not None and left <= 0:
+                result.stopped_by = "deadline"
+                break
+            number += 1
+            try:
+                async with asyncio.timeout(left):
+                    trace, survivors = await search.step(number, live)
+            except TimeoutError:  # the step is dropped; what it was billed is in upstream.usage
+                result.stopped_by = "deadline"
+                break
+            search.steps.append(trace)
+            if budget is not None:
+                budget.charge(trace.usage)
+        finally:  # charged, failed or cancelled: the hold is released
+            if held is not None:
+                held.release()
         if on_step is not None:
             maybe = on_step(trace, survivors)
             if maybe is not None:

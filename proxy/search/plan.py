@@ -21,6 +21,15 @@ from proxy.upstreams.base import Upstream
 from scorers.base import Scorer, check_room
 
 
+class SettingTooSmall(ConfigError):
+    """A search's own cap (`setting`) cannot pay for even its first step: it would answer nothing."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"search.{setting}: {message}")
+        self.setting = setting
+        self.detail = message
+
+
 def mode_name(cfg: Any) -> str:
     """The search's name from its settings (`cbs-w4k4l30`, `bon4`, `base`)."""
     return algorithm(cfg.algorithm).label(cfg)

@@ -17,17 +17,18 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from proxy.budget import Budget
+from proxy.budget import Budget, admit
 from proxy.config import AppConfig
 from proxy.cost import cost_usd
 from proxy.engine import Engine, ResultSummary, ScorerUnavailable
 from proxy.protocol.requests import SamplingRequest
 from proxy.protocol.responses import SearchSummary
-from proxy.search import Candidate, SearchPlan, SearchResult, StepCallback, StepTrace
+from proxy.search import Candidate, SearchPlan, SearchResult, StepCallback, StepTrace, StoppedBy
 from proxy.serving.body import read_body
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, upstream_error, validation_error
-from proxy.serving.guidance import GuidanceError, GuidanceModes, ModeChoice
+from proxy.search.plan import SettingTooSmall
+from proxy.serving.guidance import REQUEST_FIELD, GuidanceError, GuidanceModes, ModeChoice
 from proxy.serving.metrics import ServerMetrics
 from proxy.serving.streaming import StepHook, stream_search
 from proxy.types import Conversation
@@ -56,6 +57,19 @@ async def parse_body(request: web.Request, model: type[_Req], max_bytes: int, ti
 
 CALLER_KEY = web.RequestKey("w2s_caller_key", object)
 """Which proxy key a request came with (its index; None without keys): whose budget it spends."""
+
+
+def nothing_answered(stopped_by: StoppedBy) -> ApiError:
+    """A search stopped before its first step ended has no answer: an error, never a 200 with an
+    empty text a client would take for one."""
+    if stopped_by == "deadline":
+        return ApiError(504, "The search's deadline (w2s.deadline_s) passed before its first step finished; "
+                        "nothing was answered.", code="deadline_exceeded")
+    if stopped_by == "shared budget":
+        return ApiError(429, "This API key's upstream budget cannot pay for this search's first step.",
+                        code="insufficient_quota", type_="insufficient_quota")
+    return ApiError(400, "The search's own cap cannot pay for its first step; nothing was answered.",
+                    code="invalid_value")
 
 
 def wire_summary(summary: ResultSummary) -> SearchSummary:
@@ -89,6 +103,12 @@ class Generation:
         if self.active >= limits.max_concurrent_requests:
             raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
                            "requests; retry shortly.", code="concurrency_limit", headers={"Retry-After": "1"})
+        # Checked and held at once (nothing awaited since the check): concurrent requests cannot all
+        # get in on one key's last few tokens. The first step takes the hold over (proxy.budget).
+        admitted = None if budget is None else admit(budget, search.first_step_bound)
+        if budget is not None and admitted is None:
+            raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
+                           "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
         self.active += 1
         self.metrics.in_flight.inc()
         try:
@@ -104,6 +124,8 @@ class Generation:
             return json_response(endpoint.answer(req, result.text, finish_reason(result), usage_info(result),
                                                  summarize(result)))
         finally:
+            if admitted is not None:  # never reached a step (failed, cancelled, or nothing to do)
+                admitted.release()
             self.active -= 1
             self.metrics.in_flight.dec()
 
@@ -119,6 +141,9 @@ class Generation:
         except ScorerContextError as e:
             param = endpoint.prompt_field if e.field == "prompt" else "max_tokens"
             raise ApiError(400, f"{param}: {e}", param=param, code="context_length_exceeded") from None
+        except SettingTooSmall as e:
+            param = REQUEST_FIELD[e.setting]
+            raise ApiError(400, f"{param}: {e.detail}", param=param, code="invalid_value") from None
 
     def _plan(self, req: SamplingRequest, max_tokens: int | None) -> ModeChoice:
         try:
@@ -158,6 +183,9 @@ class Generation:
             with retries_reported_to(self.metrics.upstream_retried):
                 result = await self.engine.run(search, on_step=on_step, budget=budget)
             outcome = "finished" if result.finished else "length"
+            if not result.steps and result.stopped_by is not None:  # cut before anything was answered
+                outcome = "error"
+                raise nothing_answered(result.stopped_by)
             return result
         except (asyncio.CancelledError, ConnectionResetError):  # the client went away
             outcome = "cancelled"

@@ -18,7 +18,7 @@ from proxy.config import ConfigError, SearchConfig, ServerCaps, cap_problem
 from proxy.config.search import SETTINGS
 from proxy.search import algorithm, mode_name, needs_scorer
 
-_REQUEST_FIELD = {s.name: s.request_field for s in SETTINGS}
+REQUEST_FIELD = {s.name: s.request_field for s in SETTINGS}
 """Which request field sets each search setting, so a 400 names what the client sent."""
 _PLAIN = {s.name: s.default for s in SETTINGS if s.names_mode}
 """The settings that shape a search, at their defaults: plain sampling (one sample, one chunk)."""
@@ -97,7 +97,7 @@ class GuidanceModes:
         except ValidationError as e:
             first = e.errors()[0]
             name_ = str(first["loc"][0]) if first["loc"] else ""
-            param = _REQUEST_FIELD.get(name_, name_)
+            param = REQUEST_FIELD.get(name_, name_)
             raise GuidanceError(f"{param}: {first['msg']}", param or None) from None
         problem = cap_problem(search, self.caps)
         if problem is not None:

@@ -76,7 +76,9 @@ async def n_choices(n: int, seed: int | None, n_cap: Capability, ask: Callable[[
                     count: Callable[[R], int], refuses_n: Callable[[Exception], bool]) -> list[R]:
     """Answers whose choices add up to `n`: one request for all n where the upstream honours n
     (`ask(n, seed)`), the missing ones as parallel requests for one each, sample i seeded as
-    `proxy.types.sample_seed` says. Every answer is returned, so what each billed is counted."""
+    `proxy.types.sample_seed` says: the seed it has in a full answer on our own servers
+    (`choice_seed`), so a short answer completed is the full one. Every answer is returned, so
+    what each billed is counted."""
     answers: list[R] = []
     if n > 1 and n_cap.use():
         try:
