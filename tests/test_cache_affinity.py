@@ -26,7 +26,7 @@ def words(text: str, finished: bool) -> float:
 
 async def test_a_chat_search_sends_one_prompt_cache_key_per_conversation() -> None:
     first, second = (Conversation.instruction(q) for q in ("Name a pet.", "Name a tree."))
-    async with FakeChatServer("mistral") as fake:
+    async with FakeChatServer("mistral", eos_prob=0.0) as fake:  # nothing finishes early
         cfg = OpenAIChatConfig(model="toy-chat", base_url=fake.base_url, continuation="prefix",
                                seed_param="random_seed", cache_affinity="prompt_cache_key", timeout_s=10.0)
         async with OpenAIChatUpstream(cfg) as up:
@@ -34,17 +34,18 @@ async def test_a_chat_search_sends_one_prompt_cache_key_per_conversation() -> No
             sent_first = len(fake.requests)
             await search(second, up, FnScorer(words), CBS)
     keys = [body.get("prompt_cache_key") for body in fake.requests]
-    assert sent_first > 2 and set(keys[:sent_first]) == {affinity_key(first)}
+    assert sent_first >= 3 and set(keys[:sent_first]) == {affinity_key(first)}
     assert set(keys[sent_first:]) == {affinity_key(second)} and affinity_key(first) != affinity_key(second)
 
 
-async def test_a_completions_search_sends_the_affinity_header_and_none_by_default(
-        loopback: ToyCompletionsServer) -> None:
+async def test_a_completions_search_sends_the_affinity_header_and_none_by_default() -> None:
     conversation = Conversation.instruction("Say hi.")
-    for affinity, want in (("x-session-affinity", affinity_key(conversation)), ("none", None)):
-        loopback.requests.clear()
-        loopback.affinity.clear()
-        async with OpenAICompletionsUpstream(upstream_config(loopback, cache_affinity=affinity)) as up:
-            await search(conversation, up, FnScorer(words), CBS)
-        assert len(loopback.affinity) > 2 and set(loopback.affinity) == {want}
-        assert all("prompt_cache_key" not in body for body in loopback.requests)
+    async with ToyCompletionsServer(eos_prob=0.0) as toy:  # nothing finishes early: every step is asked
+        for affinity, want in (("x-session-affinity", affinity_key(conversation)), ("none", None)):
+            toy.requests.clear()
+            toy.affinity.clear()
+            async with OpenAICompletionsUpstream(upstream_config(toy, cache_affinity=affinity)) as up:
+                r = await search(conversation, up, FnScorer(words), CBS)
+            assert len(r.steps) == 3 and len(toy.affinity) == len(toy.requests) >= 3
+            assert set(toy.affinity) == {want}
+            assert all("prompt_cache_key" not in body for body in toy.requests)
