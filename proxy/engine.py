@@ -273,13 +273,13 @@ class Engine:
     def _check_own_caps(self, plan: SearchPlan) -> None:
         """SettingTooSmall when the search's own cap cannot pay for its first step's samples (the
         prompt's tokens not even counted): it would be billed nothing and answer nothing."""
-        cfg, bound = plan.settings, plan.first_step_bound
-        if cfg.max_upstream_tokens is not None and bound.total_tokens > cfg.max_upstream_tokens:
+        cfg, bound, prices = plan.settings, plan.first_step_bound, self.config.upstream.prices
+        if not Budget(cfg.max_upstream_tokens, None, prices).allows(bound):
             raise SettingTooSmall("max_upstream_tokens", f"{cfg.max_upstream_tokens} cannot pay for the first "
                                   f"step, which may take {bound.total_tokens} completion tokens (and the prompt's)")
-        if cfg.max_cost_usd is not None and not Budget(None, cfg.max_cost_usd, self.config.upstream.prices).allows(bound):
+        if not Budget(None, cfg.max_cost_usd, prices).allows(bound):
             raise SettingTooSmall("max_cost_usd", f"{cfg.max_cost_usd} cannot pay for the first step, which may "
-                                  f"cost ${cost_usd(bound, self.config.upstream.prices):.6f} (and the prompt)")
+                                  f"cost ${cost_usd(bound, prices):.6f} (and the prompt)")
 
     async def run(self, plan: SearchPlan, *, on_step: StepCallback | None = None,
                   budget: Budget | None = None) -> SearchResult:

@@ -4,15 +4,13 @@ is registered), what a search leaves behind (trace), and planning then running o
     result = await search(conversation, upstream, scorer, SearchConfig(w=4, k=4, l=30))
 """
 from proxy.search.base import SearchAlgorithm, cut_at_stop, drive
-from proxy.search.cbs import ChunkBeamSearch, chunk_limit
-from proxy.search.plan import (
-    SearchPlan, first_step_bound, mode_name, needs_scorer, plan_search, require_scorer, run_plan, search,
-)
+from proxy.search.cbs import ChunkBeamSearch
+from proxy.search.plan import SearchPlan, mode_name, needs_scorer, plan_search, require_scorer, run_plan, search
 from proxy.search.registry import algorithm, register, unregister
 from proxy.search.trace import Candidate, SearchResult, StepCallback, StepTrace, StoppedBy
 
 __all__ = [
     "Candidate", "ChunkBeamSearch", "SearchAlgorithm", "SearchPlan", "SearchResult", "StepCallback", "StepTrace",
-    "StoppedBy", "algorithm", "chunk_limit", "cut_at_stop", "drive", "first_step_bound", "mode_name",
+    "StoppedBy", "algorithm", "cut_at_stop", "drive", "mode_name",
     "needs_scorer", "plan_search", "register", "require_scorer", "run_plan", "search", "unregister",
 ]

@@ -46,10 +46,6 @@ def require_scorer(cfg: Any, have_scorer: bool) -> None:
                           "add a `scorer:` section")
 
 
-def first_step_bound(cfg: Any) -> Usage:
-    return algorithm(cfg.algorithm).first_step_bound(cfg)
-
-
 @dataclass(frozen=True)
 class SearchPlan:
     """A search that passed every check (make one with `plan_search`)."""

@@ -96,19 +96,18 @@ class Generation:
         plan = self._plan(req, endpoint.max_tokens(req))
         search = self._check(plan, endpoint.conversation(req), endpoint)
         budget = self._key_budget(request.get(CALLER_KEY))
-        # Refused when the key cannot pay for even the first step's samples.
-        if budget is not None and not budget.allows(search.first_step_bound):
-            raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
-                           "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
-        if self.active >= limits.max_concurrent_requests:
-            raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
-                           "requests; retry shortly.", code="concurrency_limit", headers={"Retry-After": "1"})
-        # Checked and held at once (nothing awaited since the check): concurrent requests cannot all
-        # get in on one key's last few tokens. The first step takes the hold over (proxy.budget).
+        # Refused when the key cannot pay for even the first step's samples; checked and held at
+        # once (nothing awaited in between), so concurrent requests cannot all get in on one key's
+        # last few tokens. The first step takes the hold over (proxy.budget).
         admitted = None if budget is None else admit(budget, search.first_step_bound)
         if budget is not None and admitted is None:
             raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
                            "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
+        if self.active >= limits.max_concurrent_requests:
+            if admitted is not None:
+                admitted.release()
+            raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
+                           "requests; retry shortly.", code="concurrency_limit", headers={"Retry-After": "1"})
         self.active += 1
         self.metrics.in_flight.inc()
         try:
