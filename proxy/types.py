@@ -77,7 +77,7 @@ class SamplingParams:
     seed: int | None = None
     cache_key: str | None = None
     """Not a sampling setting: the key that asks a provider to route every request of one
-    conversation to the same prompt cache (proxy.upstreams.openai_http.affinity_key), sent where
+    conversation to the same prompt cache (proxy.upstreams.base.conversation_key), sent where
     the upstream's `cache_affinity` says."""
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ from proxy.testing.toy_server import ToyCompletionsServer
 from proxy.types import Conversation
 from proxy.upstreams.openai_chat import OpenAIChatUpstream
 from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
-from proxy.upstreams.openai_http import affinity_key
+from proxy.upstreams.base import conversation_key
 from tests.conftest import upstream_config
 from tests.doubles import FnScorer
 
@@ -34,14 +34,14 @@ async def test_a_chat_search_sends_one_prompt_cache_key_per_conversation() -> No
             sent_first = len(fake.requests)
             await search(second, up, FnScorer(words), CBS)
     keys = [body.get("prompt_cache_key") for body in fake.requests]
-    assert sent_first >= 3 and set(keys[:sent_first]) == {affinity_key(first)}
-    assert set(keys[sent_first:]) == {affinity_key(second)} and affinity_key(first) != affinity_key(second)
+    assert sent_first >= 3 and set(keys[:sent_first]) == {conversation_key(first)}
+    assert set(keys[sent_first:]) == {conversation_key(second)} and conversation_key(first) != conversation_key(second)
 
 
 async def test_a_completions_search_sends_the_affinity_header_and_none_by_default() -> None:
     conversation = Conversation.instruction("Say hi.")
     async with ToyCompletionsServer(eos_prob=0.0) as toy:  # nothing finishes early: every step is asked
-        for affinity, want in (("x-session-affinity", affinity_key(conversation)), ("none", None)):
+        for affinity, want in (("x-session-affinity", conversation_key(conversation)), ("none", None)):
             toy.requests.clear()
             toy.affinity.clear()
             async with OpenAICompletionsUpstream(upstream_config(toy, cache_affinity=affinity)) as up:

@@ -20,21 +20,16 @@ one. The rules here follow from that:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import OrderedDict
 from typing import Any
 
 from proxy.config import AnthropicConfig
 from proxy.cost import count_tokens
 from proxy.types import Conversation
+from proxy.upstreams.base import conversation_key
 
 MAX_REMEMBERED = 4096
 """Written prefills remembered (least recently used forgotten): a bound on memory, not on hits."""
-
-
-def _key(conversation: Conversation) -> str:
-    return hashlib.sha256(json.dumps(list(conversation.messages), sort_keys=True).encode()).hexdigest()
 
 
 def _text_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -70,7 +65,7 @@ class Breakpoints:
         `messages` as they are."""
         if not self.cfg.prompt_caching or not messages:
             return messages, messages, None
-        key = _key(conversation)
+        key = conversation_key(conversation)
         prefilled = messages[-1]["role"] == "assistant"
         prefill = messages[-1]["content"] if prefilled else ""
         assert isinstance(prefill, str)
@@ -103,7 +98,7 @@ class Breakpoints:
     def wrote(self, conversation: Conversation, prefill: str) -> None:
         """A request that writes `prefill` was answered: its children may read it (and every
         later request the conversation, which it wrote on the way)."""
-        for entry in {(_key(conversation), ""), (_key(conversation), prefill)}:
+        for entry in {(conversation_key(conversation), ""), (conversation_key(conversation), prefill)}:
             self.written[entry] = None
             self.written.move_to_end(entry)
         while len(self.written) > MAX_REMEMBERED:

@@ -18,12 +18,22 @@ its SDK's.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import replace
 
 from proxy.cost import count_tokens
 from proxy.types import Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage
+
+
+def conversation_key(conversation: Conversation) -> str:
+    """The same for every request about one conversation, whatever the partial answer: what a
+    provider's prompt cache is asked to key on (`cache_affinity`) and what an upstream remembers
+    having cached it under. A hash, so the text is not repeated."""
+    text = json.dumps([list(conversation.messages), conversation.raw], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class Upstream(ABC):

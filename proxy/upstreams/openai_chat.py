@@ -43,8 +43,9 @@ from typing import Any
 from proxy.config import OpenAIChatConfig
 from proxy.cost import count_tokens
 from proxy.types import Continuation, Conversation, SampleResult, SamplingParams
+from proxy.upstreams.base import conversation_key
 from proxy.upstreams.capability import n_choices
-from proxy.upstreams.openai_http import OpenAICompatibleUpstream, affinity_key, read_as, refuses_n
+from proxy.upstreams.openai_http import OpenAICompatibleUpstream, read_as, refuses_n
 from proxy.upstreams.reading import ChatAnswer, ChatChoice
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
@@ -96,7 +97,7 @@ class OpenAIChatUpstream(OpenAICompatibleUpstream):
             return self.window_full(params.n)
         body = self.body(conversation, sent, params, max_tokens)
         responses = await n_choices(params.n, params.seed, self.n_choices,
-                                    lambda k, seed: self._create(body, k, seed, affinity_key(conversation)),
+                                    lambda k, seed: self._create(body, k, seed, conversation_key(conversation)),
                                     lambda r: len(r.choices), refuses_n)
         return self.collect(responses, params.n,
                             lambda c, resp, count: self._continuation(c, resp, count, max_tokens, held))

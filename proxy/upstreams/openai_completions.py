@@ -33,9 +33,10 @@ from proxy.config import OpenAICompletionsConfig
 from proxy.cost import count_tokens
 from proxy.prompts import render
 from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, request_seed
+from proxy.upstreams.base import conversation_key
 from proxy.upstreams.capability import Capability, n_choices
 from proxy.upstreams.errors import UpstreamError, malformed
-from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, affinity_key, read_as, refuses_n
+from proxy.upstreams.openai_http import OpenAICompatibleUpstream, about_prompt, read_as, refuses_n
 from proxy.upstreams.reading import CompletionAnswer as Completion
 from proxy.upstreams.reading import CompletionChoice
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
@@ -103,7 +104,7 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         would otherwise see a lone space token the model never wrote, and continue differently)
         and each continuation is joined on exactly (proxy.upstreams.seam)."""
         head = render(conversation, self.cfg)
-        params = replace(params, cache_key=affinity_key(conversation))
+        params = replace(params, cache_key=conversation_key(conversation))
         if not self.cfg.hold_trailing_whitespace:
             return await self.sample_prompts([head + p for p in partials], params, seeds)
         sent, held = zip(*(hold_trailing_whitespace(p) for p in partials))

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -22,7 +20,7 @@ import openai
 from pydantic import BaseModel, ValidationError
 
 from proxy.config import OpenAICompatibleConfig, upstream_api_key
-from proxy.types import Continuation, Conversation, Probe, SampleResult, Usage
+from proxy.types import Continuation, Probe, SampleResult, Usage
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
 from proxy.upstreams.base import Upstream
 from proxy.upstreams.capability import Capability
@@ -100,13 +98,6 @@ def usage_of(usage: AnswerUsage | None) -> Usage:
     prompt = usage.billed_prompt_tokens
     cached = min(usage.cached_tokens, prompt)
     return Usage(prompt, usage.completion_tokens, cached, min(usage.cache_write_tokens, prompt - cached))
-
-
-def affinity_key(conversation: Conversation) -> str:
-    """The same for every request about one conversation, whatever the partial answer: what a
-    provider's cache routing (`cache_affinity`) keys on. A hash, so the text is not repeated."""
-    text = json.dumps([list(conversation.messages), conversation.raw], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 async def post(client: openai.AsyncOpenAI, cfg: OpenAICompatibleConfig, limit: asyncio.Semaphore, path: str,
