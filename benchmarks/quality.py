@@ -87,12 +87,13 @@ from proxy.config import OpenAICompletionsConfig, SearchConfig  # noqa: E402
 from proxy.film_reviews.guides import BON_SIZES, CBS_SHAPES, GUIDES, Method, bon_methods, cbs_methods  # noqa: E402
 from proxy.film_reviews.stats import Estimate, estimate, paired  # noqa: E402
 from proxy.film_reviews.judges import JUDGES  # noqa: E402
+from benchmarks.billing import Request, Tokenize, sample_requests, tree_requests  # noqa: E402
+from benchmarks.quality_dollars import dollars_section, format_dollars  # noqa: E402
 from proxy.search import search  # noqa: E402
 from proxy.types import Conversation, SamplingParams, derive_seed  # noqa: E402
 from proxy.upstreams.base import Upstream  # noqa: E402
 from scorers.base import Scorer  # noqa: E402
 
-BON_MAX = max(BON_SIZES)
 RESULTS = "results.jsonl"
 Key = tuple[int, int]
 """(opening index, seed)."""
@@ -107,6 +108,14 @@ class Settings:
     chunk_lengths: tuple[int, ...] = (4, 8)
     openings: int = 100
     seeds: int = 3
+    bon_max: int = max(BON_SIZES)
+    """Samples drawn per (opening, seed); best-of-N for every power of two up to it. Not part of
+    the identity: serve-local seeds each sample by its index, so a larger `bon_max` extends the
+    samples already there (checked: the first ones must come back identical)."""
+
+    @property
+    def bon_sizes(self) -> tuple[int, ...]:
+        return tuple(2 ** i for i in range(self.bon_max.bit_length()) if 2 ** i <= self.bon_max)
 
     def identity(self) -> dict[str, Any]:
         """The searches run with SearchConfig's defaults, so the start recorded is the default's:
@@ -189,20 +198,25 @@ class Runner:
     async def _samples(self, i: int, seed: int) -> None:
         """The 16 samples of (opening, seed) if missing, then every guide's scores of them if missing."""
         s = self.settings
-        if (i, seed) not in self.results.samples:
+        had = self.results.samples.get((i, seed), {}).get("samples", [])
+        if len(had) < s.bon_max:
             t0 = time.perf_counter()
-            # Exactly the request search(w=1, k=16, seed=seed) makes in its one step.
-            params = SamplingParams(n=BON_MAX, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0)
+            # Exactly the request search(w=1, k=bon_max, seed=seed) makes in its one step.
+            params = SamplingParams(n=s.bon_max, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0)
             res = await self.upstream.sample_batch(Conversation.instruction(self.openings[i]), [""], params,
                                                   seeds=[derive_seed(seed, 1, 0)])
+            got = [{"text": c.text, "finished": c.finished, "tokens": c.num_tokens} for c in res.continuations]
+            if got[: len(had)] != had:
+                raise SystemExit(f"opening {i} seed {seed}: {s.bon_max} samples do not start with the {len(had)} "
+                                 "recorded (the upstream's per-index seeding changed); use another --output")
             self.results.add({
                 "kind": "samples", "opening": i, "seed": seed, "prompt_tokens": res.usage.prompt_tokens,
                 "completion_tokens": res.usage.completion_tokens, "wall_s": round(time.perf_counter() - t0, 3),
-                "samples": [{"text": c.text, "finished": c.finished, "tokens": c.num_tokens} for c in res.continuations],
+                "samples": got,
             })
         samples = self.results.samples[(i, seed)]["samples"]
         for guide in self.guides:
-            if (guide, i, seed) in self.results.scores:
+            if len(self.results.scores.get((guide, i, seed), [])) >= len(samples):
                 continue
             session = self.guides[guide].open(self.openings[i])
             try:
@@ -220,6 +234,9 @@ class Runner:
             "text": r.text, "finished": r.finished, "score": r.score, "tokens": r.tokens,
             "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
             "calls": r.calls, "steps": len(r.steps), "wall_s": round(r.wall_s, 3),
+            # The search tree, [parent, step, chunk] per node (node 0 the empty root): the exact
+            # requests it made follow from it (benchmarks/billing.py prices them per provider).
+            "tree": [[c.parent, c.step, c.chunk] for c in sorted(r.nodes.values(), key=lambda c: c.id)],
         })
 
     def jobs(self, seed: int) -> list[Job]:
@@ -227,8 +244,10 @@ class Runner:
         is there, so sampling and scoring overlap), then CBS a chunk length at a time, both guides
         together (serve-local's batches then hold rows that want the same number of tokens)."""
         res, n = self.results, range(self.settings.openings)
+        want = self.settings.bon_max
         out = [Job("samples", lambda i=i: self._samples(i, seed)) for i in n
-               if (i, seed) not in res.samples or any((g, i, seed) not in res.scores for g in self.guides)]
+               if len(res.samples.get((i, seed), {}).get("samples", [])) < want
+               or any(len(res.scores.get((g, i, seed), [])) < want for g in self.guides)]
         for l in self.settings.chunk_lengths:
             out += [Job(f"cbs l{l}", lambda g=g, m=m, i=i: self._search(g, m, i, seed))
                     for i in n for g in self.guides for m in cbs_methods((l,))
@@ -276,6 +295,8 @@ class Row:
     upstream_tokens: int
     """Prompt + completion tokens billed (CBS re-sends the prompt and the answer so far every step)."""
     completion_tokens: int
+    requests: list[Request] | None = None
+    """The exact requests made (None: a search recorded before its tree was)."""
 
 
 def method_rows(results: Results, guide: str, methods: Iterable[Method]) -> dict[str, dict[Key, Row]]:
@@ -287,16 +308,17 @@ def method_rows(results: Results, guide: str, methods: Iterable[Method]) -> dict
             for (g, name, i, seed), rec in results.searches.items():
                 if g == guide and name == m.name:
                     rows[(i, seed)] = Row(rec["text"], rec["score"], rec["prompt_tokens"] + rec["completion_tokens"],
-                                          rec["completion_tokens"])
+                                          rec["completion_tokens"], tree_requests(rec["tree"]) if "tree" in rec else None)
         else:
             for (i, seed), rec in results.samples.items():
                 scores = results.scores.get((guide, i, seed))
-                if scores is None:
+                if scores is None or len(scores) < m.k or len(rec["samples"]) < m.k:
                     continue
                 first = rec["samples"][: m.k]
                 best = max(range(len(first)), key=lambda j: (scores[j], -j))
                 completion = sum(x["tokens"] for x in first)
-                rows[(i, seed)] = Row(first[best]["text"], scores[best], rec["prompt_tokens"] + completion, completion)
+                rows[(i, seed)] = Row(first[best]["text"], scores[best], rec["prompt_tokens"] + completion, completion,
+                                      sample_requests(x["text"] for x in first))
         out[m.name] = rows
     return out
 
@@ -305,9 +327,12 @@ def _est_dict(e: Estimate) -> dict[str, float]:
     return {"mean": e.mean, "se": e.se, "clusters": e.clusters, "n": e.n}
 
 
-def summarize(results: Results, settings: Settings, guides: Sequence[str]) -> dict[str, Any]:
-    """Everything the table and the plot show, as plain data (written to report.json)."""
-    methods = bon_methods() + cbs_methods(settings.chunk_lengths)
+def summarize(results: Results, settings: Settings, guides: Sequence[str], *, instructions: Sequence[str] = (),
+              tokenize: Tokenize | None = None, system_tokens: Sequence[int] = (0,)) -> dict[str, Any]:
+    """Everything the table and the plot show, as plain data (written to report.json); with a
+    tokenizer (and the openings), dollars under each price list too, where every method's
+    requests were recorded."""
+    methods = bon_methods(settings.bon_sizes) + cbs_methods(settings.chunk_lengths)
     report: dict[str, Any] = {"settings": settings.__dict__ | {"chunk_lengths": list(settings.chunk_lengths)},
                               "judges": list(JUDGES), "guides": {}}
     for guide in guides:
@@ -342,6 +367,10 @@ def summarize(results: Results, settings: Settings, guides: Sequence[str]) -> di
                                                    for t in ("upstream_tokens", "completion_tokens")]}
         report["guides"][guide] = {"pairs": len(common), "openings": len({k[0] for k in common}),
                                    "seeds": len({k[1] for k in common}), "methods": per_method, "cbs_vs_bon": matched}
+        requests = {name: {k: r[k].requests for k in common if r[k].requests is not None} for name, r in rows.items()}
+        if tokenize is not None and instructions and all(len(r) == len(common) for r in requests.values()):
+            report["guides"][guide]["dollars"] = dollars_section(
+                requests, judged, common, instructions, tokenize, list(JUDGES), system_tokens)  # type: ignore[arg-type]
     return report
 
 
@@ -383,7 +412,7 @@ def format_report(report: Mapping[str, Any], chunk_lengths: Sequence[int]) -> st
                    "while the guide score keeps rising):\n")
         out.append("| series | breadth (N or W*K) | guide score | VADER | TextBlob |")
         out.append("|---|---:|---:|---:|---:|")
-        series = [("best-of-N", [f"bon{n}" if n > 1 else "base" for n in BON_SIZES])]
+        series = [("best-of-N", sorted((n for n in ms if ms[n]["l"] is None), key=lambda n: ms[n]["breadth"]))]
         for l in chunk_lengths:
             series.append((f"CBS L={l}", ["base"] + [f"cbs-w{w}k{k}l{l}" for w, k in CBS_SHAPES]))
         for label, names in series:
@@ -391,6 +420,9 @@ def format_report(report: Mapping[str, Any], chunk_lengths: Sequence[int]) -> st
                 m = ms[name]
                 out.append(f"| {label} | {m['breadth']} | {_fmt(m['guide_score'], 2)} | {_fmt(m['vader'])} | "
                            f"{_fmt(m['textblob'])} |")
+        if "dollars" in g:
+            out.append(f"\n## guide: {guide}, in dollars (each method's exact requests under each price list)")
+            out.append(format_dollars(g["dollars"], list(JUDGES), guide))
     return "\n".join(out)
 
 
@@ -490,7 +522,8 @@ async def main_async(args: argparse.Namespace) -> int:
     from proxy.upstreams.openai_completions import OpenAICompletionsUpstream
 
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        chunk_lengths=tuple(args.chunk_lengths), openings=args.openings, seeds=args.seeds)
+                        chunk_lengths=tuple(args.chunk_lengths), openings=args.openings, seeds=args.seeds,
+                        bon_max=args.bon_max)
     if settings.openings > len(TEST_OPENINGS):
         raise SystemExit(f"--openings: at most {len(TEST_OPENINGS)}")
     out = Path(args.output)
@@ -540,8 +573,15 @@ async def main_async(args: argparse.Namespace) -> int:
         lengths = sorted({int(name.rsplit("l", 1)[1]) for (_, name, _, _) in results.searches}) or settings.chunk_lengths
         settings = Settings(max_new_tokens=saved.get("max_new_tokens", settings.max_new_tokens),
                             temperature=saved.get("temperature", settings.temperature), chunk_lengths=tuple(lengths),
-                            openings=len({k[0] for k in results.samples}), seeds=len({k[1] for k in results.samples}))
-    report = summarize(results, settings, [g for g in GUIDES if g in guide_names or args.report])
+                            openings=len({k[0] for k in results.samples}), seeds=len({k[1] for k in results.samples}),
+                            bon_max=min((len(r["samples"]) for r in results.samples.values()), default=settings.bon_max))
+    tokenize = None
+    if args.dollars and any("tree" in rec for rec in results.searches.values()):
+        from benchmarks.quality_dollars import gemma_tokenizer
+
+        tokenize = gemma_tokenizer()
+    report = summarize(results, settings, [g for g in GUIDES if g in guide_names or args.report],
+                       instructions=TEST_OPENINGS, tokenize=tokenize, system_tokens=args.system_tokens)
     if not report["guides"]:
         print("no complete results yet", file=sys.stderr)
         return 1
@@ -550,7 +590,12 @@ async def main_async(args: argparse.Namespace) -> int:
     from benchmarks.quality_plot import plot_report
 
     plot_report(report, out / "quality.png")
-    print(f"\nwrote {out / 'report.json'} and {out / 'quality.png'}")
+    written = [out / "report.json", out / "quality.png"]
+    if any("dollars" in g for g in report["guides"].values()):
+        from benchmarks.quality_plot import plot_dollars
+
+        written.append(plot_dollars(report, out / "quality-dollars.png"))
+    print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -564,10 +609,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--chunk-lengths", type=lambda s: [int(x) for x in s.split(",")], default=list(d.chunk_lengths))
     p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--bon-max", type=int, default=d.bon_max,
+                   help="samples per (opening, seed): best-of-N up to this N (a larger one extends a run)")
     p.add_argument("--concurrency", type=int, default=64, help="searches in flight")
     p.add_argument("--torch-threads", type=int, default=1, help="the guides' CPU threads")
     p.add_argument("--upstream-threads", type=int, default=1, help="serve-local's CPU threads")
     p.add_argument("--report", action="store_true", help="only print the report from the results there")
+    p.add_argument("--no-dollars", dest="dollars", action="store_false",
+                   help="leave out the dollars section (it loads the black box's tokenizer)")
+    p.add_argument("--system-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[0, 4500],
+                   help="price the requests behind system prompts of these lengths too (0: as run; 4500 is "
+                        "above Anthropic's Haiku 4.5 cache minimum)")
     args = p.parse_args(argv)
     unknown = set(args.guides) - set(GUIDES)
     if unknown:

@@ -61,3 +61,47 @@ def plot_report(report: Mapping[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_dollars(report: Mapping[str, Any], path: Path) -> Path:
+    """Judge score against dollars per 1,000 openings: a row per (system prompt, price list), a
+    column per judge, for the first guide priced; best-of-N one line, CBS one line per chunk length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    guide, g = next((n, g) for n, g in report["guides"].items() if "dollars" in g)
+    judges = list(report["judges"])
+    panels = [(block, name, pl) for block in g["dollars"].values() for name, pl in block["price_lists"].items()]
+    fig, axes = plt.subplots(len(panels), len(judges), figsize=(5.2 * len(judges), 3.4 * len(panels)), squeeze=False)
+    for r, (block, name, pl) in enumerate(panels):
+        ms = pl["methods"]
+        lines: dict[str, list[str]] = {"best-of-N": [n for n in ms if not n.startswith("cbs")]}
+        for n in ms:
+            if n.startswith("cbs"):
+                lines.setdefault(f"CBS L={n.rsplit('l', 1)[1]}", ["base"]).append(n)
+        for c, judge in enumerate(judges):
+            ax = axes[r][c]
+            for label, names in lines.items():
+                names = sorted(names, key=lambda n: ms[n]["dollars"])
+                xs = [ms[n]["dollars"] * 1000 for n in names]
+                ax.errorbar(xs, [ms[n][judge]["mean"] for n in names], capsize=3, linewidth=1.2, label=label,
+                            yerr=[0.0 if ms[n][judge]["se"] != ms[n][judge]["se"] else ms[n][judge]["se"] for n in names],
+                            marker="o" if label == "best-of-N" else "s")
+                for n, x in zip(names, xs):
+                    if n != "base" or label == "best-of-N":
+                        ax.annotate(n.replace("cbs-", ""), (x, ms[n][judge]["mean"]), textcoords="offset points",
+                                    xytext=(4, 4), fontsize=7)
+            ax.set_xscale("log")
+            ax.set_title(f"{name}, system prompt {block['system_tokens']} tokens / {judge}", fontsize=9)
+            ax.set_xlabel("$ per 1,000 openings")
+            ax.set_ylabel(f"{judge} (mean ± s.e.)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Judge score per dollar, guide {guide} ({g['openings']} openings x {g['seeds']} seed(s))", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

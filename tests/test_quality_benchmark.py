@@ -21,7 +21,9 @@ from benchmarks.quality import (  # noqa: E402
     format_report,
     summarize,
 )
-from benchmarks.quality_plot import plot_report  # noqa: E402
+from benchmarks.billing import PRICE_LISTS, bill, tree_requests  # noqa: E402
+from benchmarks.quality_plot import plot_dollars, plot_report  # noqa: E402
+from proxy.cost import get_encoding  # noqa: E402
 from proxy.config import ModelSpec, ScorerConfig, SearchConfig  # noqa: E402
 from proxy.film_reviews.guides import (  # noqa: E402
     GuideUnavailable,
@@ -226,6 +228,32 @@ async def test_core_run_resumes_and_reports(tmp_path: Path, tiny_scorer_config: 
     assert "| cbs-w4k4l4 |" in text and "VADER - base" in text
     json.dumps(report)  # plain data
     assert plot_report(report, tmp_path / "q.png").stat().st_size > 10_000
+
+    # In dollars: each method's requests replayed from the record. With the toy's own tokenizer, a
+    # price list that bills every prompt once a request (n taken) bills what the upstream counted.
+    enc = get_encoding("cl100k_base")
+    priced = summarize(Results(tmp_path / "results.jsonl"), settings, ["contrast"], instructions=openings,
+                       tokenize=enc.encode_ordinary, system_tokens=(0, 40))
+    results = Results(tmp_path / "results.jsonl")
+    flat = PRICE_LISTS["together (flat)"]
+    for (guide, name, i, seed), rec in results.searches.items():
+        b = bill(openings[i], tree_requests(rec["tree"]), flat, enc.encode_ordinary)
+        assert (b.prompt, b.completion) == (rec["prompt_tokens"], rec["completion_tokens"])
+    d = priced["guides"]["contrast"]["dollars"]
+    assert list(d) == ["0", "40"] and d["0"]["system_tokens"] == 0 and 35 <= d["40"]["system_tokens"] <= 40
+    for block in d.values():
+        for pl in block["price_lists"].values():
+            ms = pl["methods"]
+            assert ms["bon16"]["dollars"] > ms["bon4"]["dollars"] > ms["base"]["dollars"] > 0
+            assert pl["frontier"]["vader"][0] == "base"
+            assert set(pl["cbs_vs_bon"]) == {"cbs-w2k2l4", "cbs-w4k4l4"}
+    # Behind a shared system prompt DeepSeek's units make CBS's re-sent prefixes hits.
+    deepseek = d["40"]["price_lists"]["deepseek"]["methods"]
+    assert deepseek["cbs-w4k4l4"]["cached_share"] > 0.5 and deepseek["bon16"]["cached_share"] == 0.0
+    text = format_report(priced, settings.chunk_lengths)
+    assert "best at each budget by vader" in text and "price list: deepseek" in text
+    json.dumps(priced)
+    assert plot_dollars(priced, tmp_path / "d.png").stat().st_size > 10_000
 
 
 # ---------------------------------------------------------------- serve-local's batched sampling

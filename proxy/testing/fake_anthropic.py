@@ -39,6 +39,7 @@ from aiohttp import web
 
 from proxy.protocol.model_requests import CompletionParams
 from proxy.serving.site import listen
+from proxy.testing.cache_rules import anthropic_cache_use
 from proxy.testing.toy_model import ToyBackend
 from proxy.types import first_stop
 
@@ -222,21 +223,16 @@ class FakeAnthropicServer:
     def _cache_usage(self, body: dict[str, Any], texts: list[str], available: frozenset[str]) -> dict[str, int]:
         """input_tokens and the cache fields of a valid body (see the module's docstring);
         `available`: the prefixes cached when the request arrived."""
-        def tokens(text: str) -> int:
-            return len(self.toy.encoding.encode_ordinary(text))
-
         marks = [isinstance(b, dict) and "cache_control" in b for b in _blocks(body.get("system"))]
         for m in body["messages"]:
             marks.extend(isinstance(b, dict) and "cache_control" in b for b in _blocks(m.get("content")))
         if body.get("cache_control") is not None:
             marks[-1] = True
-        prefixes = ["\n".join(texts[:i + 1]) for i, marked in enumerate(marks) if marked]
-        cacheable = [p for p in prefixes if tokens(p) >= self.cache_min_tokens]
-        read = max((tokens(p) for p in cacheable if p in available), default=0)
-        last = tokens(cacheable[-1]) if cacheable else 0
-        self.cached_prefixes.update(cacheable)
-        return {"input_tokens": max(tokens("\n".join(texts)) - max(read, last), 0),
-                "cache_read_input_tokens": read, "cache_creation_input_tokens": max(last - read, 0)}
+        use = anthropic_cache_use(texts, marks, available, lambda t: len(self.toy.encoding.encode_ordinary(t)),
+                                  self.cache_min_tokens)
+        self.cached_prefixes.update(use.cached)
+        return {"input_tokens": use.input_tokens, "cache_read_input_tokens": use.read,
+                "cache_creation_input_tokens": use.write}
 
     async def _messages(self, request: web.Request) -> web.Response:
         self.in_flight += 1

@@ -53,6 +53,7 @@ from aiohttp import web
 from proxy.protocol.model_requests import CompletionParams
 from proxy.serving.errors import ApiError
 from proxy.serving.site import listen
+from proxy.testing.cache_rules import shared_prefix
 from proxy.testing.toy_model import ToyBackend
 
 Dialect = Literal["vllm", "deepseek", "mistral", "ignores-n"]
@@ -221,7 +222,7 @@ class FakeChatServer:
     def cache_usage(self, ids: list[int]) -> dict[str, Any]:
         """The dialect's cache fields for a prompt of token `ids` (see the module's docstring);
         the prompt is then remembered."""
-        cached = max((_shared(ids, seen) for seen in self.seen), default=0)
+        cached = max((shared_prefix(ids, seen) for seen in self.seen), default=0)
         self.seen.append(ids)
         if self.dialect == "deepseek":
             return {"prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": len(ids) - cached}
@@ -230,13 +231,3 @@ class FakeChatServer:
         if self.dialect == "mistral" or self.prompt_tokens_details:
             return {"prompt_tokens_details": {"cached_tokens": cached}}
         return {}
-
-
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of `a` and `b`."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
