@@ -108,6 +108,8 @@ class Settings:
     chunk_lengths: tuple[int, ...] = (4, 8)
     openings: int = 100
     seeds: int = 3
+    extra_methods: tuple[str, ...] = ()
+    """CBS variants (a horizon, a sample schedule: `Method.parse` names) run beside the grid."""
     bon_max: int = max(BON_SIZES)
     """Samples drawn per (opening, seed); best-of-N for every power of two up to it. Not part of
     the identity: serve-local seeds each sample by its index, so a larger `bon_max` extends the
@@ -252,6 +254,9 @@ class Runner:
             out += [Job(f"cbs l{l}", lambda g=g, m=m, i=i: self._search(g, m, i, seed))
                     for i in n for g in self.guides for m in cbs_methods((l,))
                     if (g, m.name, i, seed) not in res.searches]
+        out += [Job("variants", lambda g=g, m=m, i=i: self._search(g, m, i, seed))
+                for i in n for g in self.guides for m in map(Method.parse, self.settings.extra_methods)
+                if (g, m.name, i, seed) not in res.searches]
         return out
 
     async def run(self) -> None:
@@ -332,7 +337,8 @@ def summarize(results: Results, settings: Settings, guides: Sequence[str], *, in
     """Everything the table and the plot show, as plain data (written to report.json); with a
     tokenizer (and the openings), dollars under each price list too, where every method's
     requests were recorded."""
-    methods = bon_methods(settings.bon_sizes) + cbs_methods(settings.chunk_lengths)
+    methods = (bon_methods(settings.bon_sizes) + cbs_methods(settings.chunk_lengths)
+               + [Method.parse(name) for name in settings.extra_methods])
     report: dict[str, Any] = {"settings": settings.__dict__ | {"chunk_lengths": list(settings.chunk_lengths)},
                               "judges": list(JUDGES), "guides": {}}
     for guide in guides:
@@ -523,7 +529,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         chunk_lengths=tuple(args.chunk_lengths), openings=args.openings, seeds=args.seeds,
-                        bon_max=args.bon_max)
+                        bon_max=args.bon_max, extra_methods=tuple(args.extra_methods))
     if settings.openings > len(TEST_OPENINGS):
         raise SystemExit(f"--openings: at most {len(TEST_OPENINGS)}")
     out = Path(args.output)
@@ -570,10 +576,12 @@ async def main_async(args: argparse.Namespace) -> int:
 
     if args.report:  # the report describes what the directory holds, whatever the flags say
         saved = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else {}
-        lengths = sorted({int(name.rsplit("l", 1)[1]) for (_, name, _, _) in results.searches}) or settings.chunk_lengths
+        searched = {Method.parse(name) for (_, name, _, _) in results.searches}
+        lengths = sorted({m.l for m in searched if not m.variant and m.l}) or settings.chunk_lengths
         settings = Settings(max_new_tokens=saved.get("max_new_tokens", settings.max_new_tokens),
                             temperature=saved.get("temperature", settings.temperature), chunk_lengths=tuple(lengths),
                             openings=len({k[0] for k in results.samples}), seeds=len({k[1] for k in results.samples}),
+                            extra_methods=tuple(sorted(m.name for m in searched if m.variant)),
                             bon_max=min((len(r["samples"]) for r in results.samples.values()), default=settings.bon_max))
     tokenize = None
     if args.dollars and any("tree" in rec for rec in results.searches.values()):
@@ -609,6 +617,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--chunk-lengths", type=lambda s: [int(x) for x in s.split(",")], default=list(d.chunk_lengths))
     p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--extra-methods", type=lambda s: [Method.parse(x).name for x in s.split(",") if x], default=[],
+                   help="CBS variants to run beside the grid, e.g. cbs-w4k4l8-h16,cbs-w4k4l8-s16.4 (a horizon of "
+                        "16 tokens; 16 samples at the first step, then 4)")
     p.add_argument("--bon-max", type=int, default=d.bon_max,
                    help="samples per (opening, seed): best-of-N up to this N (a larger one extends a run)")
     p.add_argument("--concurrency", type=int, default=64, help="searches in flight")

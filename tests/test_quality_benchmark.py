@@ -119,6 +119,14 @@ def test_method_names_and_search_configs() -> None:
     cfg = Method(4, 4, 8).search_config(max_new_tokens=32, temperature=1.0, seed=2)
     assert (cfg.w, cfg.k, cfg.l, cfg.seed, cfg.prefer_finished, cfg.narrow_start) == (4, 4, 8, 2, False, False)
     assert Method(1, 16).breadth == 16 and not Method(1, 16).searched
+    for name in ("base", "bon32", "cbs-w4k4l8", "cbs-w4k4l8-h16", "cbs-w4k4l8-s16.4.2", "cbs-w2k2l4-h8-s8.2"):
+        assert Method.parse(name).name == name
+    v = Method.parse("cbs-w4k4l8-h16-s16.4.2")
+    cfg = v.search_config(max_new_tokens=48, temperature=1.0, seed=0)
+    assert (cfg.horizon, cfg.sample_schedule, v.variant) == (16, [16, 4, 2], True)
+    assert not Method.parse("cbs-w4k4l8").variant
+    with pytest.raises(ValueError, match="not a method name"):
+        Method.parse("cbs-w4k4")
 
 
 # ---------------------------------------------------------------- the plot
@@ -213,6 +221,16 @@ async def test_core_run_resumes_and_reports(tmp_path: Path, tiny_scorer_config: 
                 best = max(range(n), key=lambda j: (scores[j], -j))
                 assert r.text == rec["samples"][best]["text"]
                 assert r.score == pytest.approx(scores[best], abs=1e-4)
+
+            # A larger --bon-max extends the samples (the first 16 come back identical, checked by
+            # the runner) and a variant runs beside the grid.
+            more = Settings(**{**settings.__dict__, "bon_max": 32, "extra_methods": ("cbs-w2k2l4-h4",)})
+            bigger = Results(tmp_path / "results.jsonl")
+            await Runner(bigger, more, upstream, guides, openings, concurrency=8, log=lambda s: None).run()
+            assert all(len(r["samples"]) == 32 and len(bigger.scores[("tuned", *k)]) == 32
+                       for k, r in bigger.samples.items())
+            assert bigger.samples[(1, 0)]["samples"][:16] == rec["samples"]
+            assert sum(1 for key in bigger.searches if key[1] == "cbs-w2k2l4-h4") == 3 * 2 * 2
     await scorer.aclose()
 
     report = summarize(Results(tmp_path / "results.jsonl"), settings, ["contrast", "tuned"])
@@ -220,6 +238,9 @@ async def test_core_run_resumes_and_reports(tmp_path: Path, tiny_scorer_config: 
     assert (g["pairs"], g["openings"], g["seeds"]) == (6, 3, 2)
     ms = g["methods"]
     assert set(ms) == {"base", "bon2", "bon4", "bon8", "bon16", "cbs-w2k2l4", "cbs-w4k4l4"}
+    wide = summarize(Results(tmp_path / "results.jsonl"), Settings(**{**settings.__dict__, "bon_max": 32,
+                                                                      "extra_methods": ("cbs-w2k2l4-h4",)}), ["tuned"])
+    assert {"bon32", "cbs-w2k2l4-h4"} <= set(wide["guides"]["tuned"]["methods"])
     assert ms["base"]["vader_vs_base"]["mean"] == 0.0
     assert ms["bon16"]["guide_score"]["mean"] >= ms["bon4"]["guide_score"]["mean"] >= ms["base"]["guide_score"]["mean"]
     assert ms["bon16"]["upstream_tokens"] > ms["bon4"]["upstream_tokens"] > ms["base"]["upstream_tokens"]

@@ -18,6 +18,7 @@ Nothing here imports torch; `ScorerConfig`s are loaded by `scorers.registry.load
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from proxy.config import ModelSpec, ScorerConfig, SearchConfig
@@ -73,12 +74,35 @@ class Method:
     w: int
     k: int
     l: int | None = None
+    horizon: int | None = None
+    """Search only the first `horizon` tokens, then one plain continuation (SearchConfig.horizon)."""
+    schedule: tuple[int, ...] | None = None
+    """Samples per beam at each step, the last repeated (SearchConfig.sample_schedule)."""
 
     @property
     def name(self) -> str:
         if self.l is None:
             return "base" if self.k == 1 else f"bon{self.k}"
-        return f"cbs-w{self.w}k{self.k}l{self.l}"
+        return (f"cbs-w{self.w}k{self.k}l{self.l}" + (f"-h{self.horizon}" if self.horizon else "")
+                + ("-s" + ".".join(map(str, self.schedule)) if self.schedule else ""))
+
+    @classmethod
+    def parse(cls, name: str) -> "Method":
+        """The method a name stands for ("bon8", "cbs-w4k4l8", "cbs-w4k4l8-h16-s16.4"); ValueError if none."""
+        if name == "base":
+            return cls(1, 1)
+        if m := re.fullmatch(r"bon(\d+)", name):
+            return cls(1, int(m[1]))
+        m = re.fullmatch(r"cbs-w(\d+)k(\d+)l(\d+)(?:-h(\d+))?(?:-s(\d+(?:\.\d+)*))?", name)
+        if not m:
+            raise ValueError(f"not a method name: {name!r} (e.g. bon8, cbs-w4k4l8, cbs-w4k4l8-h16, cbs-w4k4l8-s16.4)")
+        return cls(int(m[1]), int(m[2]), int(m[3]), int(m[4]) if m[4] else None,
+                   tuple(int(x) for x in m[5].split(".")) if m[5] else None)
+
+    @property
+    def variant(self) -> bool:
+        """A horizon or a schedule: a departure from the paper's search, reported beside it."""
+        return self.horizon is not None or self.schedule is not None
 
     @property
     def breadth(self) -> int:
@@ -91,7 +115,8 @@ class Method:
 
     def search_config(self, *, max_new_tokens: int, temperature: float, seed: int) -> SearchConfig:
         """The paper's rule (score alone ranks, `prefer_finished` off), as SearchConfig defaults."""
-        return SearchConfig(w=self.w, k=self.k, l=self.l, max_new_tokens=max_new_tokens,
+        return SearchConfig(w=self.w, k=self.k, l=self.l, max_new_tokens=max_new_tokens, horizon=self.horizon,
+                            sample_schedule=list(self.schedule) if self.schedule else None,
                             temperature=temperature, top_p=1.0, seed=seed)
 
 
