@@ -15,8 +15,9 @@ wanting a positive review (`proxy.film_reviews.guides`): "contrast" (one model, 
 negative review prefix) and "tuned" (the shipped DPO adapter vs its parent; VADER labelled its training
 pairs). The judges never guide: VADER and TextBlob, on the continuation alone.
 
-Methods per (opening, seed): base, best-of-N for N in 1, 2, 4, 8, 16, and CBS at W2K2 and W4K4
-for each chunk length L, all as the paper's reference code runs them: the first step draws W·K
+Methods per (opening, seed): base, best-of-N for N = 1, 2, 4, ... up to `--bon-max` (16), CBS at
+W2K2 and W4K4 for each chunk length L, and any CBS variants named by `--extra-methods` (a
+horizon, a sample schedule: `Method.parse`), all as the paper's reference code runs them: the first step draws W·K
 chunks from the prompt and keeps W (`narrow_start` off), and selection is by score alone
 (`prefer_finished` off). settings.json records that start (`cbs_start`); a directory made before
 it was recorded holds searches that drew K first chunks, and is refused.
@@ -31,15 +32,15 @@ one guide, 32 new tokens, L = 8 and 16, took 1330 CPU s after start-up). So one 
 openings takes about 65 minutes here, and the issue's three seeds about 3.3 hours: the hour the
 issue asks for buys one seed, not three. The run is resumable and goes seed by seed, so
 `--seeds 1` is the one-hour run and `--seeds 3` on the same directory later adds the rest.
-- Best-of-N for every N is read off ONE 16-sample request per (opening, seed): serve-local seeds
-  each sample from (seed, prompt, sample index), so the first N of those 16 samples are exactly
+- Best-of-N for every N is read off ONE `--bon-max`-sample request per (opening, seed): serve-local seeds
+  each sample from (seed, prompt, sample index), so the first N of those samples are exactly
   the samples a `search(w=1, k=N)` with that seed would have drawn, and best-of-N is the one of
   them the guide scores highest (ties to the first, as the search's stable sort does); base is
   sample 0. Upstream tokens are accounted as what each method would have used (the prompt once
-  plus its N samples). The 16 samples are scored by every guide, so the other guide costs no
+  plus its N samples). The samples are scored by every guide, so the other guide costs no
   new sampling. CBS needs real searches per guide.
 - The same seed in CBS gives its first step's W·K samples the same random draws as the first W·K
-  of the 16 (common random numbers: the paired differences have less noise).
+  of them (common random numbers: the paired differences have less noise).
 - serve-local decodes every request in flight in one padded batch of up to 64 rows, each prompt
   run once however many samples it has (`proxy.local.causal_lm`): 48 tokens/s in batches of 64 rows
   against 26 tokens/s for one n=16 request and 6 for n=1 (1 thread). The runner keeps many
@@ -58,7 +59,10 @@ The report: per guide, method | upstream tokens per opening | guide score | VADE
 mean ± s.e. | VADER and TextBlob minus base, paired on (opening, seed) ± s.e.; then CBS minus
 best-of-N at matched samples (W2K2 vs BoN-4, W4K4 vs BoN-16: the same completion tokens where
 no answer finishes early, though CBS pays for re-sending the prompt and the answer so far at
-every step), paired; then the judges as N (best-of-N) and W*K (CBS) grow. Standard errors are clustered by opening (the seeds of one
+every step), paired; then the judges as N (best-of-N) and W*K (CBS) grow; then, where every search recorded its tree
+(`tree`, since 2026-12-07), the same in dollars under each price list of benchmarks/billing.py
+(each method's exact requests under that provider's prices, `n` support and cache rule, also
+behind a long shared system prompt: `--system-tokens`), benchmarks/quality_dollars.py. Standard errors are clustered by opening (the seeds of one
 opening are averaged first). `report.json` and `quality.png` (judge vs upstream tokens, one
 point per method with error bars, a panel per guide and judge) go next to the results.
 """
@@ -198,7 +202,7 @@ class Runner:
         """CPU seconds used so far by the processes doing the work (set to include serve-local's)."""
 
     async def _samples(self, i: int, seed: int) -> None:
-        """The 16 samples of (opening, seed) if missing, then every guide's scores of them if missing."""
+        """The `bon_max` samples of (opening, seed) if missing (or fewer), then every guide's scores of them if missing."""
         s = self.settings
         had = self.results.samples.get((i, seed), {}).get("samples", [])
         if len(had) < s.bon_max:
@@ -305,7 +309,7 @@ class Row:
 
 
 def method_rows(results: Results, guide: str, methods: Iterable[Method]) -> dict[str, dict[Key, Row]]:
-    """Every method's chosen answer per (opening, seed); best-of-N derived from the 16 samples."""
+    """Every method's chosen answer per (opening, seed); best-of-N derived from the shared samples."""
     out: dict[str, dict[Key, Row]] = {}
     for m in methods:
         rows: dict[Key, Row] = {}
