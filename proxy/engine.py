@@ -23,6 +23,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 
 from proxy.budget import Budget
 from proxy.config import AppConfig, Prices, ScorerConfig, SearchConfig
@@ -255,18 +256,25 @@ class Engine:
         scorer_ok = self.scorer_state in (ScorerState.LOADED, ScorerState.NONE)
         return Readiness(upstream_ok and scorer_ok, upstream_state, self.scorer_status)
 
-    def plan(self, conversation: Conversation | str, search_config: SearchConfig | None = None, *,
-             score_plain: bool = True) -> SearchPlan:
+    async def plan(self, conversation: Conversation | str, search_config: SearchConfig | None = None, *,
+                   score_plain: bool = True) -> SearchPlan:
         """A checked search of `conversation` (a string: a raw completion prompt; default config:
         `config.search`), see proxy.search.plan_search: ConfigError without a scorer configured
         for a search that ranks, ScorerUnavailable while the scorer loads or after it failed,
         ScorerContextError when the prompt or answer cannot fit the scorer's context. A server
-        plans before answering, so a stream is refused before its 200 goes out."""
+        plans before answering, so a stream is refused before its 200 goes out. The context check
+        tokenizes the prompt (seconds for a megabyte): it runs where the scorer tokenizes
+        (`Scorer.run_tokenizing`), never on the event loop."""
         cfg = search_config if search_config is not None else self.config.search
-        if self._scorer is None and needs_scorer(cfg):
+        scorer = self._scorer
+        if scorer is None and needs_scorer(cfg):
             require_scorer(cfg, self.config.scorer is not None)
             raise ScorerUnavailable(self.scorer_status)
-        plan = plan_search(conversation, cfg, self._scorer, score_plain=score_plain)
+        check = partial(plan_search, conversation, cfg, scorer, score_plain=score_plain)
+        if scorer is not None and (score_plain or needs_scorer(cfg)):
+            plan = await scorer.run_tokenizing(check)
+        else:
+            plan = check()
         self._check_own_caps(plan)
         return plan
 
@@ -296,8 +304,8 @@ class Engine:
                      budget: Budget | None = None) -> SearchResult:
         """`plan` then `run`. Plain sampling (w = k = 1) is scored when a scorer is loaded,
         unless `score_plain` is False."""
-        return await self.run(self.plan(conversation, search_config, score_plain=score_plain), on_step=on_step,
-                              budget=budget)
+        plan = await self.plan(conversation, search_config, score_plain=score_plain)
+        return await self.run(plan, on_step=on_step, budget=budget)
 
     def summarize(self, result: SearchResult, mode: str | None = None) -> ResultSummary:
         return summarize(result, self.config.upstream.prices, mode)

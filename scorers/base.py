@@ -7,13 +7,16 @@ numbers equal a full recompute.
 """
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from proxy.types import ChatMessage
 
 
 ScorerPrompt = str | Sequence[ChatMessage]
+T = TypeVar("T")
 
 
 def as_messages(prompt: ScorerPrompt) -> list[ChatMessage]:
@@ -48,7 +51,9 @@ def score_args(texts: Sequence[str], finished: Sequence[bool]) -> tuple[list[str
 def check_room(scorer: "Scorer", prompt: "ScorerPrompt", max_new_tokens: int) -> None:
     """ScorerContextError unless a response of `max_new_tokens` tokens (counted one scorer token
     per upstream token: the check is before any call, so it cannot see the real text) and its
-    EOS fit after `prompt` in the scorer's context."""
+    EOS fit after `prompt` in the scorer's context. A text that re-tokenizes longer is no error
+    later: the scorer scores the prefix that fits (scorers.room). This tokenizes the prompt: from
+    the event loop, call it through `Scorer.run_tokenizing`."""
     room = scorer.response_room(prompt)
     if room is None:
         return
@@ -99,6 +104,15 @@ class Scorer(ABC):
         may have before prompt + response passes the scoring models' context; None: no limit
         known. Checked before the upstream is called, so an impossible request costs nothing."""
         return None
+
+    async def run_tokenizing(self, fn: Callable[[], T]) -> T:
+        """`fn()` (which may tokenize with this scorer's tokenizers, e.g. `check_room` of a long
+        prompt) off the event loop, never beside the scorer's own use of its tokenizers: a fast
+        tokenizer used from two threads at once raises "Already borrowed". Default: on a thread
+        of its own, or at once where the scorer says nothing of its room (no tokenizer read)."""
+        if type(self).response_room is Scorer.response_room:
+            return fn()
+        return await asyncio.to_thread(fn)
 
     async def aclose(self) -> None:
         """Release models and worker threads."""

@@ -9,6 +9,10 @@ Two ways to compute the same numbers:
 - full recompute (`incremental=False`): every prompt + response runs whole at every call, as in
   the paper's code (scorers.full_recompute). Kept as the baseline for tests and benchmarks.
 
+Both score a response too long for the models' positions as the longest prefix of its text that
+fits on both sides (scorers.room), so a search never fails on a text that re-tokenizes longer
+than the upstream's token count.
+
 A prompt-contrast pair (one model, two system prompts or templates) is a pair whose two
 ScoringModels share one model object; the incremental path then runs both sides' rows in the
 same forward passes. All torch work runs on one worker thread per scorer; the event loop only
@@ -17,20 +21,21 @@ awaits.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from proxy.config import ModelSpec, ScorerConfig
-from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, as_messages, score_args
+from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, T, as_messages, score_args
 from scorers.batcher import MicroBatcher
 from scorers.full_recompute import batched_logprobs, forward_batch, plan_batches, response_logprobs
 from scorers.incremental import EngineStats, IncrementalEngine, ScoreJob
 from scorers.kv_cache import CachePool, CacheStats, SessionCache
 from scorers.loading import load_causal_lm, pick_device_dtype
 from scorers.reading import PromptEncoding, ResponseTokens, common_prefix_len
+from scorers.room import fit_response
 from scorers.scoring_model import ScoringModel
 
 __all__ = [
@@ -95,6 +100,8 @@ class ImplicitRewardSession(ScoringSession):
         limits = (self._scorer.batch_size, self._scorer.max_batch_tokens)
         with torch.inference_mode():
             prompts = self._encoded_prompts(pair)
+            fitted = [fit_response(pair, prompts, t, f) for t, f in zip(texts, finished)]  # scorers.room
+            texts, finished = [f.text for f in fitted], [f.finished for f in fitted]
             tuned, untuned = [
                 response_logprobs(sm, prompt, texts, finished, *limits) for sm, prompt in zip(pair, prompts)
             ]
@@ -227,6 +234,11 @@ class ImplicitRewardScorer(Scorer):
         messages = as_messages(prompt)
         rooms = [r for m in self._pair() if (r := m.response_room(m.render(messages))) is not None]
         return min(rooms) if rooms else None
+
+    async def run_tokenizing(self, fn: Callable[[], T]) -> T:
+        """On the worker, which tokenizes too: queued behind a running forward, never beside it."""
+        self._pair()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _release(self, cache: SessionCache) -> None:
         cache.release()

@@ -7,7 +7,8 @@ forward pass that mixes rows from many sessions. Matching on tokens rather than 
 makes seams exact: when appending a chunk changes how the parent's last tokens are cut (a chunk
 ending mid-word, on whitespace, inside a multi-byte character), the shared run simply ends
 earlier, the cache is cut there, and the differing tokens are run again. The result is the same
-sum of log-probabilities a full recompute gives, up to float rounding.
+sum of log-probabilities a full recompute gives, up to float rounding. A text too long for the
+positions is scored as the prefix scorers.room fits, as the full recompute scores it.
 
 This module is the engine that runs gathered requests on the worker thread: it encodes them,
 plans rows (scorers.incremental_rows) in up to two phases, first long runs that several new
@@ -28,6 +29,7 @@ from scorers.incremental_forward import run_rows
 from scorers.incremental_rows import Row, plan_row, plan_row_batches
 from scorers.kv_cache import CachePool, Prefix, SessionCache, SideCache, common_prefix, key_of
 from scorers.reading import PromptEncoding
+from scorers.room import fit_response
 from scorers.scoring_model import ScoringModel
 
 MIN_SHARED = 16
@@ -95,7 +97,7 @@ class IncrementalEngine:
         for j, job in enumerate(jobs):
             try:
                 entries = self._encode(job, targets)
-            except Exception as e:  # this request alone is bad (closed, too long, no context)
+            except Exception as e:  # this request alone is bad (closed, a prompt too long, no context)
                 results[j] = e
                 continue
             planned.append((j, job, entries))
@@ -128,11 +130,13 @@ class IncrementalEngine:
             if not text and not finished:
                 entries.append(None)  # nothing to score: 0.0 without a forward
                 continue
+            fitted = fit_response(self.pair, prompts, text, finished)  # clipped to the positions (scorers.room)
+            if not fitted.text and not fitted.finished:
+                entries.append(None)
+                continue
             keys, bounds = [], []
-            for sm, side, prompt in zip(self.pair, cache.sides, prompts):
-                enc = sm.encode_response(prompt, text, False)
-                sm.check_length(enc)
-                if finished:
+            for sm, side, enc in zip(self.pair, cache.sides, fitted.seqs):
+                if fitted.finished:
                     sm.eos_id()  # a clear error now rather than a KeyError later
                 ids = np.asarray(enc.ids, dtype=np.int64)
                 key = key_of(ids)
@@ -140,7 +144,7 @@ class IncrementalEngine:
                 bounds.append(enc.boundary)
                 found.append(((id(side), key), _Target(sm, side, ids, gen)))
             cache.note(text, gen, tuple(keys))
-            entries.append(_Entry(finished, tuple(keys), tuple(bounds)))
+            entries.append(_Entry(fitted.finished, tuple(keys), tuple(bounds)))
         for k, t in found:  # only once the whole request encoded without error
             if k in targets:
                 targets[k].gen = max(targets[k].gen, t.gen)

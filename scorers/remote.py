@@ -17,16 +17,17 @@ scorers.logprob_engine), so a search costs the engine the full-recompute token c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from transformers import AutoConfig, AutoTokenizer
 
 from proxy.config import ModelSpec, ScorerConfig
-from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, as_messages, score_args
+from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, T, as_messages, score_args
 from scorers.full_recompute import plan_batches
 from scorers.logprob_engine import LogprobEngine
 from scorers.reading import ModelReading, PromptEncoding, ResponseTokens
+from scorers.room import fit_response, with_eos
 from scorers.templates import resolve_template
 
 
@@ -75,13 +76,9 @@ class RemoteSession(ScoringSession):
         sides = self._scorer.sides
         if self._prompts is None:
             self._prompts = tuple(side.encode_prompt(t) for side, t in zip(sides, self._texts))
-        out = []
-        for side, prompt in zip(sides, self._prompts):
-            seqs = [side.encode_response(prompt, t, f) for t, f in zip(texts, finished)]
-            for s in seqs:
-                side.check_length(s)
-            out.append(seqs)
-        return out
+        fitted = [fit_response(sides, self._prompts, t, f) for t, f in zip(texts, finished)]  # scorers.room
+        return [[with_eos(side, f.seqs[i]) if f.finished else f.seqs[i] for f in fitted]
+                for i, side in enumerate(sides)]
 
     def close(self) -> None:
         self._texts = None
@@ -162,6 +159,12 @@ class RemoteScorer(Scorer):
         messages = as_messages(prompt)
         rooms = [r for side in self.sides if (r := side.response_room(side.render(messages))) is not None]
         return min(rooms) if rooms else None
+
+    async def run_tokenizing(self, fn: Callable[[], T]) -> T:
+        """On the tokenizer thread, where the sessions tokenize."""
+        if self._closed:
+            raise RuntimeError("scorer is closed")
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, fn)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -208,15 +208,16 @@ async def test_interleaved_sessions_share_forward_passes(llama_pair):
 
 
 async def test_a_bad_request_fails_alone(llama_pair):
-    """Requests gathered into one job: one too long for the model's positions, one for a closed
+    """Requests gathered into one job: one whose prompt alone is too long for the model's
+    positions (a response too long is scored clipped: test_guide_room.py), one for a closed
     session; the good one beside them is scored."""
     scorer = ImplicitRewardScorer.from_loaded(*llama_pair, batch_wait_ms=500)  # a wide window: a loaded box is slow
-    good, long, closed = scorer.open("Hi"), scorer.open("Hi"), scorer.open("Hi")
+    good, long, closed = scorer.open("Hi"), scorer.open("word " * 600), scorer.open("Hi")
     closed_call = asyncio.ensure_future(closed.score(["x"], [False]))
     await asyncio.sleep(0)  # its request is queued, waiting for company...
     closed.close()  # ...when its session closes
     results = await asyncio.gather(
-        good.score(["Red leaves"], [True]), long.score(["word " * 600], [False]), closed_call,
+        good.score(["Red leaves"], [True]), long.score(["x"], [False]), closed_call,
         return_exceptions=True,
     )
     assert scorer.batch_jobs == 1

@@ -316,3 +316,99 @@ async def test_a_stream_still_running_when_the_grace_period_ends_gets_an_error_e
             await server.stop()
     last = [e for e in body.split("\n\n") if e][-1]
     assert json.loads(last.removeprefix("data: "))["error"]["code"] == "server_shutting_down"
+
+
+async def test_whole_answers_still_running_when_the_grace_period_ends_get_a_503_in_time() -> None:
+    """Non-streamed requests that outlive the grace period are each answered (a 503 the client
+    can retry, like a stream's error event) before the server stops, and the server stops within
+    its grace period, not aiohttp's two (a wait, then a cancellation that answers nothing)."""
+    grace_s = 2.0
+    async with ToyCompletionsServer(latency_s=60.0) as slow:
+        server = GuidanceServer(app_config(slow), shutdown_timeout_s=grace_s)
+        await server.start(port=0)
+        loop = asyncio.get_running_loop()
+        try:
+            async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0,
+                                          timeout=30) as client:
+                async def answer(i: int) -> BaseException | None:
+                    try:
+                        if i % 2:
+                            await client.chat.completions.create(model=MODEL, max_tokens=3,
+                                                                 messages=[{"role": "user", "content": f"q{i}"}])
+                        else:
+                            await client.completions.create(model=MODEL, prompt=f"p{i}", max_tokens=3)
+                    except Exception as e:  # noqa: BLE001 - what each request got is the result
+                        return e
+                    return None
+
+                requests = [asyncio.create_task(answer(i)) for i in range(4)]
+                await wait_for(lambda: slow.in_flight == 4, "the requests to reach the upstream", limit_s=30)
+                t0 = loop.time()
+                await asyncio.wait_for(server.stop(), 4 * grace_s)
+                stop_s = loop.time() - t0
+                outcomes = await asyncio.wait_for(asyncio.gather(*requests), 30)
+            await wait_for(lambda: slow.in_flight == 0, "the upstream requests to be cancelled", limit_s=10)
+        finally:
+            await server.stop()
+    for e in outcomes:
+        assert isinstance(e, openai.APIStatusError), repr(e)
+        assert e.status_code == 503 and e.body["code"] == "server_shutting_down"  # type: ignore[index]
+        assert e.body["type"] == "server_error" and "send it again" in e.body["message"]  # type: ignore[index]
+    assert stop_s < 1.5 * grace_s  # today: 2 x grace, and every connection cut without an answer
+
+
+async def test_w2s_serve_answers_everything_and_exits_within_its_grace_period_on_sigterm(tmp_path: Path) -> None:
+    """The process end to end, its grace period set in the config file: requests that would
+    outlive it, whole and streamed, each get `server_shutting_down` (a 503, or the stream's error
+    event) and the process exits 0 within the grace period, not twice it."""
+    grace_s = 2.0  # server.shutdown_grace_s, 10 s unless set
+    async with ToyCompletionsServer(latency_s=120.0) as slow:
+        cfg = tmp_path / "serve.yaml"
+        cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": slow.base_url},
+                                       "server": {"shutdown_grace_s": grace_s}}))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", "0", cwd=REPO,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        loop = asyncio.get_running_loop()
+        try:
+            assert proc.stdout is not None
+            base_url = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().split()[2]
+            async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60) as client:
+                async def whole(i: int) -> BaseException | None:
+                    try:
+                        await client.completions.create(model=MODEL, prompt=f"p{i}", max_tokens=3)
+                    except Exception as e:  # noqa: BLE001 - what each request got is the result
+                        return e
+                    return None
+
+                async def streamed() -> str:
+                    async with aiohttp.ClientSession() as http:
+                        async with http.post(base_url + "/completions", json={
+                                "model": MODEL, "prompt": "yo", "max_tokens": 3, "stream": True}) as r:
+                            return (await r.read()).decode()
+
+                wholes = [asyncio.create_task(whole(i)) for i in range(3)]
+                streaming = asyncio.create_task(streamed())
+                await wait_for(lambda: slow.in_flight == 4, "the requests to reach the upstream", limit_s=60)
+                proc.send_signal(signal.SIGTERM)
+                t0 = loop.time()
+                async with asyncio.timeout_at(t0 + 2 * grace_s):  # before: cut unanswered at ~2 x grace
+                    outcomes = await asyncio.gather(*wholes)
+                    stream_text = await streaming
+                    await proc.wait()
+                exit_s = loop.time() - t0
+        finally:
+            try:  # it stops by itself after the SIGTERM above; a second one would race its exit
+                out, err = await asyncio.wait_for(proc.communicate(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                raise
+    for e in outcomes:
+        assert isinstance(e, openai.APIStatusError), repr(e)
+        assert e.status_code == 503 and e.body["code"] == "server_shutting_down"  # type: ignore[index]
+    last = [e for e in stream_text.split("\n\n") if e][-1]
+    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "server_shutting_down"
+    assert proc.returncode == 0 and b"draining" in out and b"Traceback" not in err
+    assert exit_s < 1.5 * grace_s  # before: the connections cut at ~2 x grace, the exit after that

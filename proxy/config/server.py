@@ -84,6 +84,9 @@ class ServerConfig(Strict):
     idle_timeout_s: float = Field(15.0, gt=0)
     """A connection that has not sent a whole request head for this long is closed (idle
     keep-alive connections, and clients that trickle their headers)."""
+    shutdown_grace_s: float = Field(10.0, gt=0)
+    """On SIGTERM (or Ctrl-C), how long requests in flight may finish; searches still running at
+    0.8 of it are ended with `server_shutting_down` (a 503, in-band for a stream)."""
     body_timeout_s: float = Field(30.0, gt=0)
     """A request body not received in full within this long is answered 408."""
     key_budget_usd: float | None = Field(None, gt=0)

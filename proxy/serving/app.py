@@ -36,7 +36,7 @@ from proxy.serving.generation import CALLER_KEY, Generation, json_response
 from proxy.serving.guidance import GuidanceModes
 from proxy.serving.metrics import ServerMetrics
 from proxy.serving.site import listen
-from proxy.serving.streaming import RUNNING_STREAMS, STREAM_STATUS
+from proxy.serving.streaming import STREAM_STATUS
 from proxy.upstreams.base import Upstream
 from scorers.base import Scorer
 
@@ -49,10 +49,10 @@ class GuidanceServer:
 
     def __init__(self, config: AppConfig, *, upstream: Upstream | None = None, scorer: Scorer | None = None,
                  engine: Engine | None = None, api_keys: Sequence[str] | None = None, access_log: bool = False,
-                 shutdown_timeout_s: float = 10.0) -> None:
+                 shutdown_timeout_s: float | None = None) -> None:
         """`upstream` / `scorer` injected here are used as they are and not closed by the server;
         otherwise they are built from `config`. An `engine` is shared with its owner, who closes
-        it. `api_keys` overrides `server.api_keys_env`."""
+        it. `api_keys` overrides `server.api_keys_env`, `shutdown_timeout_s` `server.shutdown_grace_s`."""
         if engine is not None and (upstream is not None or scorer is not None):
             raise ValueError("GuidanceServer: pass an engine, or an upstream and/or a scorer, not both")
         self.config = config
@@ -65,7 +65,7 @@ class GuidanceServer:
         self.metrics = ServerMetrics(self.modes.modes)
         self.generation = Generation(config, self.modes, self.metrics, self.engine)
         self._access_log = access_log
-        self._shutdown_timeout_s = shutdown_timeout_s
+        self._shutdown_timeout_s = config.server.shutdown_grace_s if shutdown_timeout_s is None else shutdown_timeout_s
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self.app = self._make_app()
@@ -74,7 +74,6 @@ class GuidanceServer:
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.server.max_body_bytes, middlewares=[self._middleware])
-        app[RUNNING_STREAMS] = set()
         endpoints: list[Endpoint[Any]] = [CompletionsEndpoint(), ChatEndpoint()]
         for endpoint in endpoints:
             app.router.add_post(endpoint.path, self._route(endpoint))
@@ -121,11 +120,13 @@ class GuidanceServer:
 
     async def stop(self) -> None:
         """Stop taking requests; let those in flight finish within the grace period
-        (`shutdown_timeout_s`); streams still running near its end are ended with an error
-        event, anything else left at its end is cancelled."""
+        (`shutdown_timeout_s`). Searches still running near its end are ended, each answering
+        `server_shutting_down` (a 503, or a stream's error event), so the server stops within the
+        grace period and every request gets an answer. (aiohttp alone would wait the whole period,
+        then cancel what is left and wait as long again, cutting those connections unanswered.)"""
         if self._runner is not None:
             runner, self._runner = self._runner, None
-            ending = asyncio.create_task(self._end_streams_after(self._shutdown_timeout_s * 0.8))
+            ending = asyncio.create_task(self._end_searches_after(self._shutdown_timeout_s * 0.8))
             try:
                 await runner.cleanup()
             finally:
@@ -133,10 +134,9 @@ class GuidanceServer:
         if self._owns_engine:
             await self.engine.aclose()
 
-    async def _end_streams_after(self, delay_s: float) -> None:
+    async def _end_searches_after(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
-        for search in list(self.app[RUNNING_STREAMS]):
-            search.cancel()
+        self.generation.end_searches()
 
     async def __aenter__(self) -> GuidanceServer:
         await self.start()

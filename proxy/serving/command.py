@@ -2,8 +2,9 @@
 
 SIGTERM (what Docker, Kubernetes and systemd send, and the only stop a shell's background job
 gets, since such a job ignores SIGINT) drains like Ctrl-C: the server stops taking requests,
-lets those in flight finish within its grace period (10 s), ends streams still running then with
-an error event (`server_shutting_down`), closes the upstream connections, and the process exits 0.
+lets those in flight finish within its grace period (10 s), answers those still running near its
+end with `server_shutting_down` (a 503, or a stream's error event), closes the upstream
+connections, and the process exits 0, within the grace period.
 
     w2s serve --config configs/paper-cbs-w4k4l30.yaml
 

@@ -52,6 +52,13 @@ def internal_error() -> ApiError:
     return ApiError(500, "internal server error")
 
 
+def shutting_down() -> ApiError:
+    """What a search the server ended because its shutdown grace period was running out answers:
+    a 503, or a stream's error event once its 200 went out. The request itself was fine."""
+    return ApiError(503, "The server stopped before this search finished; send it again.",
+                    code="server_shutting_down")
+
+
 def _param(loc: Sequence[int | str]) -> str | None:
     parts = [str(p) for p in loc if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
     return ".".join(parts) or None

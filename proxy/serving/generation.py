@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 from aiohttp import web
@@ -26,7 +26,7 @@ from proxy.protocol.responses import SearchSummary
 from proxy.search import Candidate, SearchPlan, SearchResult, StepCallback, StepTrace, StoppedBy
 from proxy.serving.body import read_body
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
-from proxy.serving.errors import ApiError, upstream_error, validation_error
+from proxy.serving.errors import ApiError, shutting_down, upstream_error, validation_error
 from proxy.search.plan import SettingTooSmall
 from proxy.serving.guidance import REQUEST_FIELD, GuidanceError, GuidanceModes, ModeChoice
 from proxy.serving.metrics import ServerMetrics
@@ -88,13 +88,41 @@ class Generation:
         self.engine = engine
         self.active = 0
         self._key_budgets: dict[object, Budget] = {}
+        self._searches: set[asyncio.Task[SearchResult]] = set()
+        self._ending = False
+
+    def end_searches(self) -> None:
+        """End every search being served, streamed or not, and refuse any begun from now on: each
+        answers `server_shutting_down` (a 503, or a stream's error event), so that none is left
+        for aiohttp to cut without an answer when the server's shutdown grace period is over.
+        The server calls this when its grace period is running out (GuidanceServer.stop)."""
+        self._ending = True
+        for task in list(self._searches):
+            task.cancel()
+
+    async def _endable(self, search: Callable[[], Coroutine[Any, Any, SearchResult]]) -> SearchResult:
+        """`search()` as a task `end_searches` can end, its ending raised as `server_shutting_down`.
+        The client going away cancels this handler, and so the search it awaits."""
+        if self._ending:
+            raise shutting_down()
+        task = asyncio.create_task(search())
+        self._searches.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # the client went away
+                raise
+            raise shutting_down() from None  # the server ended the search
+        finally:
+            self._searches.discard(task)
 
     async def handle(self, request: web.Request, endpoint: Endpoint[Any]) -> web.StreamResponse:
         limits = self.config.server
         req: SamplingRequest = await parse_body(request, endpoint.request_type, limits.max_body_bytes,
                                                 limits.body_timeout_s)
         plan = self._plan(req, endpoint.max_tokens(req))
-        search = self._check(plan, endpoint.conversation(req), endpoint)
+        search = await self._check(plan, endpoint.conversation(req), endpoint)
         budget = self._key_budget(request.get(CALLER_KEY))
         # Refused when the key cannot pay for even the first step's samples; checked and held at
         # once (nothing awaited in between), so concurrent requests cannot all get in on one key's
@@ -111,7 +139,8 @@ class Generation:
         self.active += 1
         self.metrics.in_flight.inc()
         try:
-            run = partial(self._search, plan.mode, search, budget)
+            def run(hook: StepHook | None) -> Awaitable[SearchResult]:
+                return self._endable(lambda: self._search(plan.mode, search, budget, hook))
 
             def summarize(result: SearchResult) -> SearchSummary:
                 return wire_summary(self.engine.summarize(result, plan.mode))
@@ -128,12 +157,12 @@ class Generation:
             self.active -= 1
             self.metrics.in_flight.dec()
 
-    def _check(self, plan: ModeChoice, conversation: Conversation, endpoint: Endpoint[Any]) -> SearchPlan:
+    async def _check(self, plan: ModeChoice, conversation: Conversation, endpoint: Endpoint[Any]) -> SearchPlan:
         """The checked search: a 503 while the scorer a guided plan needs is loading, or after it
         failed; a 400 naming the field when the prompt or max_tokens cannot fit the scorer's
         context. Before any upstream call, and before a stream's 200."""
         try:
-            return self.engine.plan(conversation, plan.search, score_plain=False)
+            return await self.engine.plan(conversation, plan.search, score_plain=False)
         except ScorerUnavailable as e:
             raise ApiError(503, f"guided modes are unavailable: {e}", code="scorer_unavailable",
                            headers={"Retry-After": "5"} if e.loading else None) from None
@@ -195,6 +224,9 @@ class Generation:
                 raise
             self.metrics.upstream_failed(e)
             raise error from None
+        except ScorerContextError as e:  # a check missed it (scorers.room clips responses): still the client's 400
+            raise ApiError(400, f"{e}", param="max_tokens" if e.field == "max_tokens" else None,
+                           code="context_length_exceeded") from None
         except ScorerFailure as e:
             log.warning("search failed: %s", e)
             raise ApiError(502, f"Guidance scoring failed: {e}.", code="scorer_error") from None

@@ -31,7 +31,8 @@ log = logging.getLogger("w2s.server")
 STREAM_STATUS = web.RequestKey("w2s_stream_status", int)
 
 StepHook = Callable[[StepTrace, list[Candidate]], Awaitable[None]]
-#: Runs the search, awaiting the hook after every step; upstream failures raised as ApiError.
+#: Runs the search, awaiting the hook after every step; upstream failures, and the server ending
+#: the search at shutdown (`server_shutting_down`), raised as ApiError.
 SearchRun = Callable[[StepHook], Awaitable[SearchResult]]
 
 
@@ -62,11 +63,6 @@ class SettledText:
         delta = shown[len(self.sent):]
         self.sent = shown
         return delta
-
-
-RUNNING_STREAMS = web.AppKey("w2s_running_streams", set)
-"""The searches of the streams being served, which the server ends itself (with an error event)
-when its shutdown grace period is running out, before aiohttp would cut them."""
 
 
 def sse(model: BaseModel) -> bytes:
@@ -112,27 +108,10 @@ async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: Samp
             await send(sse(endpoint.chunk(rid, created, req, delta)))
 
     beat = asyncio.create_task(keepalive())
-    search = asyncio.create_task(run(on_step))
-    running = request.app.get(RUNNING_STREAMS)
-    if running is not None:
-        running.add(search)
     try:
-        result = await search
+        result = await run(on_step)
     except ConnectionResetError:
         raise
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():  # the client went away: so does the search
-            search.cancel()
-            raise
-        # The server ended the search (its grace period is running out): say so in-band, so a
-        # stream never just stops, and end the stream properly.
-        request[STREAM_STATUS] = 503
-        await _stop(beat)
-        await response.write(ApiError(503, "The server stopped before this search finished; send it again.",
-                                      code="server_shutting_down").sse())
-        await response.write_eof()
-        return response
     except Exception as e:  # the status line is gone: report in-band, as OpenAI does
         if not isinstance(e, ApiError):
             log.exception("unhandled error in a streamed search")
@@ -144,8 +123,6 @@ async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: Samp
         return response
     finally:
         await _stop(beat)
-        if running is not None:
-            running.discard(search)
     rest = settled.advance(result.text)
     if rest:
         await response.write(sse(endpoint.chunk(rid, created, req, rest)))
