@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,14 +285,15 @@ def server_env() -> dict[str, str]:
 
 
 def start_server(venv: Path, model: Path, log_path: Path, dtype: str = DTYPE, env: dict[str, str] | None = None,
-                 niceness: int = 0) -> tuple[subprocess.Popen[bytes], str, float]:
+                 niceness: int = 0, extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str, float]:
     """Start vLLM's OpenAI server and wait for GET /v1/models: (process, base URL, seconds).
-    The server gets SIGTERM when the thread that called this ends (its parent-death signal)."""
+    `extra_args` go after the usual flags (a later flag wins). The server gets SIGTERM when the
+    thread that called this ends (its parent-death signal)."""
     port = free_port()
     cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
            "--max-model-len", "2048", "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching",
-           "--enable-prompt-tokens-details"] + (["--enforce-eager"] if ENFORCE_EAGER else [])
+           "--enable-prompt-tokens-details"] + (["--enforce-eager"] if ENFORCE_EAGER else []) + list(extra_args)
     t0 = time.monotonic()
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -310,6 +311,17 @@ def start_server(venv: Path, model: Path, log_path: Path, dtype: str = DTYPE, en
     kill_group(proc)
     why = f"exited with status {rc}" if rc is not None else f"did not answer GET /v1/models within {START_TIMEOUT_S} s"
     pytest.skip(f"vLLM's server {why}:\n{tail(log_path.read_text(errors='replace'))}")
+
+
+def start_own_server(log_path: Path, extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str, float]:
+    """A server of the caller's own, apart from the session's `vllm_server` (for a test that may
+    kill its engine, or that needs other flags): vLLM installed and the model converted first, as
+    `prepare` does, after waiting for the session's launch where one is installing. The caller
+    stops it with `kill_group`. Skips with the reason where vLLM cannot be installed or started."""
+    if _early is not None:  # the session's launch may be installing: wait rather than install twice
+        _early._ready.wait(timeout=INSTALL_TIMEOUT_S + START_TIMEOUT_S)
+    venv, model, _, _ = prepare()
+    return start_server(venv, model, log_path, extra_args=extra_args)
 
 
 Install = tuple[subprocess.Popen[bytes], Path, Path]
