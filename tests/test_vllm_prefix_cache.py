@@ -99,3 +99,28 @@ async def test_a_prompt_shorter_than_a_block_is_never_read_from_the_cache(vllm_s
     assert first.usage.prompt_tokens + CFG.max_new_tokens <= BLOCK_SIZE
     assert [s.usage.cached_tokens for s in result.steps] == [0] * len(result.steps)
     assert result.usage.cached_tokens == 0 and result.usage.prompt_tokens > 0
+
+
+async def test_the_billing_rule_predicts_what_vllm_reports(vllm_server: VllmServer) -> None:
+    """benchmarks/billing.py prices a search from its recorded tree under each provider's cache
+    rule; its vLLM rule (whole blocks of a sequence computed by an earlier step, never the
+    prompt's last token), applied to the exact requests a CBS search made, predicts the cached
+    tokens the engine reported for them (the first step aside: its samples may read each other's
+    blocks, and vLLM reports one of them)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.billing import PriceList, bill, tree_requests
+    from proxy.prompts import render
+
+    question = long_question()
+    async with make(vllm_server, "openai-completions", supports_prompt_lists=False) as up:
+        result = await search(question, up, FnScorer(lambda text, finished: float(len(text))), CFG)
+        prompt = render(question, up.cfg)  # type: ignore[arg-type]
+    tok = AutoTokenizer.from_pretrained(vllm_server.model_dir)
+    rule = PriceList("vllm", "vllm-completions", "vllm", "vLLM automatic prefix caching", block_size=BLOCK_SIZE)
+    tree = [[c.parent, c.step, c.chunk] for c in sorted(result.nodes.values(), key=lambda c: c.id)]
+    predicted = bill(prompt, tree_requests(tree), rule, lambda t: tok(t, add_special_tokens=False)["input_ids"])
+    first, *later = result.steps
+    assert later and predicted.requests == result.calls
+    assert predicted.prompt_total == result.usage.prompt_tokens
+    assert predicted.cached == sum(s.usage.cached_tokens for s in later) > 0
