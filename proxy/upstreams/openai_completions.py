@@ -119,9 +119,9 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         per request); one request per prompt, each with its own seed, where that cannot be."""
         seeds = list(seeds) if seeds is not None else [params.seed] * len(prompts)
 
-        async def one_by_one() -> SampleResult:
+        async def one_by_one(as_seeded: Sequence[int | None] = seeds) -> SampleResult:
             results = await asyncio.gather(*(self.sample_prompt(p, replace(params, seed=s))
-                                             for p, s in zip(prompts, seeds, strict=True)))
+                                             for p, s in zip(prompts, as_seeded, strict=True)))
             return SampleResult.joined(results)
 
         budgets = {self.room([p], params.max_tokens) for p in prompts}
@@ -130,8 +130,9 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
             return await one_by_one()
         [max_tokens] = budgets
         body = {**self._body(list(prompts), params, max_tokens), "n": params.n}
+        seed = request_seed(seeds)
         try:
-            resp = await self._create(body, request_seed(seeds), params.cache_key)
+            resp = await self._create(body, seed, params.cache_key)
         except UpstreamError as e:
             if e.status != 400:
                 raise
@@ -149,7 +150,9 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
             self.prompt_lists.hit()
             return answered
         self.prompt_lists.miss(f"answered {len(prompts)} prompts with {len(resp.choices)} choices (expected {expected})")
-        rest = await one_by_one()
+        # Each prompt alone under the list's one seed: on a server that seeds per prompt and
+        # choice, exactly the samples the whole list would have had (a seeded answer stays the same).
+        rest = await one_by_one([seed] * len(prompts))
         return SampleResult(rest.continuations, rest.usage + answered.usage, rest.calls + answered.calls)
 
     def _collect(self, responses: list[Completion], n: int, max_tokens: int) -> SampleResult:
