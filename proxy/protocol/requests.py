@@ -2,24 +2,86 @@
 
 Kept apart from the serving code (as vLLM's entrypoint does) so that what a client may send is
 readable in one place. Requests are parsed strictly from JSON: a string where a number belongs,
-an unknown field, or a feature this server cannot honour (n > 1, logprobs, echo, penalties)
-is a 400 naming the field, never silently ignored. The `w2s` body field (sent by the openai
-SDK through `extra_body`) picks and tunes the guided search per request.
+an unknown field, or a feature this server cannot honour (n > 1, logprobs, echo, penalties,
+tools, structured output) is a 400 naming the field, never silently ignored. The fields that
+cannot change the answer (`store`, `metadata`, `service_tier`, ...) are accepted and ignored,
+whatever their value: they are declared once, in `IGNORED_FIELDS`, and the manual's table
+(docs/serving.md) is checked against it, as is its table of `CHAT_REFUSED`. The `w2s` body
+field (sent by the openai SDK through `extra_body`) picks and tunes the guided search per request.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from proxy.config.search import SETTINGS, Setting, setting_fields
 
 from proxy.types import MAX_STOP
 
 
+IGNORED_FIELDS: dict[str, str] = {
+    "user": "an end-user id for the provider's abuse monitoring; not passed on",
+    "safety_identifier": "the same, under OpenAI's newer name; not passed on",
+    "store": "asks OpenAI to store the completion; this server stores none",
+    "metadata": "tags for a stored completion; nothing is stored",
+    "service_tier": "the upstream's processing tier is the operator's (upstream config)",
+    "prompt_cache_key": "the server keys the upstream's prompt cache per conversation itself, "
+                        "where `upstream.cache_affinity` says",
+    "prompt_cache_retention": "how long the upstream keeps its cache is the upstream's",
+    "parallel_tool_calls": "matters only with tools, which are refused",
+    "prediction": "a latency hint (predicted output); the answer does not depend on it",
+    "reasoning_effort": "the upstream's reasoning is the operator's choice (`upstream.extra_body`); "
+                        "reasoning is never part of the answer",
+    "verbosity": "a style hint; the operator sets upstream fields (`upstream.extra_body`)",
+    "stream_options.include_obfuscation": "padding in stream chunks; none is added",
+}
+"""Request fields accepted on both routes and ignored, whatever their value, with why that
+changes nothing for the answer; `a.b` is field `b` of the object in field `a`."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A chat field the search cannot honour: accepted only at a value that asks for nothing."""
+
+    harmless: tuple[Any, ...]
+    why: str
+
+
+CHAT_REFUSED: dict[str, Refusal] = {
+    "tools": Refusal((None, []), "tool calls are not supported (the search writes text)"),
+    "tool_choice": Refusal((None, "none", "auto"), "tool calls are not supported (the search writes text)"),
+    "functions": Refusal((None, []), "function calls are not supported (the search writes text)"),
+    "function_call": Refusal((None, "none", "auto"), "function calls are not supported (the search writes text)"),
+    "response_format": Refusal((None, {"type": "text"}),
+                               "structured output is not supported (the search cannot constrain the text)"),
+    "modalities": Refusal((None, ["text"]), "only text output is supported"),
+    "audio": Refusal((None,), "audio output is not supported"),
+    "web_search_options": Refusal((None,), "web search is not supported"),
+}
+"""/v1/chat/completions fields the search cannot honour, a 400 naming the field unless sent at
+one of its harmless values (null, no tools, a text response)."""
+
+
+def ignored_under(prefix: str, fields: Mapping[str, str] = IGNORED_FIELDS) -> frozenset[str]:
+    """The names of the ignored fields of the object at `prefix` ("" for the request body)."""
+    return frozenset(name.removeprefix(f"{prefix}.") for name in fields
+                     if (name.startswith(f"{prefix}.") if prefix else "." not in name))
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    ignored: ClassVar[frozenset[str]] = frozenset()
+    """Fields dropped before validation (IGNORED_FIELDS): accepted, whatever their value."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        if cls.ignored and isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in cls.ignored}
+        return data
 
 
 def w2s_options_model(settings: Iterable[Setting] = SETTINGS) -> type[_Request]:
@@ -40,6 +102,7 @@ W2SOptions = w2s_options_model()
 
 
 class StreamOptions(_Request):
+    ignored: ClassVar[frozenset[str]] = ignored_under("stream_options")
     include_usage: bool = False
 
 
@@ -51,6 +114,7 @@ def _zero(name: str, value: float | None) -> None:
 class SamplingRequest(_Request):
     """Fields common to completions and chat completions."""
 
+    ignored: ClassVar[frozenset[str]] = ignored_under("")
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -60,7 +124,6 @@ class SamplingRequest(_Request):
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -163,7 +226,18 @@ class ChatMessageIn(_Request):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
-class ChatCompletionRequest(SamplingRequest):
+def refusing(base: type[SamplingRequest], refused: Mapping[str, Refusal] = CHAT_REFUSED) -> type[SamplingRequest]:
+    """`base` with a field for each of `refused`, any JSON value, a 400 unless a harmless one."""
+    def refuse(cls: type, value: Any, info: ValidationInfo) -> Any:
+        if value not in refused[info.field_name or ""].harmless:
+            raise ValueError(refused[info.field_name or ""].why)
+        return value
+    return create_model(f"{base.__name__}Refusing", __base__=base, __module__=__name__,
+                        __validators__={"_refuse": field_validator(*refused)(refuse)},  # type: ignore[dict-item]
+                        **{name: (Any, None) for name in refused})
+
+
+class ChatCompletionRequest(refusing(SamplingRequest)):  # type: ignore[misc]
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessageIn] = Field(min_length=1)
