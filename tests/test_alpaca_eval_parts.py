@@ -119,6 +119,11 @@ def test_paper_presets_give_one_generator_name_each_naming_model_pair_and_wkl() 
     }
     assert {name: generator_name(load_config(name)) for name in want} == want
     assert len({config_fingerprint(load_config(name)) for name in want}) == len(want)
+    # an --on-too-long policy other than fail is named (it changes those items' answers), not fingerprinted
+    cbs = load_config("paper-cbs-w2k2l30")
+    assert generator_name(cbs, on_too_long="fail") == want["paper-cbs-w2k2l30"]
+    assert generator_name(cbs, on_too_long="unguided") == f"{want['paper-cbs-w2k2l30']}_too-long-unguided"
+    assert generator_name(cbs, on_too_long="truncate-left").endswith("_cbs-w2k2l30_too-long-truncate-left")
 
 
 def test_expo_and_unconfigured_guides_are_named() -> None:

@@ -7,6 +7,7 @@ configured upstream and guidance and writes `DIR/model_outputs.json` in the form
     dataset.py     instructions from the hub or a user's JSON/JSONL file; --limit and --shard
     identity.py    the generator name and the fingerprint of what shapes the answers
     checkpoint.py  the append-only record of finished and failed items (resume)
+    policy.py      permanent vs retryable failures; --on-too-long for instructions too long for the guide
     progress.py    the text progress bar on stderr
     runner.py      the generation loop: every pending item through the guided client, to the checkpoint
     outputs.py     model_outputs.json and summary.json: their models, atomic writes

@@ -8,8 +8,8 @@ tail off and the item is simply done again. Killing the process loses nothing wr
 data is in the kernel's page cache (there is no fsync per item, so a power cut is another
 matter).
 
-An index is done when it has an `ok` line; a `failed` line only says the last attempt failed,
-and the next run tries that item again. If an index somehow has two `ok` lines, the first
+An index is done when it has an `ok` line; a `failed` line only says the last attempt failed
+(`permanent` when running again cannot mend it), and the next run tries that item again. If an index somehow has two `ok` lines, the first
 wins, so the output never holds an item twice.
 
 An exclusive `flock` on the file keeps two runs from writing one directory at once; the
@@ -69,6 +69,12 @@ class ItemRecord(_Record):
     cost_usd: float = 0.0
     wall_s: float = 0.0
     error: str | None = None
+    permanent: bool = False
+    """A failure running again cannot mend (proxy.alpaca_eval.policy); the next run still tries it."""
+    fallback: Literal["unguided", "truncate-left"] | None = None
+    """How an instruction too long for the guide was answered (--on-too-long); None: as configured."""
+    cut_chars: int = 0
+    """truncate-left: characters cut from the instruction's start before it was answered."""
     at: float = Field(default_factory=time.time)
 
 

@@ -1,7 +1,8 @@
 """`w2s alpaca-eval` (generate) and `w2s alpaca-eval merge` (join shards).
 
-Exit status: 0 when the output is complete, 1 when some items failed (run the same command
-again to retry exactly those), 2 for a bad config or argument.
+Exit status: 0 when the output is complete, 1 when some items failed (running the same command
+again retries exactly those; it mends only the retryable ones, and the message says which are
+permanent), 2 for a bad config or argument.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                         "items it cut short are failed and redone by the next run")
     p.add_argument("--generator", help="generator name in the output (default: model_guidance_wkl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--on-too-long", choices=("fail", "unguided", "truncate-left"), default="fail",
+                   help="an instruction that does not fit the guide's context: fail (default; a permanent "
+                        "failure), unguided (answer it by plain sampling, marked), truncate-left (cut it from "
+                        "the left to fit the guide, marked); a policy other than fail is named in the generator")
     add_search_flags(p)
 
 
@@ -68,18 +73,40 @@ async def _run(args: argparse.Namespace) -> int:
               "(--instructions FILE uses a local copy)", file=sys.stderr)
     items, source = await asyncio.to_thread(load_instructions, args.instructions)
     selection = select(items, source, limit=args.limit, shard=shard)
-    preflight(args.output, cfg, selection, args.generator or generator_name(cfg))
+    preflight(args.output, cfg, selection, args.generator or generator_name(cfg, on_too_long=args.on_too_long),
+              args.on_too_long)
     async with GuidedClient(cfg) as client:
         summary = await run_alpaca_eval(client, selection, args.output, concurrency=args.concurrency,
                                         max_cost_usd=args.run_max_cost_usd,
-                                        generator=args.generator, progress=not args.no_progress)
+                                        generator=args.generator, progress=not args.no_progress,
+                                        on_too_long=args.on_too_long)
     print(json.dumps(summary.model_dump(), indent=2))
     if summary.complete:
         print(f"judge with:\n  {summary.alpaca_eval_command}", file=sys.stderr)
         return 0
-    print(f"w2s alpaca-eval: {summary.failed} of {summary.items} items failed; run the same command again "
-          "to retry them", file=sys.stderr)
+    _report_failures(summary)
     return 1
+
+
+def _report_failures(summary: Any) -> None:
+    """Retryable failures: run again. Permanent ones: never "retry"; what would change them."""
+    retry = summary.failed - summary.permanent_failures
+    if retry:
+        print(f"w2s alpaca-eval: {retry} of {summary.items} items failed; run the same command again "
+              "to retry them", file=sys.stderr)
+    if summary.permanent_failures:
+        permanent = [f.index for f in summary.failures if f.permanent]
+        shown = ", ".join(map(str, permanent[:20])) + (", ..." if len(permanent) > 20 else "")
+        too_long = [f.index for f in summary.failures if f.permanent and f.error and "ScorerContextError" in f.error]
+        print(f"w2s alpaca-eval: {summary.permanent_failures} of {summary.items} items failed permanently "
+              f"(running again cannot mend them; errors in summary.json): items {shown}", file=sys.stderr)
+        if too_long:
+            print(f"  {len(too_long)} do not fit the guide's context (--on-too-long {summary.on_too_long}): "
+                  "--on-too-long unguided answers them by plain sampling, --on-too-long truncate-left cuts "
+                  "them from the left; either is named in the generator and marked per item", file=sys.stderr)
+    if summary.partial_outputs:
+        print(f"  the {summary.done} answered items: {summary.partial_outputs} (a partial run: its win rate "
+              "is not comparable to a full one)", file=sys.stderr)
 
 
 async def _merge(args: argparse.Namespace) -> int:

@@ -68,7 +68,30 @@ def parse_rows(rows: Iterable[Any], source: str) -> list[Instruction]:
 
 def read_instruction_file(path: str | Path) -> list[Instruction]:
     """A JSON list of objects, or JSONL (one object per line; blank lines skipped)."""
-    p = Path(path)
+    return parse_rows(_read_rows(Path(path)), str(path))
+
+
+def reference_outputs_file(source: str) -> Path | None:
+    """A file alpaca_eval's `--reference_outputs` reads for these instructions: the hub's file
+    (alpaca_eval_gpt4_baseline.json, the gpt-4-turbo answers) where huggingface_hub has it cached,
+    or the user's instructions file where every row carries the reference `output`; else None
+    (alpaca_eval then fetches the same file from the hub itself)."""
+    if source == HUB_SOURCE:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset", local_files_only=True))
+        except Exception:  # noqa: BLE001 - not installed, not cached: alpaca_eval's default applies
+            return None
+    try:
+        rows = _read_rows(Path(source))
+    except ConfigError:
+        return None
+    ok = isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and isinstance(r.get("output"), str) for r in rows)
+    return Path(source).resolve() if ok else None
+
+
+def _read_rows(p: Path) -> list[Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -80,7 +103,7 @@ def read_instruction_file(path: str | Path) -> list[Instruction]:
             rows = json.loads(text)
         except ValueError as e:
             raise ConfigError(f"{p}: not valid JSON: {e}") from None
-        return parse_rows(rows, str(p))
+        return rows  # type: ignore[no-any-return]  # parse_rows names a non-list's problem
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -88,7 +111,7 @@ def read_instruction_file(path: str | Path) -> list[Instruction]:
                 rows.append(json.loads(line))
             except ValueError as e:
                 raise ConfigError(f"{p}: line {n}: not valid JSON: {e}") from None
-    return parse_rows(rows, str(p))
+    return rows
 
 
 def load_from_hub(*, endpoint: str | None = None, cache_dir: str | Path | None = None,

@@ -41,8 +41,13 @@ def wkl(search: SearchConfig) -> str:
     return f"w{search.w}k{search.k}l{search.l if search.l is not None else 'inf'}"
 
 
-def generator_name(cfg: AppConfig, *, scorer_label: str | None = None) -> str:
-    """`scorer_label` names a scorer given to the client directly rather than by the config."""
+def generator_name(cfg: AppConfig, *, scorer_label: str | None = None, on_too_long: str = "fail") -> str:
+    """`scorer_label` names a scorer given to the client directly rather than by the config.
+    An --on-too-long policy other than `fail` answers the instructions too long for the guide
+    another way, so it is named: `..._cbs-w4k4l30_too-long-unguided`. It is not in the
+    fingerprint: the items that fit are answered alike under every policy, so a directory run
+    with `fail` can be finished with another policy without paying for its answers again (each
+    record says which fallback answered it)."""
     search = cfg.search
     if not needs_scorer(search):
         guidance = "unguided"
@@ -55,7 +60,8 @@ def generator_name(cfg: AppConfig, *, scorer_label: str | None = None) -> str:
         guidance = scorer_label or "scorer"
     mode = mode_name(search)
     mode = mode if mode.startswith("cbs-") else f"{mode}-{wkl(search)}"
-    return f"{cfg.upstream.model.rsplit('/', 1)[-1]}_{guidance}_{mode}"
+    suffix = "" if on_too_long == "fail" else f"_too-long-{on_too_long}"
+    return f"{cfg.upstream.model.rsplit('/', 1)[-1]}_{guidance}_{mode}{suffix}"
 
 
 def _scoring_model(spec: ModelSpec) -> dict:

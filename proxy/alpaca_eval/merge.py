@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from proxy.alpaca_eval.dataset import Instruction, instructions_digest
+from proxy.alpaca_eval.dataset import Instruction, instructions_digest, reference_outputs_file
 from proxy.alpaca_eval.outputs import (
     OUTPUTS_NAME,
     SUMMARY_NAME,
@@ -154,7 +154,8 @@ def merge_shards(shard_dirs: Sequence[str | Path], output_dir: str | Path, *,
         shards=[ShardInfo(directory=str(d.resolve()), shard=s.selection.shard, start=s.selection.start,
                           stop=s.selection.stop, wall_s=s.this_run.wall_s) for d, s, _ in ordered],
         stats=combine_stats([s.stats for _, s, _ in ordered]),
-        model_outputs=str(outputs.resolve()), alpaca_eval_command=alpaca_eval_command(outputs),
+        model_outputs=str(outputs.resolve()),
+        alpaca_eval_command=alpaca_eval_command(outputs, reference_outputs_file(first.selection.source)),
     )
     write_json_atomic(out / SUMMARY_NAME, summary.model_dump())
     return summary

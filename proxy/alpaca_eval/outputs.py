@@ -31,6 +31,12 @@ def outputs_name(shard: object | None) -> str:
         return OUTPUTS_NAME
     index, count = str(shard).split("/")
     return f"model_outputs.shard-{index}-of-{count}.json"
+
+
+def partial_name(shard: object | None) -> str:
+    """The answered items of a run whose other items failed permanently
+    (`model_outputs.partial.json`): named for what it is, never judged as the whole by mistake."""
+    return outputs_name(shard).removesuffix(".json") + ".partial.json"
 SUMMARY_NAME = "summary.json"
 ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 """AlpacaEval 2.0's judge (length-controlled win rate against gpt-4-turbo)."""
@@ -127,6 +133,8 @@ class Failure(BaseModel):
 
     index: int
     error: str | None
+    permanent: bool = False
+    """Running the same command again cannot mend it (proxy.alpaca_eval.policy)."""
 
 
 class RunSummary(BaseModel):
@@ -146,10 +154,24 @@ class RunSummary(BaseModel):
     failures: list[Failure]
     model_outputs: str | None
     alpaca_eval_command: str | None
+    on_too_long: str = "fail"
+    """The --on-too-long policy of this run."""
+    permanent_failures: int = 0
+    fallbacks: dict[str, list[int]] = {}
+    """Items answered by an --on-too-long fallback ("unguided", "truncate-left"): their indexes."""
+    partial_outputs: str | None = None
+    """When every failure is permanent: the answered items' rows (not comparable to a full run)."""
 
 
-def alpaca_eval_command(outputs: Path) -> str:
-    return f"alpaca_eval --model_outputs {shlex.quote(str(outputs.resolve()))} --annotators_config {ANNOTATOR}"
+def alpaca_eval_command(outputs: Path, reference: Path | None = None) -> str:
+    """The judge's command line: AlpacaEval 2.0's annotator, and `--reference_outputs` (the
+    gpt-4-turbo answers the outputs are compared with) where a local file holds them
+    (proxy.alpaca_eval.dataset.reference_outputs_file); without it alpaca_eval fetches that
+    file from the Hugging Face hub itself."""
+    command = f"alpaca_eval --model_outputs {shlex.quote(str(outputs.resolve()))} --annotators_config {ANNOTATOR}"
+    if reference is not None:
+        command += f" --reference_outputs {shlex.quote(str(reference))}"
+    return command
 
 
 def _umask() -> int:
