@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import errno
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -13,13 +12,16 @@ from pathlib import Path
 
 from proxy.alpaca_eval import cli as alpaca_eval_command
 from proxy.config import ConfigError
+from proxy.config.scorer import ModelPathMissing
 from proxy.engine import ScorerUnavailable
 from proxy.demo import command as demo_command
 from proxy.local import command as serve_local_command
-from proxy.presets import load_config
+from proxy.logs import LOG_FORMATS, setup_logging
+from proxy.presets import describe_presets, load_config
 from proxy.search_flags import add_search_flags, search_overrides
 from proxy.serving import command as serve_command
 from proxy.serving.errors import upstream_error
+from proxy.upstreams.errors import UpstreamError
 from scorers.base import ScorerFailure
 from proxy.film_reviews import tune_command
 
@@ -58,9 +60,54 @@ async def _generate(args: argparse.Namespace) -> int:
 SUBCOMMANDS = (demo_command, serve_local_command, serve_command, alpaca_eval_command, tune_command)
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's), or "unknown" from a bare source tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("w2s-proxy")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+async def _presets(args: argparse.Namespace) -> int:
+    print(describe_presets(), end="")
+    return 0
+
+
+def _common_flags(parser: argparse.ArgumentParser, *, after: bool) -> None:
+    """-v/-q/--log-format, before the subcommand (`after` False) and after it: a subcommand's
+    copies write their own dests with no default, so they never reset what came before."""
+    suffix = "_after" if after else ""
+    parser.add_argument("-v", "--verbose", action="count", dest="verbose" + suffix,
+                        default=argparse.SUPPRESS if after else 0, help="more log lines (-vv: debug, library warnings)")
+    parser.add_argument("-q", "--quiet", action="count", dest="quiet" + suffix,
+                        default=argparse.SUPPRESS if after else 0, help="errors only")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, dest="log_format" + suffix,
+                        default=argparse.SUPPRESS if after else "text",
+                        help="log lines as text (default) or JSON, one object a line")
+
+
+def _each_subcommand(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_each_subcommand(child)]
+    return found
+
+
+def _merge_common(args: argparse.Namespace) -> argparse.Namespace:
+    args.verbose = args.verbose + getattr(args, "verbose_after", 0) - args.quiet - getattr(args, "quiet_after", 0)
+    args.log_format = getattr(args, "log_format_after", args.log_format)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="w2s", description="Weak-to-strong search over black-box LLM APIs")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    _common_flags(parser, after=False)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="one guided answer")
     gen.add_argument("--config", required=True, help="config file or preset name under configs/")
@@ -70,16 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--trace", help="write the search tree to this HTML file")
     add_search_flags(gen)
     gen.set_defaults(func=_generate)
+    listing = sub.add_parser("presets", help="list the presets config files may name, and what each is")
+    listing.set_defaults(func=_presets)
     for command in SUBCOMMANDS:
         command.register(sub)
+    for child in _each_subcommand(parser):
+        _common_flags(child, after=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _merge_common(parser.parse_args(argv))
+    setup_logging(args.verbose, args.log_format)
     try:
         return asyncio.run(args.func(args))
     except ConfigError as e:
@@ -90,8 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - what a user can act on, not a traceback
         known = upstream_error(e)
         if known is not None:  # the upstream's own message is not repeated: it may echo the key
-            print(f"w2s: error: {known.body.error.message} Check upstream.base_url, upstream.model and "
-                  "the key in the variable upstream.api_key_env names.", file=sys.stderr)
+            url = e.url if isinstance(e, UpstreamError) and e.kind in ("connection", "timeout") else None
+            where = f" ({url})" if url else ""
+            print(f"w2s: error: {known.body.error.message.removesuffix('.')}{where}. Check upstream.base_url, "
+                  "upstream.model and the key in the variable upstream.api_key_env names.", file=sys.stderr)
+            return 1
+        if isinstance(e, ModelPathMissing) or isinstance(e.__cause__, ModelPathMissing):
+            print(f"w2s: error: {e if isinstance(e, ModelPathMissing) else e.__cause__}", file=sys.stderr)
             return 1
         if isinstance(e, (ScorerUnavailable, ScorerFailure)):  # the cause is the user's own (paths, engines)
             loading = isinstance(e, ScorerUnavailable) and e.__cause__ is not None

@@ -182,3 +182,42 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path, **search_overrides: Any) -> AppConfig:
     """Load a config file, or a whole-config preset by name (e.g. `paper-cbs-w4k4l30`)."""
     return build_config(read_config(path), **search_overrides)
+
+
+def _summary(part: str | None, data: dict[str, Any]) -> str:
+    """One line on what a preset resolves to: its model and kind, its pair, its search shape."""
+    if part == "upstream":
+        return f"{data.get('kind', 'openai-completions')}  model {data.get('model', '?')}" + (
+            f"  at {data['base_url']}" if data.get("base_url") else "")
+    if part == "scorer":
+        def side(name: str) -> str:
+            spec = data.get(name) or {}
+            return str(spec.get("path", "?")) if isinstance(spec, dict) else str(spec)
+        return f"{data.get('kind', 'implicit')}  tuned {side('tuned')}  untuned {side('untuned')}"
+    if part == "search":
+        shape = "  ".join(f"{k.upper()} {'-' if data[k] is None else data[k]}" for k in ("w", "k", "l") if k in data)
+        return shape + (f"  max_new_tokens {data['max_new_tokens']}" if "max_new_tokens" in data else "")
+    def named(value: Any) -> str:
+        if isinstance(value, dict):
+            return f"{value['preset']} (refined)" if "preset" in value else "(inline)"
+        return str(value)
+    return "  ".join(f"{k} {named(v)}" for k, v in data.items() if k in PARTS)
+
+
+def describe_presets() -> str:
+    """Every preset a config may name, by part, one line each: `w2s presets`."""
+    lines = []
+    for part, title in ((None, "configs (--config NAME)"), *((p, f"{p} presets ({p}: NAME)") for p in PARTS)):
+        names = preset_names(part)
+        lines.append(f"{title}:")
+        width = max((len(n) for n in names), default=0)
+        for name in names:
+            try:
+                summary = _summary(part, _read_preset(part, name))
+            except ConfigError as e:
+                summary = f"(unreadable: {e})"
+            lines.append(f"  {name.ljust(width)}  {summary}")
+        if not names:
+            lines.append("  (none)")
+        lines.append("")
+    return "\n".join(lines)

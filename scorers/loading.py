@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from proxy.config import ModelSpec
+from proxy.config.scorer import check_local_model
 from scorers.gguf_cache import local_spec
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -70,8 +71,12 @@ def load_causal_lm(
 
     Any failure (missing directory, no hub access, unreadable GGUF, missing weights, an adapter
     that does not fit) becomes a ValueError that names the path, since the underlying errors
-    rarely say which model it was.
+    rarely say which model it was. A path that can only be local and is missing says so
+    (ModelPathMissing, a ValueError) rather than what the hub says of a malformed repo id.
     """
+    check_local_model(spec.path)
+    if spec.adapter:
+        check_local_model(spec.adapter, "adapter")
     try:
         spec = local_spec(spec)  # a GGUF file is converted once; later loads read the copy
         kwargs: dict[str, object] = {k: v for k, v in (("gguf_file", spec.gguf_file), ("revision", spec.revision))

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from transformers import AutoConfig, AutoTokenizer
 
 from proxy.config import ModelSpec, ScorerConfig
+from proxy.config.scorer import check_local_model
 from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, T, as_messages, score_args
 from scorers.full_recompute import plan_batches
 from scorers.logprob_engine import LogprobEngine
@@ -34,6 +35,7 @@ from scorers.templates import resolve_template
 def load_reading(spec: ModelSpec) -> ModelReading:
     """The tokenizer and chat template of `spec` (no weights), its positions from its config."""
     kwargs = {k: v for k, v in (("gguf_file", spec.gguf_file), ("revision", spec.revision)) if v}
+    check_local_model(spec.path)  # a missing local path said so, not as a malformed hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.path, **kwargs)
     except Exception as e:  # chained; the message names which model it was

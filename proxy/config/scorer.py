@@ -5,7 +5,7 @@ import os
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from proxy.config.base import ConfigError, Strict
 
@@ -42,8 +42,28 @@ class EngineEndpoint(Strict):
         return self
 
 
+class ModelPathMissing(ValueError):
+    """A model path that can only mean a local one names nothing on disk (raised before the hub,
+    which would call it a malformed repo id)."""
+
+
+def looks_local(path: str) -> bool:
+    """Absolute, relative with ./ or ../, under ~, or with more than one "/": not a hub id
+    (`name` or `org/name`)."""
+    return os.path.isabs(path) or path.startswith(("./", "../", ".\\", "..\\", "~")) or path.count("/") > 1 \
+        or "\\" in path
+
+
+def check_local_model(path: str, what: str = "model") -> None:
+    """Raise ModelPathMissing when `path` can only be local and does not exist."""
+    if looks_local(path) and not os.path.exists(path):
+        raise ModelPathMissing(f"{what} path {path}: no such local directory (a hub model is named "
+                               "NAME or ORG/NAME)")
+
+
 class ModelSpec(Strict):
-    """One causal LM: a hub id or a local directory, optionally a GGUF file inside it."""
+    """One causal LM: a hub id or a local directory, optionally a GGUF file inside it. `~` in
+    `path` and `adapter` is expanded."""
 
     path: str
     gguf_file: str | None = None
@@ -59,6 +79,11 @@ class ModelSpec(Strict):
     engine: EngineEndpoint | None = None
     """scorer.kind remote only: the engine that holds the weights. `path` is then read for the
     tokenizer and its chat template alone (no weights are loaded here)."""
+
+    @field_validator("path", "adapter")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value is not None and value.startswith("~") else value
 
 
 class ScorerConfig(Strict):

@@ -1,7 +1,8 @@
 """The OpenAI-compatible guidance server: point an existing OpenAI client at it, get guided answers.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (alive),
-GET /health/ready (scorer loaded and upstream reachable), GET /metrics (Prometheus).
+Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, GET /v1/models,
+GET /health (alive), GET /health/ready (scorer loaded and upstream reachable), GET /metrics
+(Prometheus).
 This module holds what is about the server as a whole: its lifecycle, the route table, the
 middleware every request passes (auth, errors in OpenAI's shape, request metrics) and the
 simple routes. Generation lives in proxy.serving.generation and its endpoint classes.
@@ -21,26 +22,32 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 
 from proxy.config import AppConfig, server_api_keys
 from proxy.engine import Engine
+from proxy.logs import REQUEST_ID, request_id_from
 from proxy.presets import server_modes
 from proxy.protocol.responses import ModelCard, ModelList
 from proxy.serving.auth import ApiKeys
 from proxy.serving.body import too_large
 from proxy.serving.chat import ChatEndpoint
 from proxy.serving.completions import CompletionsEndpoint
+from proxy.serving.responses_api import ResponsesEndpoint
 from proxy.serving.endpoint import Endpoint
 from proxy.serving.errors import ApiError, internal_error
 from proxy.serving.generation import CALLER_KEY, Generation, json_response
 from proxy.serving.guidance import GuidanceModes
-from proxy.serving.metrics import ServerMetrics
+from proxy.serving.metrics import FIRST_TOKEN_KEY, MODEL_KEY, ServerMetrics
 from proxy.serving.site import listen
 from proxy.serving.streaming import STREAM_STATUS
 from proxy.upstreams.base import Upstream
 from scorers.base import Scorer
 
 log = logging.getLogger("w2s.server")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID_KEY = web.RequestKey("w2s_request_id", str)
 
 
 class GuidanceServer:
@@ -62,7 +69,7 @@ class GuidanceServer:
         self._owns_engine = engine is None
         self.modes = GuidanceModes(config.upstream.model, config.search, server_modes(config.server),
                                    config.server.caps, guided=self.engine.guided)
-        self.metrics = ServerMetrics(self.modes.modes)
+        self.metrics = ServerMetrics(self.modes.modes, models=self.modes.model_ids())
         self.generation = Generation(config, self.modes, self.metrics, self.engine)
         self._access_log = access_log
         self._shutdown_timeout_s = config.server.shutdown_grace_s if shutdown_timeout_s is None else shutdown_timeout_s
@@ -74,7 +81,8 @@ class GuidanceServer:
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.server.max_body_bytes, middlewares=[self._middleware])
-        endpoints: list[Endpoint[Any]] = [CompletionsEndpoint(), ChatEndpoint()]
+        app.on_response_prepare.append(_stamp_request_id)
+        endpoints: list[Endpoint[Any]] = [CompletionsEndpoint(), ChatEndpoint(), ResponsesEndpoint()]
         for endpoint in endpoints:
             app.router.add_post(endpoint.path, self._route(endpoint))
         app.router.add_get("/v1/models", self._models)
@@ -104,7 +112,8 @@ class GuidanceServer:
                                         shutdown_timeout=self._shutdown_timeout_s,
                                         keepalive_timeout=self.config.server.idle_timeout_s,
                                         auto_decompress=False,  # bodies are decoded by proxy.serving.body
-                                        **({} if self._access_log else {"access_log": None}))
+                                        **({"access_log_class": RequestIdAccessLogger} if self._access_log
+                                           else {"access_log": None}))
         except BaseException:
             if self._owns_engine:
                 await self.engine.aclose()
@@ -149,8 +158,13 @@ class GuidanceServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Auth on /v1/*, every exception answered in OpenAI's shape, and the request metrics."""
+        """The request id, auth on /v1/*, every exception answered in OpenAI's shape, and the
+        request metrics. The id (the client's `X-Request-Id` when sane, else ours) goes on every
+        response, streams and errors included (`_stamp_request_id`), and on every log line
+        written while serving it (proxy.logs.REQUEST_ID, inherited by the tasks it starts)."""
         t0 = time.perf_counter()
+        request[REQUEST_ID_KEY] = rid = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        rid_token = REQUEST_ID.set(rid)
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "other"
         status = 500
@@ -180,7 +194,12 @@ class GuidanceServer:
             log.exception("unhandled error in %s %s", request.method, request.path)
             return internal_error().response()
         finally:
-            self.metrics.request_done(endpoint, status, time.perf_counter() - t0)
+            model = request.get(MODEL_KEY)
+            first = request.get(FIRST_TOKEN_KEY)
+            if first is not None and status == 200:
+                self.metrics.first_token(model, first - t0)
+            self.metrics.request_done(endpoint, status, time.perf_counter() - t0, model)
+            REQUEST_ID.reset(rid_token)
 
     # ------------------------------------------------------------------ simple routes
 
@@ -205,3 +224,22 @@ class GuidanceServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.render(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the request's id on its response, as its headers go out."""
+    rid = request.get(REQUEST_ID_KEY)
+    if rid is not None:
+        response.headers[REQUEST_ID_HEADER] = rid
+
+
+class RequestIdAccessLogger(AccessLogger):
+    """aiohttp's access log (`w2s serve -v`), each line with its request's id: aiohttp writes it
+    after the middleware has returned, outside the request's context."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        token = REQUEST_ID.set(request.get(REQUEST_ID_KEY))
+        try:
+            super().log(request, response, time)
+        finally:
+            REQUEST_ID.reset(token)

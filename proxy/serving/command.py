@@ -47,7 +47,7 @@ def freeze_heap() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    server = GuidanceServer(cfg, access_log=bool(getattr(args, "verbose", False)))
+    server = GuidanceServer(cfg, access_log=getattr(args, "verbose", 0) > 0)  # -v: one line a request
     await server.start(args.host, args.port)
     freeze_heap()
     loaded: asyncio.Task[None] | None = None

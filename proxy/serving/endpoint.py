@@ -9,6 +9,7 @@ proxy.serving.app; nothing else needs to know which route it is.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -59,6 +60,23 @@ class Endpoint(ABC, Generic[Req]):
               empty: bool = False) -> BaseModel:
         """One stream chunk: a text delta, the final one (`reason`, `summary`; `text` None), or,
         with `empty`, one with no choices that carries the usage."""
+
+    def closing(self, rid: str, created: int, req: Req, text: str, reason: FinishReason, usage: UsageInfo,
+                summary: SearchSummary) -> list[BaseModel]:
+        """The events after the answer's last delta (`text`: the whole answer as sent): by default
+        the final chunk, then the usage chunk where the client asked for it."""
+        events = [self.chunk(rid, created, req, None, reason, summary=summary)]
+        if req.include_usage:
+            events.append(self.chunk(rid, created, req, None, usage=usage, empty=True))
+        return events
+
+    def framing(self) -> Callable[[BaseModel], bytes] | None:
+        """How one stream writes each event, made anew per stream (so it may number them); None:
+        `data: <json>`, as OpenAI's chat and completions streams do."""
+        return None
+
+    stream_end: ClassVar[bytes] = b"data: [DONE]\n\n"
+    """What ends a stream after its last event."""
 
 
 def usage_info(result: SearchResult) -> UsageInfo:

@@ -29,7 +29,7 @@ from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, shutting_down, upstream_error, validation_error
 from proxy.search.plan import SettingTooSmall
 from proxy.serving.guidance import REQUEST_FIELD, GuidanceError, GuidanceModes, ModeChoice
-from proxy.serving.metrics import ServerMetrics
+from proxy.serving.metrics import MODEL_KEY, ServerMetrics
 from proxy.serving.streaming import StepHook, stream_search
 from proxy.types import Conversation
 from proxy.upstreams.errors import UpstreamError
@@ -121,6 +121,7 @@ class Generation:
         limits = self.config.server
         req: SamplingRequest = await parse_body(request, endpoint.request_type, limits.max_body_bytes,
                                                 limits.body_timeout_s)
+        request[MODEL_KEY] = req.model  # the metrics' `model` label
         plan = self._plan(req, endpoint.max_tokens(req))
         search = await self._check(plan, endpoint.conversation(req), endpoint)
         budget = self._key_budget(request.get(CALLER_KEY))

@@ -9,8 +9,13 @@ CollectorRegistry: two servers in one process (tests, benchmarks) never share or
 Label values stay bounded: `mode` is "base", a mode the server serves, or "custom" (a request
 that set W, K or L itself); `kind` of upstream tokens is one of TOKEN_KINDS; `kind` of an
 upstream failure is the label of our UpstreamError (timeout, connection, malformed, or
-http_<status>, whatever the family's SDK). Label children are cached, so an observation costs a
+http_<status>, whatever the family's SDK); `model` of a request is a model id the server serves
+(GET /v1/models), "other" for any other a client asked for, "none" where no model was named
+(other routes, a body that did not parse). Label children are cached, so an observation costs a
 dict lookup and a locked add.
+
+The generation code puts what the middleware cannot see on the request: the model asked for
+(`MODEL_KEY`) and, for a stream, when its first text went out (`FIRST_TOKEN_KEY`, loop time).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from proxy.upstreams.retry import failure_kind
@@ -42,6 +48,12 @@ TOKEN_KINDS = ("prompt_uncached", "prompt_cached", "cache_write", "completion")
 upstream's prompt cache, written to it; completion tokens. The prompt tokens billed are the
 first three summed."""
 CUSTOM_MODE = "custom"
+OTHER_MODEL, NO_MODEL = "other", "none"
+
+MODEL_KEY = web.RequestKey("w2s_model", str)
+"""The `model` a generation request named (set once its body parsed)."""
+FIRST_TOKEN_KEY = web.RequestKey("w2s_first_token", float)
+"""perf_counter() when a stream sent its first text (not the role-only opening chunk)."""
 
 
 class _ModeSeries:
@@ -56,18 +68,22 @@ class _ModeSeries:
 class ServerMetrics:
     """Traffic, searches, upstream spend and failures, scoring work, latencies."""
 
-    def __init__(self, modes: Iterable[str] = (), *, process: bool = True) -> None:
+    def __init__(self, modes: Iterable[str] = (), *, models: Iterable[str] = (), process: bool = True) -> None:
         """`modes`: the names of the served modes ("base" and "custom" are always there).
+        `models`: the model ids served (the `model` label's values besides "other" and "none").
         `process`: also export the process and Python runtime collectors."""
         r = self.registry = CollectorRegistry()
         if process:
             ProcessCollector(registry=r)  # registers itself only where /proc exists
             PlatformCollector(registry=r)
             GCCollector(registry=r)  # CPython only
-        self.requests = Counter("w2s_requests_total", "HTTP requests by route and status code",
-                                ("endpoint", "status"), registry=r)
+        self.requests = Counter("w2s_requests_total", "HTTP requests by route, status code and model",
+                                ("endpoint", "status", "model"), registry=r)
         self.request_seconds = Histogram("w2s_request_duration_seconds", "Time to the last byte of each HTTP request",
-                                         ("endpoint",), buckets=LATENCY_BUCKETS, registry=r)
+                                         ("endpoint", "model"), buckets=LATENCY_BUCKETS, registry=r)
+        self.first_token_seconds = Histogram("w2s_time_to_first_token_seconds",
+                                             "Streams: time from the request to its first text, by model",
+                                             ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("w2s_generations_in_flight", "Completion and chat requests being served", registry=r)
         self.searches = Counter("w2s_searches_total",
                                 "Searches by mode and outcome (finished, length, error, cancelled)",
@@ -97,7 +113,9 @@ class ServerMetrics:
                                               "Scoring time of each search step, summed over its beams",
                                               buckets=LATENCY_BUCKETS, registry=r)
         self._modes = {m: _ModeSeries(self, m) for m in dict.fromkeys(("base", *modes, CUSTOM_MODE))}
-        self._routes: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._models = set(models)
+        self._first_token = {m: self.first_token_seconds.labels(model=m) for m in sorted(self._models)}
+        self._routes: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._failures: dict[str, Any] = {}
         self._retries: dict[str, Any] = {}
 
@@ -107,14 +125,29 @@ class ServerMetrics:
         """The `mode` label of a search: its served name, or "custom"."""
         return mode if mode in self._modes else CUSTOM_MODE
 
-    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
-        children = self._routes.get((endpoint, str(status)))
+    def model_label(self, model: str | None) -> str:
+        """The `model` label of a request: a served model id, "other", or "none"."""
+        if model is None:
+            return NO_MODEL
+        return model if model in self._models else OTHER_MODEL
+
+    def request_done(self, endpoint: str, status: int, seconds: float, model: str | None = None) -> None:
+        key = (endpoint, str(status), self.model_label(model))
+        children = self._routes.get(key)
         if children is None:
-            children = self._routes[(endpoint, str(status))] = (
-                self.requests.labels(endpoint=endpoint, status=str(status)),
-                self.request_seconds.labels(endpoint=endpoint))
+            children = self._routes[key] = (
+                self.requests.labels(endpoint=endpoint, status=key[1], model=key[2]),
+                self.request_seconds.labels(endpoint=endpoint, model=key[2]))
         children[0].inc()
         children[1].observe(seconds)
+
+    def first_token(self, model: str | None, seconds: float) -> None:
+        """A stream's time to its first text."""
+        label = self.model_label(model)
+        child = self._first_token.get(label)
+        if child is None:
+            child = self._first_token[label] = self.first_token_seconds.labels(model=label)
+        child.observe(seconds)
 
     def search_done(self, mode: str, outcome: str) -> None:
         self._modes[self.mode_label(mode)].searches[outcome].inc()

@@ -5,7 +5,8 @@ does: every later beam, and so the answer, extends a survivor) makes the common 
 survivors of a step final; anything past it can still be replaced by a sibling's text. For any
 other algorithm the text goes out when the search ends. `SettledText` turns that growing prefix into deltas, and
 `stream_search` sends them in the endpoint's chunk format, then the rest of the answer when the
-search ends, then `[DONE]`. A failure after the 200 went out is reported in-band, as OpenAI does.
+search ends, then `[DONE]` (or what else the endpoint frames and ends its streams with:
+`Endpoint.framing`, `closing`, `stream_end`). A failure after the 200 went out is reported in-band, as OpenAI does.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ from proxy.protocol.responses import SearchSummary, new_id, now
 from proxy.search import Candidate, SearchResult, StepTrace
 from proxy.serving.endpoint import Endpoint, finish_reason, usage_info
 from proxy.serving.errors import ApiError, internal_error
+from proxy.serving.metrics import FIRST_TOKEN_KEY
 
 log = logging.getLogger("w2s.server")
 
@@ -96,8 +99,9 @@ async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: Samp
             if loop.time() - last_sent >= keepalive_s:
                 await send(b": keepalive\n\n")
 
+    frame = endpoint.framing() or sse
     for opening in endpoint.opening(rid, created, req):
-        await send(sse(opening))
+        await send(frame(opening))
     settled = SettledText(endpoint.display)
 
     async def on_step(trace: StepTrace, survivors: list[Candidate]) -> None:
@@ -105,7 +109,8 @@ async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: Samp
             return
         delta = settled.advance(common_prefix([s.text for s in survivors]))
         if delta:
-            await send(sse(endpoint.chunk(rid, created, req, delta)))
+            request.setdefault(FIRST_TOKEN_KEY, time.perf_counter())  # the metrics' time to first token
+            await send(frame(endpoint.chunk(rid, created, req, delta)))
 
     beat = asyncio.create_task(keepalive())
     try:
@@ -125,12 +130,12 @@ async def stream_search(request: web.Request, endpoint: Endpoint[Any], req: Samp
         await _stop(beat)
     rest = settled.advance(result.text)
     if rest:
-        await response.write(sse(endpoint.chunk(rid, created, req, rest)))
-    await response.write(sse(endpoint.chunk(rid, created, req, None, finish_reason(result),
-                                            summary=summarize(result))))
-    if req.include_usage:
-        await response.write(sse(endpoint.chunk(rid, created, req, None, usage=usage_info(result), empty=True)))
-    await response.write(b"data: [DONE]\n\n")
+        request.setdefault(FIRST_TOKEN_KEY, time.perf_counter())
+        await response.write(frame(endpoint.chunk(rid, created, req, rest)))
+    for event in endpoint.closing(rid, created, req, settled.sent, finish_reason(result), usage_info(result),
+                                  summarize(result)):
+        await response.write(frame(event))
+    await response.write(endpoint.stream_end)
     await response.write_eof()
     return response
 

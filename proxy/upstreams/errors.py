@@ -19,6 +19,7 @@ import email.utils
 import time
 from collections.abc import Iterable
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from proxy.types import Probe
 
@@ -61,8 +62,34 @@ class UpstreamError(Exception):
         an error status, else the kind."""
         return f"http_{self.status}" if self.status is not None else self.kind
 
+    @property
+    def url(self) -> str | None:
+        """The URL the failed request went to, read from the SDK error it was made from (its
+        `__cause__`), without credentials or query: what a connection error names. None when
+        the cause does not say."""
+        request = getattr(self.__cause__, "request", None)
+        try:
+            raw = getattr(request, "url", None)
+        except RuntimeError:  # httpx: an error made without a request
+            return None
+        return None if raw is None else public_url(str(raw))
+
     def __repr__(self) -> str:
         return f"UpstreamError({self.label}: {self})"
+
+
+def public_url(url: str) -> str:
+    """`url` fit to show: no user, password, query or fragment (a key may ride in any of them)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host if port is None else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def malformed(problem: str) -> UpstreamError:
