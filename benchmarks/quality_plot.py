@@ -100,8 +100,8 @@ def plot_dollars(report: Mapping[str, Any], path: Path) -> Path:
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(f"Judge score per dollar, guide {guide} ({g['openings']} openings x {g['seeds']} seed(s))", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
