@@ -234,6 +234,43 @@ async def replay(rec: Recording, scorers: dict[str, ImplicitRewardScorer]) -> di
     }
 
 
+@dataclass
+class Concurrent:
+    wall_s: float
+    tokens: tuple[int, int]
+    scores: list[list[float]]
+    """Per search, its candidates' scores in call order."""
+
+
+async def concurrent_replay(rec: Recording, scorer: ImplicitRewardScorer, searches: int, *,
+                            distinct_prompts: bool = True, max_step: int | None = None) -> Concurrent:
+    """`searches` replays of the recording at once on one scorer, each in its own session, as that
+    many concurrent CBS searches would send them (a search's steps in order, a step's calls at
+    once). With `distinct_prompts` search i's instruction starts with "(i) ", so no two share a
+    prompt. `max_step` cuts the recording after that step."""
+    steps: dict[int, list[Call]] = {}
+    for call in rec.calls:
+        if max_step is None or call.step <= max_step:
+            steps.setdefault(call.step, []).append(call)
+
+    async def one(i: int) -> list[float]:
+        out: list[float] = []
+        with scorer.open(f"({i}) {rec.instruction}" if distinct_prompts else rec.instruction) as session:
+            for step in sorted(steps):
+                outs = await asyncio.gather(*(
+                    session.score([rec.text(n) for n in c.nodes], [rec.nodes[n].finished for n in c.nodes])
+                    for c in steps[step]))
+                out.extend(x for o in outs for x in o)
+        return out
+
+    before = scorer.tokens_run
+    t0 = time.perf_counter()
+    scores = await asyncio.gather(*(one(i) for i in range(searches)))
+    wall = time.perf_counter() - t0
+    after = scorer.tokens_run
+    return Concurrent(wall, (after[0] - before[0], after[1] - before[1]), list(scores))
+
+
 def minimum_tokens(rec: Recording, sides: Sequence[ModelReading]) -> list[int]:
     """Per side (a scorer's tuned and untuned reading): the prompt once, then each distinct
     candidate's tokens beyond its parent's.
@@ -252,8 +289,12 @@ def minimum_tokens(rec: Recording, sides: Sequence[ModelReading]) -> list[int]:
     return out
 
 
-def random_pair(arch: str, tokenizer, device: torch.device, dtype: torch.dtype):
-    """Two randomly initialised models of a named architecture (for throughput only)."""
+def random_pair(arch: str, tokenizer, device: torch.device, dtype: torch.dtype, *, vocab_size: int | None = None,
+                num_hidden_layers: int | None = None, attn_implementation: str | None = None):
+    """Two randomly initialised models of a named architecture (for throughput only).
+
+    `vocab_size` (default: the tokenizer's) and `num_hidden_layers` override the architecture's;
+    `attn_implementation` "eager" gives batch-independent numbers for exactness checks."""
     from transformers import MistralConfig, MistralForCausalLM
 
     sizes = {
@@ -262,8 +303,12 @@ def random_pair(arch: str, tokenizer, device: torch.device, dtype: torch.dtype):
         "mistral-small-test": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2),
     }[arch]
-    cfg = MistralConfig(vocab_size=len(tokenizer), max_position_embeddings=32768, sliding_window=4096,
+    if num_hidden_layers is not None:
+        sizes = sizes | {"num_hidden_layers": num_hidden_layers}
+    cfg = MistralConfig(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=32768, sliding_window=4096,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes)
+    if attn_implementation is not None:
+        cfg._attn_implementation = attn_implementation
     models = []
     default = torch.get_default_dtype()
     for seed in (1, 2):

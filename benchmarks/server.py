@@ -189,12 +189,16 @@ def tiny_scorer(root: Path) -> Scorer:
     return load_scorer(cpu_scorer_config(dirs.llama_tuned, dirs.llama_untuned))
 
 
-async def throughput(scorer_name: str, concurrencies: list[int], repeats: int) -> None:
+async def throughput(scorer_name: str, concurrencies: list[int], repeats: int, *, scorer: Scorer | None = None,
+                     label: str | None = None) -> list[tuple]:
+    """Print the guided-throughput table and return its rows. A `scorer` given is used (and
+    closed) instead of the named one, `label` naming it (benchmarks/gpu/run.py: a pair on a GPU)."""
     from doubles import FnScorer
 
     with tempfile.TemporaryDirectory() as tmp:
-        scorer: Scorer = (FnScorer(lambda t, f: float(len(set(t.split())))) if scorer_name == "fn"
-                          else await asyncio.to_thread(tiny_scorer, Path(tmp)))
+        if scorer is None:
+            scorer = (FnScorer(lambda t, f: float(len(set(t.split())))) if scorer_name == "fn"
+                      else await asyncio.to_thread(tiny_scorer, Path(tmp)))
         rows = []
         async with toy_upstream_process("--latency-s", str(LATENCY_S), "--eos-prob", "0.0") as upstream, \
                 LoadClient() as client:
@@ -228,8 +232,8 @@ async def throughput(scorer_name: str, concurrencies: list[int], repeats: int) -
                                  min(1.0, ideal / (c * cpu)), pct(lag.lags, 50) * 1e3, pct(lag.lags, 99) * 1e3,
                                  max(lag.lags) * 1e3, up_cpu * 1e3, client_cpu * 1e3))
         await scorer.aclose()
-    label = ("instant scorer (fn)" if scorer_name == "fn" else
-             f"real ImplicitRewardScorer, tiny Llama pair, CPU, torch threads {threads()}")
+    label = label or ("instant scorer (fn)" if scorer_name == "fn" else
+                      f"real ImplicitRewardScorer, tiny Llama pair, CPU, torch threads {threads()}")
     print(f"\n## Guided throughput, {label}: CBS W=2 K=2 L=8, {MAX_TOKENS} tokens = {STEPS} steps, "
           f"upstream latency {LATENCY_S * 1e3:.0f} ms, median of {repeats} bursts\n")
     print("| concurrent | makespan s | req/s | ideal req/s | ratio to ideal | range | CPU ms/request | one-core ceiling "
@@ -238,6 +242,7 @@ async def throughput(scorer_name: str, concurrencies: list[int], repeats: int) -
     for c, span, rps, ideal_rps, ratio, spread, cpu, ceiling, l50, l99, lmax, up_cpu, client_cpu in rows:
         print(f"| {c} | {span:.3f} | {rps:.1f} | {ideal_rps:.1f} | **{ratio:.2f}** | {spread} | {cpu:.1f} | {ceiling:.2f} "
               f"| {l50:.2f} | {l99:.2f} | {lmax:.1f} | {up_cpu:.1f} | {client_cpu:.1f} |")
+    return rows
 
 
 def threads() -> int:
