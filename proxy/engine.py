@@ -27,6 +27,7 @@ from functools import partial
 
 from proxy.budget import Budget
 from proxy.config import AppConfig, Prices, ScorerConfig, SearchConfig
+from proxy.config.extras import require_scorer_extra
 from proxy.cost import cost_usd
 from proxy.search import SearchPlan, SearchResult, StepCallback, StoppedBy, needs_scorer, plan_search, \
     require_scorer, run_plan
@@ -140,6 +141,8 @@ class Engine:
 
     def open(self) -> None:
         """Build the upstream (no I/O yet); idempotent. After `aclose` it builds a new one."""
+        if self._scorer is None and self.config.scorer is not None:  # before a server listens
+            require_scorer_extra(self.config.scorer.kind)  # MissingExtra names the extra to install
         if self._upstream is None or (self._owns_upstream and self._upstream_closed):
             self._upstream = make_upstream(self.config.upstream)
             self._upstream_closed = False

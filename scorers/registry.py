@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 from proxy.config import ScorerConfig
+from proxy.config.extras import require_scorer_extra
 from scorers.base import Scorer
 
 
@@ -11,6 +13,7 @@ def load_scorer(cfg: ScorerConfig) -> Scorer:
     """Loads model weights (a remote scorer: tokenizers): slow, call it off the event loop; a
     scorer serves only after `start()` (open_scorer does both). Changes nothing process-wide
     (torch's thread pool is the process owner's: proxy.engine, serve-local, the benchmarks)."""
+    require_scorer_extra(cfg.kind)  # MissingExtra names the extra a light install lacks
     if cfg.kind == "implicit":
         from scorers.implicit import ImplicitRewardScorer
 
@@ -37,7 +40,7 @@ async def open_scorer(cfg: ScorerConfig) -> Scorer:
 def set_torch_threads(threads: int | None) -> None:
     """torch's CPU thread pool for the whole process (None: leave torch's default). Only whoever
     owns the process's models calls this, once, before loading them."""
-    if threads is None:
+    if threads is None or importlib.util.find_spec("torch") is None:  # no torch (a remote scorer): no pool
         return
     import torch
 

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoTokenizer
 from proxy.config import ModelSpec, ScorerConfig
 from proxy.config.scorer import check_local_model
 from scorers.base import ChatMessage, Scorer, ScorerPrompt, ScoringSession, T, as_messages, score_args
-from scorers.full_recompute import plan_batches
+from scorers.batch_plan import plan_batches
 from scorers.logprob_engine import LogprobEngine
 from scorers.reading import ModelReading, PromptEncoding, ResponseTokens
 from scorers.room import fit_response, with_eos

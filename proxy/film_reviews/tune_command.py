@@ -79,6 +79,9 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def tune_command(args: argparse.Namespace) -> int:
+    from proxy.config.extras import require
+
+    require("tune", "torch", "transformers", "trl", "peft", "vaderSentiment", "textblob", use="`w2s tune`")
     record = await asyncio.to_thread(_run, args)
     summary = {k: record[k] for k in ("pairs", "wall_s", "heldout_check")}
     summary["dpo"] = {k: v for k, v in record["dpo"].items() if not k.endswith("_curve")}  # type: ignore[union-attr]

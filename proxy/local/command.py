@@ -9,10 +9,12 @@ import argparse
 import asyncio
 
 from proxy.config import ModelSpec
+from proxy.config.extras import require
 from proxy.local.server import LocalCompletionsServer
 
 
 async def serve_local(args: argparse.Namespace) -> int:
+    require("local", "torch", "transformers", use="`w2s serve-local`")
     from proxy.local.causal_lm import LocalCausalLM  # torch: only when a model is really served
     from scorers.registry import set_torch_threads
 
