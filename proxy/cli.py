@@ -15,6 +15,7 @@ from proxy.config import ConfigError
 from proxy.config.scorer import ModelPathMissing
 from proxy.engine import ScorerUnavailable
 from proxy.demo import command as demo_command
+from proxy.demo import quickstart as quickstart_command
 from proxy.local import command as serve_local_command
 from proxy.logs import LOG_FORMATS, setup_logging
 from proxy.presets import describe_presets, load_config
@@ -24,6 +25,7 @@ from proxy.serving.errors import upstream_error
 from proxy.upstreams.errors import UpstreamError
 from scorers.base import ScorerFailure
 from proxy.film_reviews import tune_command
+from proxy import guide_check_command
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -57,7 +59,8 @@ async def _generate(args: argparse.Namespace) -> int:
 
 # Each module adds its own subcommand(s) with `register(subparsers)`; its handler is an
 # `async def (args) -> int` stored as `func`. Modules must not import torch at import time.
-SUBCOMMANDS = (demo_command, serve_local_command, serve_command, alpaca_eval_command, tune_command)
+SUBCOMMANDS = (demo_command, quickstart_command, serve_local_command, serve_command, alpaca_eval_command,
+               tune_command, guide_check_command)
 
 
 def version() -> str:
