@@ -9,8 +9,10 @@ flight answered 500 and the server exits. Unseeded requests have no generator an
 `--no-enable-chunked-prefill` never schedules a prompt in part, so the same seeded requests all
 succeed and reproduce (configs/upstreams/vllm-*.yaml say so).
 
-Each test starts a server of its own (the crash would kill the session's `vllm_server`) and
-always stops it; both skip with the reason where vLLM's CPU build cannot be installed or started.
+The crash is reproduced on a server of its own with chunked prefill turned back on (it would
+kill the session's `vllm_server`), always stopped; the workaround is checked on the session's
+server, which runs with the flag the presets recommend. Both skip with the reason where vLLM's
+CPU build cannot be installed or started.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.vllm_engine import SERVED_NAME, VLLM_VERSION, kill_group, start_own_server, tail
+from tests.vllm_engine import SERVED_NAME, VLLM_VERSION, VllmServer, kill_group, start_own_server, tail
 
 pytestmark = pytest.mark.slow
 
@@ -94,12 +96,14 @@ def own_server(tmp_path: Path, extra_args: list[str]) -> Iterator[tuple[str, Pat
 
 @pytest.fixture
 def default_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    yield from own_server(tmp_path, [])
+    """vLLM's own default: chunked prefill on (the session's server turns it off)."""
+    yield from own_server(tmp_path, ["--enable-chunked-prefill"])
 
 
 @pytest.fixture
-def unchunked_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    yield from own_server(tmp_path, WORKAROUND)
+def unchunked_server(vllm_server: VllmServer) -> tuple[str, Path]:  # noqa: F811
+    """The session's server: tests/vllm_engine.py starts it with WORKAROUND."""
+    return vllm_server.base_url, vllm_server.log_path
 
 
 def test_default_flags_serve_unseeded_requests_and_die_on_seeded_ones(default_server: tuple[str, Path]) -> None:

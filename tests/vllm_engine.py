@@ -293,7 +293,10 @@ def start_server(venv: Path, model: Path, log_path: Path, dtype: str = DTYPE, en
     cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
            "--max-model-len", "2048", "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching",
-           "--enable-prompt-tokens-details"] + (["--enforce-eager"] if ENFORCE_EAGER else []) + list(extra_args)
+           "--enable-prompt-tokens-details",
+           # what the presets tell users to run the CPU build with: seeded requests under
+           # concurrency kill it with chunked prefill on (tests/test_vllm_seeded_concurrency.py)
+           "--no-enable-chunked-prefill"] + (["--enforce-eager"] if ENFORCE_EAGER else []) + list(extra_args)
     t0 = time.monotonic()
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
