@@ -20,6 +20,7 @@ from typing import Any
 from proxy.budget import Budget, BudgetExhausted
 from proxy.config import AppConfig, ConfigError, search_with
 from proxy.engine import Engine, ResultSummary, Spend
+from proxy.finishing import as_they_finish
 from proxy.presets import load_config
 from proxy.prompts import chat_conversation
 from proxy.search import SearchResult, StepCallback, require_scorer
@@ -133,11 +134,5 @@ class GuidedClient:
                 except Exception as e:  # noqa: BLE001 - reported per item, never dropped
                     return Generated(i, p, error=e)
 
-        tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
-        try:
-            for fut in asyncio.as_completed(tasks):
-                yield await fut
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async for done in as_they_finish(one(i, p) for i, p in enumerate(prompts)):
+            yield done

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -30,10 +29,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from proxy.testing.toy_server import ToyCompletionsServer
+from tests.test_wheel_install import wheel  # noqa: F401 - the fixture: the wheel built once from a copy
 
 REPO = Path(__file__).resolve().parent.parent
-SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
-                              ".pytest_cache", ".w2s-cache", "tests", "benchmarks", "runs")
 HEAVY = ("torch", "transformers", "numpy", "accelerate", "gguf", "trl", "peft", "vaderSentiment", "textblob")
 MODEL = "toy-model"
 
@@ -88,17 +86,6 @@ def shadow_site(dists: dict[str, metadata.Distribution], where: Path) -> Path:
             if source.exists() and not (where / top).exists():
                 (where / top).symlink_to(source)
     return where
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("src") / "w2s-proxy"
-    shutil.copytree(REPO, src, ignore=SKIP)
-    out = tmp_path_factory.mktemp("wheel")
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-         "-w", out, src)
-    (built,) = out.glob("w2s_proxy-*.whl")
-    return built
 
 
 @pytest.fixture(scope="module")

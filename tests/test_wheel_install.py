@@ -24,7 +24,7 @@ from proxy.testing.toy_server import ToyCompletionsServer
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
-                              ".pytest_cache", ".w2s-cache", "tests", "benchmarks")
+                              ".pytest_cache", ".w2s-cache", "tests", "benchmarks", "runs")
 
 pytestmark = pytest.mark.slow
 

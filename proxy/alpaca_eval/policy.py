@@ -34,6 +34,7 @@ from typing import Literal
 from proxy.budget import Budget, BudgetExhausted
 from proxy.client import Generated, GuidedClient
 from proxy.config import ConfigError, search_with
+from proxy.finishing import as_they_finish
 from proxy.prompts import PromptError, chat_conversation
 from scorers.base import ScorerContextError
 
@@ -132,11 +133,5 @@ async def answer_too_long(client: GuidedClient, items: Sequence[tuple[int, str]]
                                                                            "item started")), 0
             return await _one(client, index, instruction, policy, budget)
 
-    tasks = [asyncio.create_task(gated(i, text)) for i, text in items]
-    try:
-        for fut in asyncio.as_completed(tasks):
-            yield await fut
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async for done in as_they_finish(gated(i, text) for i, text in items):
+        yield done

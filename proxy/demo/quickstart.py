@@ -13,10 +13,7 @@ best-of-16 and two small CBS searches, 32 new tokens by default.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
-import signal
 import socket
 from typing import Any
 
@@ -86,7 +83,7 @@ def claim_port(port: int) -> None:
 
 async def quickstart(args: argparse.Namespace) -> int:
     from proxy.serving.app import GuidanceServer
-    from proxy.serving.command import freeze_heap
+    from proxy.serving.command import freeze_heap, until_sigterm
 
     claim_port(args.port)
     async with offline_pair(args.guide) as pair:
@@ -97,10 +94,7 @@ async def quickstart(args: argparse.Namespace) -> int:
             await server.wait_ready()
             freeze_heap()
             print(banner(server.base_url, server.modes.model_ids(), args.guide), flush=True)
-            terminated = asyncio.Event()
-            with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' loop
-                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminated.set)
-            await terminated.wait()
+            await until_sigterm()
             print("w2s quickstart: SIGTERM: draining in-flight requests", flush=True)
         finally:
             await server.stop()

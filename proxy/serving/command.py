@@ -45,6 +45,15 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+async def until_sigterm() -> None:
+    """Return when the process gets SIGTERM (Ctrl-C raises KeyboardInterrupt as usual); the
+    caller then drains its server."""
+    terminated = asyncio.Event()
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' loop
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminated.set)
+    await terminated.wait()
+
+
 async def serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     server = GuidanceServer(cfg, access_log=getattr(args, "verbose", 0) > 0)  # -v: one line a request
@@ -62,10 +71,7 @@ async def serve(args: argparse.Namespace) -> int:
                 freeze_heap()
 
             loaded = asyncio.create_task(freeze_when_loaded())
-        terminated = asyncio.Event()
-        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' loop
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminated.set)
-        await terminated.wait()
+        await until_sigterm()
         print("w2s: SIGTERM: draining in-flight requests", flush=True)
     finally:
         if loaded is not None:
