@@ -3,7 +3,9 @@
 The guide is then the tuned model against its untuned parent. Training keeps only a LoRA
 adapter, small enough to ship as package data; `ModelSpec(adapter=...)` merges it at load.
 Nothing here imports torch at package level, nor anything of proxy/ but proxy.config: the
-`w2s tune` command and its film-review recipe live in proxy.film_reviews.tune_command.
+`w2s tune` command and its film-review recipe live in proxy.film_reviews.tune_command, and
+training on a user's preference file (read in proxy.tune_preferences, trained here by
+scorers.tuning.from_file) shares the same DPO.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from scorers.tuning.pairs import PreferencePair
+from scorers.tuning.pairs import PreferencePair, TrainPair
 from scorers.tuning.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,14 @@ def make_trainable(model: PreTrainedModel) -> None:
 def train_dpo(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[PreferencePair],
+    pairs: Sequence[PreferencePair | TrainPair],
     settings: TrainSettings,
+    *,
+    device: str = "cpu",
 ) -> tuple[PreTrainedModel, DpoReport]:
-    """The model wrapped with a trained LoRA adapter (a peft PeftModel), and how training went."""
+    """The model wrapped with a trained LoRA adapter (a peft PeftModel), and how training went.
+
+    `device` "cuda" trains on the GPU the model was loaded on (fp32 still); "cpu" is the default."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
@@ -96,7 +100,7 @@ def train_dpo(
             output_dir=work, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
             gradient_accumulation_steps=1, learning_rate=settings.learning_rate, lr_scheduler_type="linear",
             warmup_steps=settings.warmup_ratio, beta=settings.beta, max_length=settings.max_length,
-            seed=settings.seed, data_seed=settings.seed, use_cpu=True, bf16=False, fp16=False,
+            seed=settings.seed, data_seed=settings.seed, use_cpu=device == "cpu", bf16=False, fp16=False,
             gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
             disable_tqdm=True, dataloader_pin_memory=False, remove_unused_columns=False,
         )

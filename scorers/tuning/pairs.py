@@ -29,6 +29,15 @@ class PreferencePair:
         return self.chosen_score - self.rejected_score
 
 
+@dataclass(frozen=True)
+class TrainPair:
+    """A pair from a preference file, as train_dpo reads it: the prompt as text (rendered), the two responses."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
 def select_pair(prompt: str, texts: Sequence[str], scores: Sequence[float], min_gap: float) -> PreferencePair | None:
     """Best against worst, or None when the gap is under `min_gap` (or fewer than two texts).
 

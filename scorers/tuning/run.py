@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config import ModelSpec
+from scorers.tuning.from_file import dpo_record, versions
 from scorers.tuning.pairs import PreferencePair, read_pairs, select_pairs, write_pairs
 from scorers.tuning.settings import TuneSettings
 
@@ -35,16 +36,6 @@ def make_pairs(
                                    temperature=s.temperature, top_p=s.top_p, seed=s.seed, batch_size=s.batch_size)
     scores = [[judge(t) for t in texts] for texts in samples]
     return select_pairs(prompts, samples, scores, s.min_gap)
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "peft": peft.__version__}
 
 
 def run_tune(
@@ -99,7 +90,6 @@ def run_tune(
                               max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=s.seed + 1,
                               batch_size=s.batch_size)
     done = time.perf_counter()
-    n = len(report.losses)
     record: dict[str, Any] = {
         "base_model": model_label,
         "settings": settings.as_dict(),
@@ -107,18 +97,14 @@ def run_tune(
         "openings": {"trained_on": len(train_prompts), "held_out": len(heldout)},
         "pairs": {"count": len(pairs), "used": report.pairs, "reused_file": reused,
                   "mean_gap": round(sum(p.gap for p in pairs) / len(pairs), 4) if pairs else None},
-        "dpo": {"steps": report.steps, "loss_first": report.first_loss, "loss_last": report.last_loss,
-                "loss_mean_first_tenth": report.mean_loss(slice(0, max(1, n // 10))),
-                "loss_mean_last_tenth": report.mean_loss(slice(n - max(1, n // 10), n)),
-                "loss_curve": [round(x, 4) for x in report.losses],
-                "accuracy_curve": [round(x, 3) for x in report.accuracies]},
+        "dpo": dpo_record(report),
         "wall_s": {"load": round(loaded - started, 1), "sampling": round(sampled - loaded, 1),
                    "training": round(trained - sampled, 1), "check": round(done - trained, 1),
                    "total": round(done - started, 1)},
         "cpu_s": round(time.process_time() - cpu_started, 1),
         "torch_threads": settings.torch_threads,
         "heldout_check": check,
-        "versions": _versions(),
+        "versions": versions(),
     }
     (output / "tune.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
