@@ -9,7 +9,9 @@ review, then the continuation being scored. They differ in what makes them a pai
   No training at all. (Against a plain "A film review:" the ratio hardly tracks sentiment on
   Gemma's continuations: within-opening correlation with VADER 0.02 on 192 samples and 0.11 on
   1040, against 0.39 for the positive/negative pair on the same 192; the common "film review"
-  part of the two framings cancels, and what is left is the sentiment.)
+  part of the two framings cancels, and what is left is the sentiment.) It is kept as
+  `plain_contrast_guide`, with `reversed_guide` (a pair's sides swapped: it wants the opposite),
+  for `benchmarks/guide_check_vs_search.py`; neither is one of the benchmark's GUIDES.
 - "tuned": the paper's way. The tuned side is SmolLM2 with the shipped DPO LoRA adapter (trained
   on VADER-labelled pairs of continuations of other openings), the untuned side its parent; both
   read the bare opening.
@@ -26,6 +28,7 @@ from proxy.config import ModelSpec, ScorerConfig, SearchConfig
 GUIDES = ("contrast", "tuned")
 POSITIVE_PREFIX = "A very positive film review:\n\n"
 NEGATIVE_PREFIX = "A very negative film review:\n\n"
+PLAIN_PREFIX = "A film review:\n\n"
 
 
 class GuideUnavailable(RuntimeError):
@@ -41,6 +44,18 @@ def contrast_guide(smol: ModelSpec, **options: object) -> ScorerConfig:
     """Prompt contrast on one set of weights: positive-review prefix vs negative-review prefix."""
     return ScorerConfig(tuned=_raw(smol, POSITIVE_PREFIX), untuned=_raw(smol, NEGATIVE_PREFIX),
                         **options)  # type: ignore[arg-type]
+
+
+def plain_contrast_guide(smol: ModelSpec, **options: object) -> ScorerConfig:
+    """The discarded contrast: positive-review prefix vs a plain "A film review:" prefix."""
+    return ScorerConfig(tuned=_raw(smol, POSITIVE_PREFIX), untuned=_raw(smol, PLAIN_PREFIX),
+                        **options)  # type: ignore[arg-type]
+
+
+def reversed_guide(guide: ScorerConfig) -> ScorerConfig:
+    """The pair with its sides swapped: its score is the negative of `guide`'s (a deliberately
+    wrong guide, a control for checks that should rank it last)."""
+    return guide.model_copy(update={"tuned": guide.untuned, "untuned": guide.tuned})
 
 
 def tuned_guide(smol: ModelSpec, adapter: str, **options: object) -> ScorerConfig:
