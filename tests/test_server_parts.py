@@ -70,7 +70,7 @@ def test_metrics_label_modes_and_upstream_failure_kinds() -> None:
     assert value(fams, "w2s_upstream_retries", "w2s_upstream_retries_total", kind="timeout") == 1
     assert value(fams, "w2s_upstream_errors", "w2s_upstream_errors_total", kind="connection") == 1
     assert value(fams, "w2s_request_duration_seconds", "w2s_request_duration_seconds_bucket",
-                 endpoint="/v1/completions", le="0.0025") == 1
+                 endpoint="/v1/completions", model="none", le="0.0025") == 1
     assert m.total("w2s_searches_total") == 2 and m.total("w2s_searches_total", mode="bon4") == 1
 
 
