@@ -88,7 +88,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from proxy.config import OpenAICompletionsConfig, SearchConfig  # noqa: E402
-from proxy.film_reviews.guides import BON_SIZES, CBS_SHAPES, GUIDES, Method, bon_methods, cbs_methods  # noqa: E402
+from proxy.film_reviews.guides import BON_SIZES, CBS_SHAPES, CONTROL_GUIDES, GUIDES, Method, bon_methods, cbs_methods  # noqa: E402
 from proxy.film_reviews.stats import Estimate, estimate, paired  # noqa: E402
 from proxy.film_reviews.judges import JUDGES  # noqa: E402
 from benchmarks.billing import Request, Tokenize, sample_requests, tree_requests  # noqa: E402
@@ -592,7 +592,9 @@ async def main_async(args: argparse.Namespace) -> int:
         from benchmarks.quality_dollars import gemma_tokenizer
 
         tokenize = gemma_tokenizer()
-    report = summarize(results, settings, [g for g in GUIDES if g in guide_names or args.report],
+    recorded = {g for (g, *_rest) in results.scores}
+    report = summarize(results, settings, [g for g in GUIDES + CONTROL_GUIDES
+                                           if g in guide_names or (args.report and g in recorded)],
                        instructions=TEST_OPENINGS, tokenize=tokenize, system_tokens=args.system_tokens)
     if not report["guides"]:
         print("no complete results yet", file=sys.stderr)
@@ -615,7 +617,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="runs/quality", help="results directory (resumable)")
-    p.add_argument("--guides", type=lambda s: s.split(","), default=list(GUIDES), help="comma-separated: contrast,tuned")
+    p.add_argument("--guides", type=lambda s: s.split(","), default=list(GUIDES),
+                   help="comma-separated: contrast,tuned (and the controls plain-contrast,reversed)")
     p.add_argument("--openings", type=int, default=d.openings)
     p.add_argument("--seeds", type=int, default=d.seeds)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -636,9 +639,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="price the requests behind system prompts of these lengths too (0: as run; 6000 is "
                         "above Anthropic's Haiku 4.5 cache minimum, also as the family counts it)")
     args = p.parse_args(argv)
-    unknown = set(args.guides) - set(GUIDES)
+    unknown = set(args.guides) - set(GUIDES + CONTROL_GUIDES)
     if unknown:
-        p.error(f"--guides: unknown {sorted(unknown)} (known: {', '.join(GUIDES)})")
+        p.error(f"--guides: unknown {sorted(unknown)} (known: {', '.join(GUIDES + CONTROL_GUIDES)})")
     return args
 
 

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from proxy.config import ModelSpec, ScorerConfig, SearchConfig
 
 GUIDES = ("contrast", "tuned")
+CONTROL_GUIDES = ("plain-contrast", "reversed")
+"""Guides kept as controls for `w2s guide-check`'s claim to predict the search: the discarded
+positive/plain contrast and the tuned pair reversed."""
 POSITIVE_PREFIX = "A very positive film review:\n\n"
 NEGATIVE_PREFIX = "A very negative film review:\n\n"
 PLAIN_PREFIX = "A film review:\n\n"
@@ -78,7 +81,11 @@ def guide_config(name: str, smol: ModelSpec, **options: object) -> ScorerConfig:
         return contrast_guide(smol, **options)
     if name == "tuned":
         return tuned_guide(smol, shipped_adapter(), **options)
-    raise ValueError(f"unknown guide {name!r} (known: {', '.join(GUIDES)})")
+    if name == "plain-contrast":
+        return plain_contrast_guide(smol, **options)
+    if name == "reversed":
+        return reversed_guide(tuned_guide(smol, shipped_adapter(), **options))
+    raise ValueError(f"unknown guide {name!r} (known: {', '.join(GUIDES + CONTROL_GUIDES)})")
 
 
 @dataclass(frozen=True)
