@@ -250,3 +250,24 @@ async def test_the_recipe_writes_its_output_whole_and_reuses_its_pairs(tiny_mode
     assert again["pairs"]["reused_file"] and again["pairs"]["count"] == first["pairs"]["count"]
     assert len(read_pairs(output / "pairs.jsonl")) == first["pairs"]["count"]  # a preference file
     assert _leftovers(tmp_path) == []
+
+
+async def test_guide_check_finds_the_planted_preference_and_its_reverse(tuned, tiny_model_dirs: TinyModelDirs):
+    """`w2s guide-check`'s arithmetic on the tuned pair, over the whole file (the held-out lines
+    included): the planted preference is found nearly always, and the same pair reversed nearly never."""
+    from proxy.film_reviews.guides import reversed_guide
+    from proxy.guide_check import check_guide
+    from proxy.preferences import read_pairs
+
+    data, output, _ = tuned
+    parent = ModelSpec(path=str(tiny_model_dirs.llama_untuned), chat_template="raw", system_prompt=None)
+    cfg = ScorerConfig(tuned=parent.model_copy(update={"adapter": str(output)}), untuned=parent, device="cpu",
+                       dtype="float32")
+    pairs = read_pairs(data)
+    for config, lowest, highest in ((cfg, 0.8, 1.0), (reversed_guide(cfg), 0.0, 0.2)):
+        scorer = load_scorer(config)
+        try:
+            result = await check_guide(scorer, pairs)
+        finally:
+            await scorer.aclose()
+        assert lowest <= result.accuracy.rate <= highest, result.accuracy
