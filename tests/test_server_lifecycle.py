@@ -264,10 +264,14 @@ async def test_w2s_serve_command(loopback: ToyCompletionsServer, tmp_path: Path)
 
 async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
     """Requests in flight when SIGTERM arrives, whole and streamed, still get their answers (the
-    stream to its [DONE]); then the process exits 0."""
+    stream to its [DONE]); then the process exits 0 as soon as they are done, not at the end of
+    its grace period (30 s here; the client's keep-alive connection still open)."""
+    grace_s = 30.0
+    loop = asyncio.get_running_loop()
     async with ToyCompletionsServer(latency_s=1.0) as slow:
         cfg = tmp_path / "serve.yaml"
-        cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": slow.base_url}}))
+        cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": slow.base_url},
+                                       "server": {"shutdown_grace_s": grace_s}}))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", "0", cwd=REPO,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -288,6 +292,9 @@ async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
                 proc.send_signal(signal.SIGTERM)
                 answer = await asyncio.wait_for(pending, 60)
                 stream_text = await asyncio.wait_for(streaming, 60)
+                answered = loop.time()
+                await asyncio.wait_for(proc.wait(), grace_s)
+                exit_after_s = loop.time() - answered
         finally:
             try:  # it stops by itself after the SIGTERM above; a second one would race its exit
                 out, err = await asyncio.wait_for(proc.communicate(), 120)
@@ -298,6 +305,7 @@ async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
     assert answer.choices and answer.choices[0].finish_reason in ("stop", "length")
     assert stream_text.rstrip().endswith("data: [DONE]") and '"error"' not in stream_text
     assert proc.returncode == 0 and b"draining" in out and b"Traceback" not in err
+    assert exit_after_s < grace_s / 3, f"exited {exit_after_s:.1f}s after the last answer (grace {grace_s}s)"
 
 
 async def test_a_stream_still_running_when_the_grace_period_ends_gets_an_error_event() -> None:
