@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 from proxy.config import AnthropicConfig, Prices, parse_upstream
@@ -69,7 +70,8 @@ class PriceList:
     """Preset fields replaced (e.g. a smaller cache minimum in a test)."""
 
     def upstream(self) -> object:
-        return parse_upstream(load_preset("upstream", self.preset) | dict(self.overrides))
+        """The preset's config, read once per (preset, overrides): `bill` asks for it per search."""
+        return _preset_upstream(self.preset, self.overrides)
 
     @property
     def prices(self) -> Prices:
@@ -80,6 +82,11 @@ class PriceList:
         """One request bills its prompt once for all K samples; otherwise K requests each bill it."""
         cfg = self.upstream()
         return not isinstance(cfg, AnthropicConfig) and getattr(cfg, "supports_n", None) is not False
+
+
+@lru_cache(maxsize=None)
+def _preset_upstream(preset: str, overrides: tuple[tuple[str, object], ...]) -> object:
+    return parse_upstream(load_preset("upstream", preset) | dict(overrides))
 
 
 PRICE_LISTS: dict[str, PriceList] = {p.name: p for p in (

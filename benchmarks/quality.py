@@ -92,7 +92,7 @@ from proxy.film_reviews.guides import BON_SIZES, CBS_SHAPES, CONTROL_GUIDES, GUI
 from proxy.film_reviews.stats import Estimate, estimate, paired  # noqa: E402
 from proxy.film_reviews.judges import JUDGES  # noqa: E402
 from benchmarks.billing import Request, Tokenize, sample_requests, tree_requests  # noqa: E402
-from benchmarks.quality_dollars import dollars_section, format_dollars  # noqa: E402
+from benchmarks.quality_dollars import dollars_section, format_dollars, z_text  # noqa: E402
 from proxy.search import search  # noqa: E402
 from proxy.types import Conversation, SamplingParams, derive_seed  # noqa: E402
 from proxy.upstreams.base import Upstream  # noqa: E402
@@ -391,10 +391,6 @@ def _fmt(e: Mapping[str, float], digits: int = 3) -> str:
     return f"{e['mean']:+.{digits}f} ± {se}"
 
 
-def _z(e: Mapping[str, float]) -> str:
-    return f"{e['mean'] / e['se']:+.1f}" if e["se"] and not math.isnan(e["se"]) else "n/a"
-
-
 def format_report(report: Mapping[str, Any], chunk_lengths: Sequence[int]) -> str:
     out: list[str] = []
     headline = ["base", "bon4", "bon16"] + [m.name for m in cbs_methods(tuple(chunk_lengths))]
@@ -416,8 +412,8 @@ def format_report(report: Mapping[str, Any], chunk_lengths: Sequence[int]) -> st
         for name, c in g["cbs_vs_bon"].items():
             t = c["tokens"]
             out.append(f"| {name} | {t[0]:.0f} ({t[1]:.0f}) vs {t[2]:.0f} ({t[3]:.0f}) | "
-                       f"{_fmt(c['vader'])} | {_z(c['vader'])} | "
-                       f"{_fmt(c['textblob'])} | {_z(c['textblob'])} |")
+                       f"{_fmt(c['vader'])} | {z_text(c['vader'])} | "
+                       f"{_fmt(c['textblob'])} | {z_text(c['textblob'])} |")
         out.append("\nJudges as the search widens (over-optimization shows as a judge that stops rising or falls "
                    "while the guide score keeps rising):\n")
         out.append("| series | breadth (N or W*K) | guide score | VADER | TextBlob |")

@@ -135,11 +135,12 @@ def format_dollars(section: Mapping[str, Any], judges: Sequence[str], guide: str
                     out.append(f"| {m} | no best-of-N costs as much | " + " | ".join("" for _ in judges) + " |")
                     continue
                 out.append(f"| {m} - {c['bon']} | {_money(c['dollars'][0])} vs {_money(c['dollars'][1])} | "
-                           + " | ".join(f"{c[j]['mean']:+.3f} ± {c[j]['se']:.3f} ({_z(c[j])})" for j in judges) + " |")
+                           + " | ".join(f"{c[j]['mean']:+.3f} ± {c[j]['se']:.3f} ({z_text(c[j])})" for j in judges) + " |")
     return "\n".join(out)
 
 
-def _z(e: Mapping[str, float]) -> str:
+def z_text(e: Mapping[str, float]) -> str:
+    """An estimate's z (mean / s.e.) as the tables print it; "n/a" without a standard error."""
     return f"{e['mean'] / e['se']:+.1f}" if e["se"] and not math.isnan(e["se"]) else "n/a"
 
 

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from scorer import DEFAULT_RECORDING, Recording, minimum_tokens, table  # noqa: E402
+from scorer import DEFAULT_RECORDING, Recording, calls_by_step, minimum_tokens, score_recording, table  # noqa: E402
 
 from proxy.config import ScorerConfig  # noqa: E402
 from scorers.base import Scorer  # noqa: E402
@@ -90,24 +90,11 @@ def scorer_config(rec: Recording, model_dir: str, engine: dict | None, dtype: st
 async def replay(rec: Recording, scorer: Scorer, *, copies: int = 1, steps: int | None = None) -> tuple[float, list[float]]:
     """Wall seconds for `copies` concurrent replays of the recording (its first `steps` steps),
     and the scores of the first copy in call order. Copy i > 0 asks with a prompt of its own."""
-    by_step: dict[int, list] = {}
-    for call in rec.calls:
-        if steps is None or call.step <= steps:
-            by_step.setdefault(call.step, []).append(call)
-
-    async def one(i: int) -> list[float]:
-        prompt = rec.instruction if i == 0 else f"(Request {i}.) {rec.instruction}"
-        scores: list[float] = []
-        with scorer.open(prompt) as session:
-            for step in sorted(by_step):
-                outs = await asyncio.gather(*(
-                    session.score([rec.text(n) for n in c.nodes], [rec.nodes[n].finished for n in c.nodes])
-                    for c in by_step[step]))
-                scores.extend(x for o in outs for x in o)
-        return scores
-
+    by_step = calls_by_step(rec, steps)
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(one(i) for i in range(copies)))
+    results = await asyncio.gather(*(
+        score_recording(rec, scorer, rec.instruction if i == 0 else f"(Request {i}.) {rec.instruction}", by_step)
+        for i in range(copies)))
     return time.perf_counter() - t0, results[0]
 
 

@@ -242,30 +242,40 @@ class Concurrent:
     """Per search, its candidates' scores in call order."""
 
 
+def calls_by_step(rec: Recording, max_step: int | None = None) -> dict[int, list[Call]]:
+    """The recording's score calls grouped by search step (those after `max_step` left out)."""
+    steps: dict[int, list[Call]] = {}
+    for call in rec.calls:
+        if max_step is None or call.step <= max_step:
+            steps.setdefault(call.step, []).append(call)
+    return steps
+
+
+async def score_recording(rec: Recording, scorer: Scorer, prompt: str, steps: dict[int, list[Call]]) -> list[float]:
+    """One search's worth of the recording in one session of `prompt`, as the search sends it (its
+    steps in order, a step's calls at once): the candidates' scores in call order."""
+    out: list[float] = []
+    with scorer.open(prompt) as session:
+        for step in sorted(steps):
+            outs = await asyncio.gather(*(
+                session.score([rec.text(n) for n in c.nodes], [rec.nodes[n].finished for n in c.nodes])
+                for c in steps[step]))
+            out.extend(x for o in outs for x in o)
+    return out
+
+
 async def concurrent_replay(rec: Recording, scorer: ImplicitRewardScorer, searches: int, *,
                             distinct_prompts: bool = True, max_step: int | None = None) -> Concurrent:
     """`searches` replays of the recording at once on one scorer, each in its own session, as that
     many concurrent CBS searches would send them (a search's steps in order, a step's calls at
     once). With `distinct_prompts` search i's instruction starts with "(i) ", so no two share a
     prompt. `max_step` cuts the recording after that step."""
-    steps: dict[int, list[Call]] = {}
-    for call in rec.calls:
-        if max_step is None or call.step <= max_step:
-            steps.setdefault(call.step, []).append(call)
-
-    async def one(i: int) -> list[float]:
-        out: list[float] = []
-        with scorer.open(f"({i}) {rec.instruction}" if distinct_prompts else rec.instruction) as session:
-            for step in sorted(steps):
-                outs = await asyncio.gather(*(
-                    session.score([rec.text(n) for n in c.nodes], [rec.nodes[n].finished for n in c.nodes])
-                    for c in steps[step]))
-                out.extend(x for o in outs for x in o)
-        return out
-
+    steps = calls_by_step(rec, max_step)
     before = scorer.tokens_run
     t0 = time.perf_counter()
-    scores = await asyncio.gather(*(one(i) for i in range(searches)))
+    scores = await asyncio.gather(*(
+        score_recording(rec, scorer, f"({i}) {rec.instruction}" if distinct_prompts else rec.instruction, steps)
+        for i in range(searches)))
     wall = time.perf_counter() - t0
     after = scorer.tokens_run
     return Concurrent(wall, (after[0] - before[0], after[1] - before[1]), list(scores))

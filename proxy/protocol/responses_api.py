@@ -242,19 +242,20 @@ class PartEvent(StreamEvent):
     part: OutputText
 
 
-class TextDeltaEvent(StreamEvent):
+class _TextEvent(StreamEvent):
+    """Where an output_text event's text belongs (the one message's one text part)."""
+
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    logprobs: list[Any] = []
+
+
+class TextDeltaEvent(_TextEvent):
     type: str = "response.output_text.delta"
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     delta: str
-    logprobs: list[Any] = []
 
 
-class TextDoneEvent(StreamEvent):
+class TextDoneEvent(_TextEvent):
     type: str = "response.output_text.done"
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     text: str
-    logprobs: list[Any] = []
