@@ -9,6 +9,7 @@ that list), this module only names them and what each serves:
     demo    `w2s demo`: local + the demo's lexicon judges
     tune    `w2s tune`: demo + trl, peft
     bench   benchmarks/: demo + matplotlib
+    otel    OpenTelemetry export of spans (`w2s serve --otel`): the API, the SDK, the OTLP/HTTP exporter
 
 Here, not in proxy/, so that scorers/ (which may import proxy.config) raises the same error.
 """
@@ -24,6 +25,7 @@ EXTRAS = {
     "demo": "`w2s demo`",
     "tune": "`w2s tune`",
     "bench": "the benchmarks",
+    "otel": "OpenTelemetry export (`w2s serve --otel`)",
 }
 
 

@@ -97,6 +97,15 @@ class ServerConfig(Strict):
     stream_keepalive_s: float = Field(10.0, gt=0)
     """A stream with nothing to say for this long gets an SSE comment, so proxies that cut idle
     connections do not cut a search step that is still running."""
+    passthrough: bool = True
+    """In plain mode, chat requests using what only the upstream can honour (tools and tool
+    results, a response format, logprobs, n > 1, images) are forwarded to a chat upstream as
+    they are (proxy.serving.passthrough); off, they are refused with a 400 naming the field, as
+    in a guided mode."""
+    otel: bool = False
+    """Export OpenTelemetry spans (request, search step, upstream call, scoring) over OTLP/HTTP,
+    to where OTEL_EXPORTER_OTLP_ENDPOINT says (the exporter reads it); needs the `otel` extra.
+    Off: spans still reach a tracer provider set up by someone else (`opentelemetry-instrument`)."""
 
     @model_validator(mode="after")
     def _modes_fit_caps(self) -> "ServerConfig":

@@ -31,7 +31,7 @@ IGNORED_FIELDS: dict[str, str] = {
     "prompt_cache_key": "the server keys the upstream's prompt cache per conversation itself, "
                         "where `upstream.cache_affinity` says",
     "prompt_cache_retention": "how long the upstream keeps its cache is the upstream's",
-    "parallel_tool_calls": "matters only with tools, which are refused",
+    "parallel_tool_calls": "matters only with tools, which the search refuses (a forwarded request keeps it)",
     "prediction": "a latency hint (predicted output); the answer does not depend on it",
     "reasoning_effort": "the upstream's reasoning is the operator's choice (`upstream.extra_body`); "
                         "reasoning is never part of the answer",
@@ -63,6 +63,39 @@ CHAT_REFUSED: dict[str, Refusal] = {
 }
 """/v1/chat/completions fields the search cannot honour, a 400 naming the field unless sent at
 one of its harmless values (null, no tools, a text response)."""
+
+
+def upstream_features(body: Any) -> list[str]:
+    """The fields of a chat body (parsed JSON) that only the upstream can honour, named as a 400
+    names them: what the search refuses (`CHAT_REFUSED` at other values, logprobs, n > 1,
+    penalties, a logit bias) and messages it cannot read (tool results, tool calls, parts that
+    are not text). In plain mode the server forwards such a request to a chat upstream as it is
+    (proxy.serving.passthrough); anything that is not a JSON object has none (the strict parse
+    then names what is wrong)."""
+    if not isinstance(body, dict):
+        return []
+    found = [name for name, refusal in CHAT_REFUSED.items() if body.get(name) not in refusal.harmless]
+    found += [name for name, harmless in _SEARCH_REFUSED.items() if body.get(name) not in harmless]
+    if body.get("logit_bias"):
+        found.append("logit_bias")
+    messages = body.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") in ("tool", "function"):
+            found.append(f"messages.{i}.role")
+        if m.get("tool_calls") or m.get("function_call"):
+            found.append(f"messages.{i}.tool_calls")
+        content = m.get("content")
+        if isinstance(content, list) and any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+            found.append(f"messages.{i}.content")
+    return found
+
+
+_SEARCH_REFUSED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False), "top_logprobs": (None,), "n": (None, 1),
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0)}
+"""Chat fields the search refuses (validators below) unless at these values: an upstream honours them."""
 
 
 def ignored_under(prefix: str, fields: Mapping[str, str] = IGNORED_FIELDS) -> frozenset[str]:

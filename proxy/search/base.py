@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from proxy import tracing
 from proxy.budget import Budget, Reservation, release_admission
 from proxy.search.trace import Candidate, SearchResult, StepCallback, StepTrace
 from proxy.types import Continuation, Conversation, SamplingParams, Usage, derive_seed, first_stop
@@ -142,7 +143,8 @@ class SearchAlgorithm(ABC):
         conts = res.continuations
         cands = [self.new_node(b, step, c) for j, b in enumerate(beams) for c in conts[j * n:(j + 1) * n]]
         if self.session is not None:
-            scores = await self.session.score([c.text for c in cands], [c.finished for c in cands])
+            with tracing.span("w2s.scoring", **{"w2s.step": step, "w2s.candidates": len(cands)}):
+                scores = await self.session.score([c.text for c in cands], [c.finished for c in cands])
             for c, s in zip(cands, scores):
                 c.score = s
         return Expansion(cands, res.usage, res.calls, t1 - t0, time.perf_counter() - t1)
@@ -173,8 +175,13 @@ async def drive(search: SearchAlgorithm, mode: str, *, budget: Budget | None = N
                 break
             number += 1
             try:
-                async with asyncio.timeout(left):
-                    trace, survivors = await search.step(number, live)
+                with tracing.span("w2s.search.step", **{"w2s.mode": mode, "w2s.step": number,
+                                                        "w2s.beams": len(live)}) as span:
+                    async with asyncio.timeout(left):
+                        trace, survivors = await search.step(number, live)
+                    span.usage(trace.usage)
+                    span.set(**{"w2s.candidates": len(trace.candidates), "w2s.survivors": len(survivors),
+                                "w2s.upstream.calls": trace.calls})
             except TimeoutError:  # the step is dropped; what it was billed is in upstream.usage
                 result.stopped_by = "deadline"
                 break

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
 
+from proxy import tracing
 from proxy.config import AppConfig, server_api_keys
 from proxy.engine import Engine
 from proxy.logs import REQUEST_ID, request_id_from
@@ -48,6 +49,8 @@ log = logging.getLogger("w2s.server")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID_KEY = web.RequestKey("w2s_request_id", str)
+UNTRACED = frozenset({"/health", "/health/ready", "/metrics"})
+"""Routes without a `w2s.request` span: probes and scrapes, many a minute, would bury the requests."""
 
 
 class GuidanceServer:
@@ -161,12 +164,16 @@ class GuidanceServer:
         """The request id, auth on /v1/*, every exception answered in OpenAI's shape, and the
         request metrics. The id (the client's `X-Request-Id` when sane, else ours) goes on every
         response, streams and errors included (`_stamp_request_id`), and on every log line
-        written while serving it (proxy.logs.REQUEST_ID, inherited by the tasks it starts)."""
+        written while serving it (proxy.logs.REQUEST_ID, inherited by the tasks it starts). The
+        `w2s.request` span (proxy.tracing) continues the caller's trace and is the parent of the
+        search's spans; it is current, like the id, until the `finally`."""
         t0 = time.perf_counter()
         request[REQUEST_ID_KEY] = rid = request_id_from(request.headers.get(REQUEST_ID_HEADER))
         rid_token = REQUEST_ID.set(rid)
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "other"
+        span = tracing.NO_SPAN if endpoint in UNTRACED else tracing.start_request(
+            request.headers, **{"http.request.method": request.method, "http.route": endpoint, "w2s.request_id": rid})
         status = 500
         try:
             if request.path.startswith("/v1/"):
@@ -190,8 +197,9 @@ class GuidanceServer:
         except ConnectionResetError:  # a write found the client gone before the cancellation did
             status = 499
             return web.Response(status=499)
-        except Exception:
+        except Exception as e:
             log.exception("unhandled error in %s %s", request.method, request.path)
+            span.fail(e)
             return internal_error().response()
         finally:
             model = request.get(MODEL_KEY)
@@ -199,6 +207,8 @@ class GuidanceServer:
             if first is not None and status == 200:
                 self.metrics.first_token(model, first - t0)
             self.metrics.request_done(endpoint, status, time.perf_counter() - t0, model)
+            span.set(**{"gen_ai.request.model": model})
+            span.done(status)
             REQUEST_ID.reset(rid_token)
 
     # ------------------------------------------------------------------ simple routes

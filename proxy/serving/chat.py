@@ -30,6 +30,7 @@ class ChatEndpoint(Endpoint[ChatCompletionRequest]):
     request_type = ChatCompletionRequest
     id_prefix: ClassVar[str] = "chatcmpl"
     prompt_field: ClassVar[str] = "messages"
+    forwards: ClassVar[bool] = True
 
     def max_tokens(self, req: ChatCompletionRequest) -> int | None:
         return req.token_limit

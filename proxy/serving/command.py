@@ -21,6 +21,7 @@ import gc
 import signal
 from typing import Any
 
+from proxy import tracing
 from proxy.presets import load_config
 from proxy.serving.app import GuidanceServer
 
@@ -31,6 +32,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", required=True, help="config file or preset name under configs/")
     p.add_argument("--host", help="default: server.host (127.0.0.1)")
     p.add_argument("--port", type=int, help="default: server.port (8000); 0 picks a free port")
+    p.add_argument("--otel", action="store_true",
+                   help="export OpenTelemetry spans over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT; default "
+                        "server.otel); needs w2s-proxy[otel]")
     p.set_defaults(func=serve)
 
 
@@ -56,6 +60,8 @@ async def until_sigterm() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    # Before anything serves: a missing `otel` extra is the CLI's ConfigError naming it.
+    exporting = tracing.export_otlp() if getattr(args, "otel", False) or cfg.server.otel else None
     server = GuidanceServer(cfg, access_log=getattr(args, "verbose", 0) > 0)  # -v: one line a request
     await server.start(args.host, args.port)
     freeze_heap()
@@ -77,4 +83,6 @@ async def serve(args: argparse.Namespace) -> int:
         if loaded is not None:
             loaded.cancel()
         await server.stop()
+        if exporting is not None:  # the spans still batched go out before the process ends
+            exporting.shutdown()
     return 0

@@ -32,6 +32,9 @@ class Endpoint(ABC, Generic[Req]):
     """Of response ids: "cmpl", "chatcmpl"."""
     prompt_field: ClassVar[str]
     """The request field that holds the prompt: "prompt", "messages"."""
+    forwards: ClassVar[bool] = False
+    """In plain mode, a body using what only the upstream can honour goes to a chat upstream as
+    it is (proxy.serving.passthrough): the chat route's bodies are already in its format."""
 
     @abstractmethod
     def max_tokens(self, req: Req) -> int | None:

@@ -10,18 +10,20 @@ its upstream failures translated (proxy.serving.errors), and the answer whole or
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from proxy.budget import Budget, admit
-from proxy.config import AppConfig
+from proxy.config import AppConfig, upstream_api_key
 from proxy.cost import cost_usd
 from proxy.engine import Engine, ResultSummary, ScorerUnavailable
-from proxy.protocol.requests import SamplingRequest
+from proxy.protocol.requests import CHAT_REFUSED, SamplingRequest, upstream_features
 from proxy.protocol.responses import SearchSummary
 from proxy.search import Candidate, SearchPlan, SearchResult, StepCallback, StepTrace, StoppedBy
 from proxy.serving.body import read_body
@@ -30,8 +32,9 @@ from proxy.serving.errors import ApiError, shutting_down, upstream_error, valida
 from proxy.search.plan import SettingTooSmall
 from proxy.serving.guidance import REQUEST_FIELD, GuidanceError, GuidanceModes, ModeChoice
 from proxy.serving.metrics import MODEL_KEY, ServerMetrics
+from proxy.serving.passthrough import Passthrough, chat_upstream
 from proxy.serving.streaming import StepHook, stream_search
-from proxy.types import Conversation
+from proxy.types import Conversation, Usage
 from proxy.upstreams.errors import UpstreamError
 from proxy.upstreams.retry import retries_reported_to
 from scorers.base import ScorerContextError, ScorerFailure
@@ -48,7 +51,10 @@ def json_response(model: BaseModel) -> web.Response:
 
 async def parse_body(request: web.Request, model: type[_Req], max_bytes: int, timeout_s: float) -> _Req:
     """The body as `model`, or a 400 naming the bad field (the body's own refusals: body.read_body)."""
-    raw = await read_body(request, max_bytes, timeout_s)
+    return validated(await read_body(request, max_bytes, timeout_s), model)
+
+
+def validated(raw: bytes, model: type[_Req]) -> _Req:
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
@@ -90,6 +96,7 @@ class Generation:
         self._key_budgets: dict[object, Budget] = {}
         self._searches: set[asyncio.Task[SearchResult]] = set()
         self._ending = False
+        self._passthrough: Passthrough | None = None
 
     def end_searches(self) -> None:
         """End every search being served, streamed or not, and refuse any begun from now on: each
@@ -119,27 +126,18 @@ class Generation:
 
     async def handle(self, request: web.Request, endpoint: Endpoint[Any]) -> web.StreamResponse:
         limits = self.config.server
-        req: SamplingRequest = await parse_body(request, endpoint.request_type, limits.max_body_bytes,
-                                                limits.body_timeout_s)
+        raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+        forwarded = self._forwarded(raw) if endpoint.forwards else None
+        if forwarded is not None:
+            passthrough, body = forwarded
+            request[MODEL_KEY] = body["model"]
+            async with self._admitted(request, Usage(0, 1)) as budget:
+                return await passthrough.handle(request, body, budget)
+        req: SamplingRequest = validated(raw, endpoint.request_type)
         request[MODEL_KEY] = req.model  # the metrics' `model` label
         plan = self._plan(req, endpoint.max_tokens(req))
         search = await self._check(plan, endpoint.conversation(req), endpoint)
-        budget = self._key_budget(request.get(CALLER_KEY))
-        # Refused when the key cannot pay for even the first step's samples; checked and held at
-        # once (nothing awaited in between), so concurrent requests cannot all get in on one key's
-        # last few tokens. The first step takes the hold over (proxy.budget).
-        admitted = None if budget is None else admit(budget, search.first_step_bound)
-        if budget is not None and admitted is None:
-            raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
-                           "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
-        if self.active >= limits.max_concurrent_requests:
-            if admitted is not None:
-                admitted.release()
-            raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
-                           "requests; retry shortly.", code="concurrency_limit", headers={"Retry-After": "1"})
-        self.active += 1
-        self.metrics.in_flight.inc()
-        try:
+        async with self._admitted(request, search.first_step_bound) as budget:
             def run(hook: StepHook | None) -> Awaitable[SearchResult]:
                 return self._endable(lambda: self._search(plan.mode, search, budget, hook))
 
@@ -152,11 +150,70 @@ class Generation:
             result = await run(None)
             return json_response(endpoint.answer(req, result.text, finish_reason(result), usage_info(result),
                                                  summarize(result)))
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request: web.Request, first_step: Usage) -> AsyncIterator[Budget | None]:
+        """Within the concurrency limit and the caller's key budget, or a 429; yields that budget.
+        Refused when the key cannot pay for even the first step's samples; checked and held at
+        once (nothing awaited in between), so concurrent requests cannot all get in on one key's
+        last few tokens. The first step takes the hold over (proxy.budget)."""
+        limits = self.config.server
+        budget = self._key_budget(request.get(CALLER_KEY))
+        admitted = None if budget is None else admit(budget, first_step)
+        if budget is not None and admitted is None:
+            raise ApiError(429, "This API key has spent its upstream budget (server.key_budget_usd / "
+                           "key_budget_tokens) on this server.", code="insufficient_quota", type_="insufficient_quota")
+        if self.active >= limits.max_concurrent_requests:
+            if admitted is not None:
+                admitted.release()
+            raise ApiError(429, f"The server is serving its limit of {limits.max_concurrent_requests} "
+                           "requests; retry shortly.", code="concurrency_limit", headers={"Retry-After": "1"})
+        self.active += 1
+        self.metrics.in_flight.inc()
+        try:
+            yield budget
         finally:
             if admitted is not None:  # never reached a step (failed, cancelled, or nothing to do)
                 admitted.release()
             self.active -= 1
             self.metrics.in_flight.dec()
+
+    def _forwarded(self, raw: bytes) -> tuple[Passthrough, dict[str, Any]] | None:
+        """Where a plain-mode chat body uses what only the upstream can honour (tools, a response
+        format, ...): the passthrough and the body to forward. None where the search serves it,
+        or refuses it naming the field (a guided mode); a 400 saying why where plain mode cannot
+        forward it (another upstream family, or `server.passthrough` off)."""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return None
+        features = upstream_features(body)
+        if not features or not isinstance(body.get("model"), str):
+            return None
+        w2s = body.get("w2s")
+        try:
+            plain = self.modes.resolve(body["model"], w2s=w2s if isinstance(w2s, dict) else None).mode == "base"
+        except GuidanceError:
+            return None  # the strict parse and the plan name the problem
+        if not plain:
+            return None
+        passthrough = self._passthrough_now()
+        if passthrough is None:
+            name = features[0]
+            refusal = CHAT_REFUSED.get(name)
+            why = ("server.passthrough is off" if not self.config.server.passthrough else
+                   f"this server's upstream ({self.config.upstream.kind}) is not a chat API")
+            raise ApiError(400, f"{name}: {refusal.why if refusal else 'only the upstream can honour it'}; plain "
+                           f"mode forwards it to a chat upstream as it is, but {why}", param=name, code="invalid_value")
+        return passthrough, body
+
+    def _passthrough_now(self) -> Passthrough | None:
+        if self._passthrough is None and self.config.server.passthrough:
+            upstream = chat_upstream(self.engine.upstream)
+            if upstream is not None:
+                self._passthrough = Passthrough(upstream, self.metrics, self.config.upstream.prices,
+                                                [upstream_api_key(upstream.cfg).get_secret_value()])
+        return self._passthrough
 
     async def _check(self, plan: ModeChoice, conversation: Conversation, endpoint: Endpoint[Any]) -> SearchPlan:
         """The checked search: a 503 while the scorer a guided plan needs is loading, or after it

@@ -6,8 +6,8 @@ platform offers them), and zeroed series for every label value known at start, s
 shows 0 rather than "no data" before the first guided request. Each server has its own
 CollectorRegistry: two servers in one process (tests, benchmarks) never share or collide.
 
-Label values stay bounded: `mode` is "base", a mode the server serves, or "custom" (a request
-that set W, K or L itself); `kind` of upstream tokens is one of TOKEN_KINDS; `kind` of an
+Label values stay bounded: `mode` is "base", a mode the server serves, "custom" (a request
+that set W, K or L itself) or "forwarded" (a plain-mode request passed to the upstream as it is); `kind` of upstream tokens is one of TOKEN_KINDS; `kind` of an
 upstream failure is the label of our UpstreamError (timeout, connection, malformed, or
 http_<status>, whatever the family's SDK); `model` of a request is a model id the server serves
 (GET /v1/models), "other" for any other a client asked for, "none" where no model was named
@@ -38,6 +38,7 @@ from proxy.upstreams.retry import failure_kind
 
 if TYPE_CHECKING:
     from proxy.search import StepTrace
+    from proxy.types import Usage
 
 #: Seconds, from a fast pass-through to a long guided search.
 LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -48,6 +49,8 @@ TOKEN_KINDS = ("prompt_uncached", "prompt_cached", "cache_write", "completion")
 upstream's prompt cache, written to it; completion tokens. The prompt tokens billed are the
 first three summed."""
 CUSTOM_MODE = "custom"
+FORWARDED_MODE = "forwarded"
+"""The `mode` of plain-mode requests forwarded to the upstream as they are (proxy.serving.passthrough)."""
 OTHER_MODEL, NO_MODEL = "other", "none"
 
 MODEL_KEY = web.RequestKey("w2s_model", str)
@@ -112,7 +115,7 @@ class ServerMetrics:
         self.step_scoring_seconds = Histogram("w2s_step_scoring_seconds",
                                               "Scoring time of each search step, summed over its beams",
                                               buckets=LATENCY_BUCKETS, registry=r)
-        self._modes = {m: _ModeSeries(self, m) for m in dict.fromkeys(("base", *modes, CUSTOM_MODE))}
+        self._modes = {m: _ModeSeries(self, m) for m in dict.fromkeys(("base", *modes, CUSTOM_MODE, FORWARDED_MODE))}
         self._models = set(models)
         self._first_token = {m: self.first_token_seconds.labels(model=m) for m in sorted(self._models)}
         self._routes: dict[tuple[str, str, str], tuple[Any, Any]] = {}
@@ -154,20 +157,23 @@ class ServerMetrics:
 
     def observe_step(self, trace: StepTrace, cost_usd: float, mode: str = "base") -> None:
         """Called after every search step, so cancelled and failed searches count what they spent."""
-        series = self._modes[self.mode_label(mode)]
         self.steps.inc()
-        self.upstream_calls.inc(trace.calls)
-        u = trace.usage
-        for kind, count in zip(TOKEN_KINDS, (u.uncached_prompt_tokens, u.cached_tokens, u.cache_write_tokens,
-                                             u.completion_tokens)):
-            series.tokens[kind].inc(count)
-        series.cost.inc(cost_usd)
+        self.observe_usage(trace.usage, trace.calls, cost_usd, mode)
         self.step_upstream_seconds.observe(trace.upstream_s)
         scored = [c for c in trace.candidates if c.score is not None]
         if scored:
             self.scored_candidates.inc(len(scored))
             self.scored_tokens.inc(sum(c.tokens for c in scored))
             self.step_scoring_seconds.observe(trace.scoring_s)
+
+    def observe_usage(self, u: Usage, calls: int, cost_usd: float, mode: str) -> None:
+        """What `calls` upstream calls billed, by token kind, and cost."""
+        series = self._modes[self.mode_label(mode)]
+        self.upstream_calls.inc(calls)
+        for kind, count in zip(TOKEN_KINDS, (u.uncached_prompt_tokens, u.cached_tokens, u.cache_write_tokens,
+                                             u.completion_tokens)):
+            series.tokens[kind].inc(count)
+        series.cost.inc(cost_usd)
 
     def upstream_failed(self, exc: BaseException) -> None:
         """An upstream failure that ended a search (after the retries)."""

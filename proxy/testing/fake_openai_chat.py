@@ -35,6 +35,9 @@ text, and continuing text that was extended by an earlier answer samples as the 
 would (the toy looks at the last two words). Choice i of a seeded request samples with
 `proxy.types.choice_seed(prompt, seed, i)`, as the loopback completions server does.
 
+Tools, tool results, structured output, image parts and streaming follow OpenAI's reference in
+every dialect (proxy.testing.fake_chat_features).
+
 Bookkeeping: `requests` (every JSON object body, refused ones included) and `responses` (the
 answer body to each of them, None where it was refused). `rewrite` may edit an
 answer body before it goes out (null contents, odd finish reasons); `failures` is a queue of
@@ -54,6 +57,15 @@ from proxy.protocol.model_requests import CompletionParams
 from proxy.serving.errors import ApiError
 from proxy.serving.site import listen
 from proxy.testing.cache_rules import shared_prefix
+from proxy.testing.fake_chat_features import (
+    FINISH_TOOL_CALLS,
+    check_messages,
+    chosen_tool,
+    content_text,
+    formatted,
+    stream_events,
+    tool_call,
+)
 from proxy.testing.toy_model import ToyBackend
 
 Dialect = Literal["vllm", "deepseek", "mistral", "ignores-n"]
@@ -70,9 +82,9 @@ def render(messages: Sequence[dict[str, Any]], continue_final: bool) -> str:
     """The chat as the toy model reads it: closed turns, then the open final turn (continued) or
     a new open assistant turn."""
     closed = messages[:-1] if continue_final else messages
-    text = "".join(f"<{m['role']}>{m.get('content') or ''}</{m['role']}>" for m in closed)
+    text = "".join(f"<{m['role']}>{content_text(m.get('content'))}</{m['role']}>" for m in closed)
     if continue_final:
-        return text + f"<{messages[-1]['role']}>{messages[-1].get('content') or ''}"
+        return text + f"<{messages[-1]['role']}>{content_text(messages[-1].get('content'))}"
     return text + "<assistant>"
 
 
@@ -145,7 +157,18 @@ class FakeChatServer:
         if self.rewrite is not None:
             answer = self.rewrite(answer)
         self.responses[slot] = answer
+        if body.get("stream"):
+            return await self._stream(request, answer, bool((body.get("stream_options") or {}).get("include_usage")))
         return web.json_response(answer)
+
+    async def _stream(self, request: web.Request, answer: dict[str, Any], include_usage: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in stream_events(answer, include_usage):
+            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     def continues(self, body: dict[str, Any]) -> bool:
         """Is the final message continued (after the dialect's checks), or answered by a new turn?"""
@@ -173,23 +196,18 @@ class FakeChatServer:
             for key in body:
                 if key not in MISTRAL_FIELDS:
                     raise _bad(f"{key}: Extra inputs are not permitted", key, status=422)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content", ""), (str, type(None))) for m in messages):
-            raise _bad("messages must be a non-empty list of {role, content} objects.", "messages")
+        check_messages(body.get("messages"))
         for key, kind in (("max_tokens", int), ("n", int)):
             value = body.get(key)
             if value is not None and (not isinstance(value, kind) or value < 1):
                 raise _bad(f"{key} must be a positive integer.", key)
         if self.dialect == "deepseek" and body.get("n", 1) != 1:
             raise _bad("Invalid n: only n=1 is supported.", "n")
-        if body.get("stream"):
-            raise _bad("stream=true is not supported by this server.", "stream")
 
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:
         """The whole 200 answer to `body`, or ApiError."""
         self.check(body)
+        tool = chosen_tool(body)
         messages = [dict(m) for m in body["messages"]]
         continuing = self.continues(body)
         if continuing and self.strip_final_whitespace:
@@ -207,10 +225,14 @@ class FakeChatServer:
         field = "reasoning_content" if self.dialect == "deepseek" else "reasoning"
         out = []
         for i, c in enumerate(choices):
-            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            message: dict[str, Any] = {"role": "assistant", "content": formatted(body, c.text)}
+            reason = c.finish_reason
+            if tool is not None:
+                message.update(content=None, tool_calls=[tool_call(i, tool, c.text)])
+                reason = FINISH_TOOL_CALLS
             if thinking:
                 message[field] = REASONING
-            out.append({"index": i, "message": message, "finish_reason": c.finish_reason})
+            out.append({"index": i, "message": message, "finish_reason": reason})
         ids = self.toy.encoding.encode_ordinary(prompt)
         completion_tokens = sum(c.tokens for c in choices) + reasoning_tokens
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,

@@ -40,6 +40,7 @@ import anthropic
 import httpx2
 from anthropic.types import Message
 
+from proxy import tracing
 from proxy.config import AnthropicConfig, upstream_api_key
 from proxy.cost import count_tokens
 from proxy.types import ChatMessage, Continuation, Conversation, Probe, SampleResult, SamplingParams, Usage, first_stop
@@ -140,14 +141,17 @@ class AnthropicMessagesUpstream(Upstream):
 
     async def _call(self, body: dict[str, Any]) -> Message:
         """One API call under the retry policy and the concurrency limit, billed as it returns."""
-        async for attempt in retrying(self.cfg.max_attempts, self.cfg.backoff_initial_s, self.cfg.backoff_max_s):
-            with attempt:
-                async with self._limit:
-                    try:
-                        message = await self.client.messages.create(**body)
-                    except anthropic.APIError as e:
-                        raise from_anthropic(e, self.cfg.model) from e
-        self.record(usage_of(message))
+        with tracing.upstream_call(self.cfg.kind, self.cfg.model, 1) as span:
+            async for attempt in retrying(self.cfg.max_attempts, self.cfg.backoff_initial_s, self.cfg.backoff_max_s):
+                with attempt:
+                    async with self._limit:
+                        try:
+                            message = await self.client.messages.create(**body)
+                        except anthropic.APIError as e:
+                            raise from_anthropic(e, self.cfg.model) from e
+            usage = usage_of(message)
+            span.usage(usage)
+        self.record(usage)
         return message
 
     async def _create(self, body: dict[str, Any], prefilled: bool) -> Message:

@@ -34,19 +34,36 @@ shared with the completions family (proxy.upstreams.openai_http, proxy.upstreams
 samples as parallel seeded n=1 requests where a provider refuses n (DeepSeek) or ignores it
 (OpenRouter). Every beam is its own request (`sample_batch`'s default): chat APIs take one
 conversation per request.
+
+Plain-mode requests that only the upstream can honour (tools, response formats, ...) are sent
+as the client wrote them (`forward`, `open_stream`; proxy.serving.passthrough decides which),
+under the same retry policy, concurrency limit and billing as the search's calls.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
+
+import httpx2
+import openai
+from pydantic import BaseModel, Field, PrivateAttr
 
 from proxy.config import OpenAIChatConfig
 from proxy.cost import count_tokens
-from proxy.types import Continuation, Conversation, SampleResult, SamplingParams
+from proxy.types import Continuation, Conversation, SampleResult, SamplingParams, Usage
 from proxy.upstreams.base import conversation_key
 from proxy.upstreams.capability import n_choices
-from proxy.upstreams.openai_http import OpenAICompatibleUpstream, read_as, refuses_n
-from proxy.upstreams.reading import ChatAnswer, ChatChoice
+from proxy.upstreams.errors import UpstreamError
+from proxy.upstreams.openai_http import (
+    OpenAICompatibleUpstream,
+    openai_errors,
+    read_as,
+    refuses_n,
+    usage_of,
+)
+from proxy.upstreams.reading import AnswerUsage, ChatAnswer, ChatChoice
+from proxy.upstreams.retry import retrying
 from proxy.upstreams.seam import hold_trailing_whitespace, join_held
 
 log = logging.getLogger("w2s.upstream")
@@ -102,6 +119,30 @@ class OpenAIChatUpstream(OpenAICompatibleUpstream):
         return self.collect(responses, params.n,
                             lambda c, resp, count: self._continuation(c, resp, count, max_tokens, held))
 
+    async def forward(self, body: dict[str, Any]) -> Forwarded:
+        """A plain-mode request the search cannot honour, sent as it is (proxy.serving.passthrough):
+        retried and billed like every call."""
+        return await self.call("/chat/completions", body, None, Forwarded.read)
+
+    async def open_stream(self, body: dict[str, Any]) -> ForwardedStream:
+        """The same for `stream: true`: opening is retried (nothing was relayed yet), and the
+        stream holds a place under the concurrency limit until it is closed."""
+        async for attempt in retrying(self.cfg.max_attempts, self.cfg.backoff_initial_s, self.cfg.backoff_max_s):
+            with attempt:
+                await self._limit.acquire()
+                try:
+                    with openai_errors():
+                        stream = await self.client.post("/chat/completions", body=body, cast_to=object, stream=True,
+                                                        stream_cls=openai.AsyncStream[object])
+                except BaseException:
+                    self._limit.release()
+                    raise
+        return ForwardedStream(stream, self)
+
+    def end_stream(self, usage: Usage) -> None:
+        self._limit.release()
+        self.record(usage)
+
     def _continuation(self, c: ChatChoice, resp: ChatAnswer, choices: int, max_tokens: int,
                       held: str) -> Continuation:
         raw = c.message.text
@@ -116,3 +157,63 @@ class OpenAIChatUpstream(OpenAICompatibleUpstream):
         else:  # several choices share the usage, or it counts reasoning we cannot see: count the text
             used = count_tokens(raw, self.cfg.encoding)
         return Continuation(text, reason not in UNFINISHED, used, reason)
+
+
+class Forwarded(BaseModel):
+    """A forwarded request's answer: the upstream's body as it came, and what it billed."""
+
+    choices: list[Any] = Field(min_length=1)
+    usage: AnswerUsage | None = None
+    _body: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return self._body
+
+    @classmethod
+    def read(cls, raw: httpx2.Response) -> "Forwarded":
+        answer = read_as(cls, raw)
+        answer._body = raw.json()
+        return answer
+
+
+class ForwardedStream:
+    """An upstream stream being relayed: its chunks as JSON objects, then (`usage`) what it
+    billed, read from the chunk that carries it. `aclose` exactly once, iterated or not: it
+    ends the stream, frees its place under the concurrency limit and records the usage."""
+
+    def __init__(self, stream: openai.AsyncStream[Any], upstream: "OpenAIChatUpstream") -> None:
+        self._stream, self._upstream = stream, upstream
+        self.usage = Usage()
+        self._closed = False
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        with openai_errors():
+            async for chunk in self._stream:
+                if not isinstance(chunk, dict):
+                    continue
+                if chunk.get("usage"):
+                    self.usage = usage_of(AnswerUsage.model_validate(chunk["usage"]))
+                yield chunk
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stream.close()
+        finally:
+            self._upstream.end_stream(self.usage)
+
+
+def refusal_of(exc: UpstreamError) -> tuple[str, str | None] | None:
+    """The upstream's own message and param when it refused a field of a forwarded request (a
+    400, 413 or 422), for the client whose field it is (scrubbed of keys by the caller); None for
+    any other failure, which stays in our words (proxy.serving.errors)."""
+    cause = exc.__cause__
+    if not isinstance(cause, openai.APIStatusError) or cause.status_code not in (400, 413, 422):
+        return None
+    body = cause.body if isinstance(cause.body, dict) else {}
+    message = body.get("message") or cause.message
+    param = body.get("param")
+    return str(message), str(param) if param is not None else None

@@ -19,6 +19,7 @@ import httpx2
 import openai
 from pydantic import BaseModel, ValidationError
 
+from proxy import tracing
 from proxy.config import OpenAICompatibleConfig, upstream_api_key
 from proxy.types import Continuation, Probe, SampleResult, Usage
 from proxy.upstreams.aiohttp_transport import AiohttpTransport
@@ -157,8 +158,11 @@ class OpenAICompatibleUpstream(Upstream):
             body = {**body, "prompt_cache_key": cache_key}
         elif cache_key is not None and self.cfg.cache_affinity == "x-session-affinity":
             headers["x-session-affinity"] = cache_key
-        answer = await post(self.client, self.cfg, self._limit, path, body, read, headers)
-        self.record(usage_of(getattr(answer, "usage", None)))
+        with tracing.upstream_call(self.cfg.kind, self.cfg.model, body.get("n", 1)) as span:
+            answer = await post(self.client, self.cfg, self._limit, path, body, read, headers)
+            usage = usage_of(getattr(answer, "usage", None))
+            span.usage(usage)
+        self.record(usage)
         return answer
 
     @staticmethod

@@ -12,6 +12,7 @@ Whoever makes a call can hear about its retries through `retry_listener`, a cont
 rather than a constructor argument: one upstream serves many callers (every request of a
 server, a client, a runner), and the retries belong to the caller whose context made the call.
 This module imports nothing of its callers; the server counts retries this way for /metrics.
+Each retry is also an event on the call's `w2s.upstream.call` span (proxy.tracing), if any.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from contextvars import ContextVar
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base, wait_exponential_jitter
 
+from proxy import tracing
 from proxy.upstreams.errors import UpstreamError
 
 log = logging.getLogger("w2s.upstream")
@@ -77,6 +79,7 @@ def _log_retry(state: RetryCallState) -> None:
     # Only the failure's kind: an upstream's messages can echo request data.
     log.warning("upstream call failed (%s), attempt %d, retrying",
                 failure_kind(exc) if exc is not None else "?", state.attempt_number)
+    tracing.retried(state.attempt_number + 1, failure_kind(exc) if exc is not None else "?")
     listener = retry_listener.get()
     if listener is not None and exc is not None:
         try:
