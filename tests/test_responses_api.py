@@ -40,10 +40,10 @@ async def test_a_response_is_the_chat_answer_to_the_same_messages(loopback: ToyC
         text = srv.metrics.render()[0].decode()
     assert asked == [q["prompt"] for q in loopback.requests]  # the same upstream calls
     assert asked[0] == "Be brief.\n\nInstruction: Name a pet.\nOutput:"
-    assert r.object == "response" and r.model == model and r.id.startswith("resp")
+    assert r.object == "response" and r.model == model and r.id.startswith("resp_")
     assert r.output_text == c.choices[0].message.content and len(r.output) == 1
     item = r.output[0]
-    assert item.type == "message" and item.role == "assistant" and item.id.startswith("msg")
+    assert item.type == "message" and item.role == "assistant" and item.id.startswith("msg_")
     finished = c.choices[0].finish_reason == "stop"
     assert r.status == item.status == ("completed" if finished else "incomplete")
     assert r.incomplete_details is None if finished else r.incomplete_details.reason == "max_output_tokens"
@@ -201,3 +201,13 @@ async def test_every_family_answers_responses_in_every_mode(family: str) -> None
                 assert deltas == events[-1].response.output_text
                 if cfg.upstream.kind != "anthropic":  # seeded: the stream is the whole answer
                     assert deltas == whole.output_text, alias
+
+
+async def test_errors_name_the_responses_fields(loopback: ToyCompletionsServer) -> None:
+    """A limit on the answer is `max_output_tokens` here, never the chat route's `max_tokens`."""
+    async with served(app_config(loopback)) as (_, client):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(model=MODEL, input="Hi.", max_output_tokens=1_000_000)
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == "max_output_tokens"
+    assert error["message"].startswith("max_output_tokens = 1000000 exceeds") and "max_tokens" not in error["message"]

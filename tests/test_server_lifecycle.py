@@ -9,6 +9,9 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -240,26 +243,67 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-async def test_w2s_serve_command(loopback: ToyCompletionsServer, tmp_path: Path) -> None:
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": loopback.base_url},
-                                   "server": {"modes": {"b2": "bon4"}}}))
+@dataclass
+class ServeProcess:
+    """A `w2s serve` process: where it serves, and (once it has exited) what it wrote."""
+
+    proc: asyncio.subprocess.Process
+    first_line: str
+    out: bytes = b""
+    err: bytes = b""
+
+    @property
+    def base_url(self) -> str:
+        return self.first_line.split()[2]
+
+
+@asynccontextmanager
+async def w2s_serve(tmp_path: Path, config: dict[str, Any], *, interrupt: bool = False,
+                    exit_within_s: float = 120.0) -> AsyncIterator[ServeProcess]:
+    """`w2s serve` on `config` (written to a file) on a free port, once it says where it serves.
+    On leaving: SIGINT first with `interrupt` (else the test stopped it), then its exit awaited
+    (killed after `exit_within_s`, generous for a loaded box) and its output kept."""
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", "0", cwd=REPO,
+        sys.executable, "-m", "proxy.cli", "serve", "--config", str(path), "--port", "0", cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=default_sigint)
+    served: ServeProcess | None = None
     try:
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        served = ServeProcess(proc, (await asyncio.wait_for(proc.stdout.readline(), 60)).decode())
+        yield served
+    finally:
+        if interrupt and proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        try:  # after a SIGTERM it stops by itself; a second signal would race its exit
+            out, err = await asyncio.wait_for(proc.communicate(), exit_within_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        if served is not None:
+            served.out, served.err = out, err
+
+
+async def streamed(base_url: str) -> str:
+    """A streamed completion's whole body, read raw."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base_url + "/completions", json={
+                "model": MODEL, "prompt": "yo", "max_tokens": 3, "stream": True}) as r:
+            return (await r.read()).decode()
+
+
+async def test_w2s_serve_command(loopback: ToyCompletionsServer, tmp_path: Path) -> None:
+    config = {"upstream": {"model": MODEL, "base_url": loopback.base_url}, "server": {"modes": {"b2": "bon4"}}}
+    async with w2s_serve(tmp_path, config, interrupt=True) as served:
+        line = served.first_line
         assert line.startswith("w2s: serving http://127.0.0.1:") and line.rstrip().endswith(f"models: {MODEL}")
-        base_url = line.split()[2]
-        async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
+        async with openai.AsyncOpenAI(base_url=served.base_url, api_key="x", max_retries=0) as client:
             r = await client.completions.create(model=MODEL, prompt="hello", max_tokens=3, seed=1)
         assert r.choices and loopback.requests[-1]["prompt"] == "hello"
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-        _, err = await asyncio.wait_for(proc.communicate(), 120)  # generous for a loaded box
-    assert proc.returncode == 130 and b"Traceback" not in err
+    assert served.proc.returncode == 130 and b"Traceback" not in served.err
 
 
 async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
@@ -268,26 +312,14 @@ async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
     its grace period (30 s here; the client's keep-alive connection still open)."""
     grace_s = 30.0
     loop = asyncio.get_running_loop()
+    config = {"upstream": {"model": MODEL}, "server": {"shutdown_grace_s": grace_s}}
     async with ToyCompletionsServer(latency_s=1.0) as slow:
-        cfg = tmp_path / "serve.yaml"
-        cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": slow.base_url},
-                                       "server": {"shutdown_grace_s": grace_s}}))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", "0", cwd=REPO,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            assert proc.stdout is not None
-            base_url = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().split()[2]
+        config["upstream"]["base_url"] = slow.base_url
+        async with w2s_serve(tmp_path, config) as served:
+            proc, base_url = served.proc, served.base_url
             async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
                 pending = asyncio.create_task(client.completions.create(model=MODEL, prompt="hi", max_tokens=3))
-
-                async def streamed() -> str:
-                    async with aiohttp.ClientSession() as http:
-                        async with http.post(base_url + "/completions", json={
-                                "model": MODEL, "prompt": "yo", "max_tokens": 3, "stream": True}) as r:
-                            return (await r.read()).decode()
-
-                streaming = asyncio.create_task(streamed())
+                streaming = asyncio.create_task(streamed(base_url))
                 await wait_for(lambda: slow.in_flight == 2, "both requests to reach the upstream", limit_s=60)
                 proc.send_signal(signal.SIGTERM)
                 answer = await asyncio.wait_for(pending, 60)
@@ -295,13 +327,7 @@ async def test_w2s_serve_drains_on_sigterm(tmp_path: Path) -> None:
                 answered = loop.time()
                 await asyncio.wait_for(proc.wait(), grace_s)
                 exit_after_s = loop.time() - answered
-        finally:
-            try:  # it stops by itself after the SIGTERM above; a second one would race its exit
-                out, err = await asyncio.wait_for(proc.communicate(), 120)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                raise
+    out, err = served.out, served.err
     assert answer.choices and answer.choices[0].finish_reason in ("stop", "length")
     assert stream_text.rstrip().endswith("data: [DONE]") and '"error"' not in stream_text
     assert proc.returncode == 0 and b"draining" in out and b"Traceback" not in err
@@ -370,17 +396,12 @@ async def test_w2s_serve_answers_everything_and_exits_within_its_grace_period_on
     outlive it, whole and streamed, each get `server_shutting_down` (a 503, or the stream's error
     event) and the process exits 0 within the grace period, not twice it."""
     grace_s = 2.0  # server.shutdown_grace_s, 10 s unless set
+    config = {"upstream": {"model": MODEL}, "server": {"shutdown_grace_s": grace_s}}
+    loop = asyncio.get_running_loop()
     async with ToyCompletionsServer(latency_s=120.0) as slow:
-        cfg = tmp_path / "serve.yaml"
-        cfg.write_text(yaml.safe_dump({"upstream": {"model": MODEL, "base_url": slow.base_url},
-                                       "server": {"shutdown_grace_s": grace_s}}))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", "0", cwd=REPO,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        loop = asyncio.get_running_loop()
-        try:
-            assert proc.stdout is not None
-            base_url = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().split()[2]
+        config["upstream"]["base_url"] = slow.base_url
+        async with w2s_serve(tmp_path, config, exit_within_s=10) as served:
+            proc, base_url = served.proc, served.base_url
             async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60) as client:
                 async def whole(i: int) -> BaseException | None:
                     try:
@@ -389,14 +410,8 @@ async def test_w2s_serve_answers_everything_and_exits_within_its_grace_period_on
                         return e
                     return None
 
-                async def streamed() -> str:
-                    async with aiohttp.ClientSession() as http:
-                        async with http.post(base_url + "/completions", json={
-                                "model": MODEL, "prompt": "yo", "max_tokens": 3, "stream": True}) as r:
-                            return (await r.read()).decode()
-
                 wholes = [asyncio.create_task(whole(i)) for i in range(3)]
-                streaming = asyncio.create_task(streamed())
+                streaming = asyncio.create_task(streamed(base_url))
                 await wait_for(lambda: slow.in_flight == 4, "the requests to reach the upstream", limit_s=60)
                 proc.send_signal(signal.SIGTERM)
                 t0 = loop.time()
@@ -405,14 +420,7 @@ async def test_w2s_serve_answers_everything_and_exits_within_its_grace_period_on
                     stream_text = await streaming
                     await proc.wait()
                 exit_s = loop.time() - t0
-        finally:
-            try:  # it stops by itself after the SIGTERM above; a second one would race its exit
-                out, err = await asyncio.wait_for(proc.communicate(), 10)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-                raise
+    out, err = served.out, served.err
     for e in outcomes:
         assert isinstance(e, openai.APIStatusError), repr(e)
         assert e.status_code == 503 and e.body["code"] == "server_shutting_down"  # type: ignore[index]

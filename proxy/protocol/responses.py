@@ -14,7 +14,8 @@ class _Response(BaseModel):
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """`prefix` (its separator included: OpenAI writes `chatcmpl-...` but `resp_...`) and a random part."""
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
 def now() -> int:
@@ -75,7 +76,7 @@ class CompletionChoice(_Response):
 
 
 class CompletionResponse(_Response):
-    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    id: str = Field(default_factory=lambda: new_id("cmpl-"))
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now)
     model: str
@@ -97,7 +98,7 @@ class ChatChoice(_Response):
 
 
 class ChatCompletionResponse(_Response):
-    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    id: str = Field(default_factory=lambda: new_id("chatcmpl-"))
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
     model: str

@@ -28,7 +28,7 @@ from proxy.types import ChatMessage, Conversation
 class ChatEndpoint(Endpoint[ChatCompletionRequest]):
     path: ClassVar[str] = "/v1/chat/completions"
     request_type = ChatCompletionRequest
-    id_prefix: ClassVar[str] = "chatcmpl"
+    id_prefix: ClassVar[str] = "chatcmpl-"
     prompt_field: ClassVar[str] = "messages"
     forwards: ClassVar[bool] = True
 

@@ -15,7 +15,7 @@ from proxy.types import Conversation
 class CompletionsEndpoint(Endpoint[CompletionRequest]):
     path: ClassVar[str] = "/v1/completions"
     request_type = CompletionRequest
-    id_prefix: ClassVar[str] = "cmpl"
+    id_prefix: ClassVar[str] = "cmpl-"
     prompt_field: ClassVar[str] = "prompt"
 
     def max_tokens(self, req: CompletionRequest) -> int | None:

@@ -8,6 +8,7 @@ proxy.serving.app; nothing else needs to know which route it is.
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar, Generic, Literal, TypeVar
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 from proxy.search import SearchResult
 from proxy.protocol.requests import SamplingRequest
 from proxy.protocol.responses import PromptTokensDetails, SearchSummary, UsageInfo
+from proxy.serving.errors import ApiError
 from proxy.types import Conversation
 
 Req = TypeVar("Req", bound=SamplingRequest)
@@ -29,9 +31,12 @@ class Endpoint(ABC, Generic[Req]):
     request_type: type[Req]
     """The wire model the body is parsed into (strictly: a bad field is a 400)."""
     id_prefix: ClassVar[str]
-    """Of response ids: "cmpl", "chatcmpl"."""
+    """Of response ids, with OpenAI's separator: "cmpl-", "chatcmpl-", "resp_"."""
     prompt_field: ClassVar[str]
     """The request field that holds the prompt: "prompt", "messages"."""
+    renames: ClassVar[dict[str, str]] = {}
+    """The route's names for the chat route's fields, where they differ (the Responses API's
+    `input`, `max_output_tokens`): an error names the field the client sent (`renamed`)."""
     forwards: ClassVar[bool] = False
     """In plain mode, a body using what only the upstream can honour goes to a chat upstream as
     it is (proxy.serving.passthrough): the chat route's bodies are already in its format."""
@@ -43,6 +48,15 @@ class Endpoint(ABC, Generic[Req]):
     @abstractmethod
     def conversation(self, req: Req) -> Conversation:
         """What the answer responds to; ApiError if it cannot be built."""
+
+    def renamed(self, error: ApiError) -> ApiError:
+        """`error` naming this route's fields (`renames`), in its param and its message."""
+        if not self.renames:
+            return error
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, self.renames)) + r")\b")
+        param = None if error.param is None else pattern.sub(lambda m: self.renames[m.group(1)], error.param)
+        return ApiError(error.status, pattern.sub(lambda m: self.renames[m.group(1)], str(error)), param=param,
+                        code=error.code, type_=error.body.error.type, headers=error.headers)
 
     def display(self, text: str) -> str:
         """The answer so far as the client sees it; must keep prefixes as prefixes (streaming)."""

@@ -135,11 +135,20 @@ class Generation:
                 return await passthrough.handle(request, body, budget)
         req: SamplingRequest = validated(raw, endpoint.request_type)
         request[MODEL_KEY] = req.model  # the metrics' `model` label
-        plan = self._plan(req, endpoint.max_tokens(req))
-        search = await self._check(plan, endpoint.conversation(req), endpoint)
+        try:
+            plan = self._plan(req, endpoint.max_tokens(req))
+            search = await self._check(plan, endpoint.conversation(req), endpoint)
+        except ApiError as e:
+            raise endpoint.renamed(e) from None
         async with self._admitted(request, search.first_step_bound) as budget:
+            async def searched(hook: StepHook | None) -> SearchResult:
+                try:
+                    return await self._search(plan.mode, search, budget, hook)
+                except ApiError as e:
+                    raise endpoint.renamed(e) from None
+
             def run(hook: StepHook | None) -> Awaitable[SearchResult]:
-                return self._endable(lambda: self._search(plan.mode, search, budget, hook))
+                return self._endable(lambda: searched(hook))
 
             def summarize(result: SearchResult) -> SearchSummary:
                 return wire_summary(self.engine.summarize(result, plan.mode))

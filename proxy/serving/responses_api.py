@@ -40,7 +40,7 @@ from proxy.types import Conversation
 
 def item_id(rid: str) -> str:
     """The id of the one output message of response `rid`."""
-    return "msg" + rid.removeprefix("resp")
+    return "msg_" + rid.removeprefix("resp_")
 
 
 def response_usage(usage: UsageInfo) -> ResponseUsage:
@@ -84,17 +84,20 @@ class ResponsesEndpoint(ChatEndpoint):
 
     path: ClassVar[str] = "/v1/responses"
     request_type = ResponsesRequest  # type: ignore[assignment]
-    id_prefix: ClassVar[str] = "resp"
+    id_prefix: ClassVar[str] = "resp_"
     prompt_field: ClassVar[str] = "input"
     stream_end: ClassVar[bytes] = b""
+
+    renames: ClassVar[dict[str, str]] = {"messages": "input", "max_tokens": "max_output_tokens"}
 
     def conversation(self, req: ResponsesRequest) -> Conversation:  # type: ignore[override]
         """The chat route's, its complaints about `messages` put in terms of `input`."""
         try:
             return super().conversation(req)  # type: ignore[arg-type]
         except ApiError as e:
-            param = "input" if e.param is None else e.param.replace("messages", "input", 1)
-            raise ApiError(e.status, str(e).replace("messages", "input", 1), param=param, code=e.code) from None
+            error = self.renamed(e)
+            raise (error if error.param is not None else
+                   ApiError(e.status, str(error), param="input", code=e.code)) from None
 
     def answer(self, req: ResponsesRequest, text: str, reason: FinishReason,  # type: ignore[override]
                usage: UsageInfo, summary: SearchSummary) -> BaseModel:
