@@ -50,8 +50,11 @@ async def test_a_tool_call_and_its_result_go_through_as_sent() -> None:
         followed = [*ASK, first.choices[0].message.model_dump(exclude_none=True),
                     {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
         second = await client.chat.completions.create(model="upstream-model", messages=followed, tools=TOOLS,
-                                                      max_tokens=6)
-    assert second.choices[0].message.content and not second.choices[0].message.tool_calls
+                                                      max_tokens=6, seed=3)
+    answered = second.choices[0]  # a text answer (the toy may end it at once: the text may be empty)
+    assert answered.finish_reason in ("stop", "length") and answered.message.content is not None
+    assert answered.message.content == fake.responses[-1]["choices"][0]["message"]["content"]
+    assert not answered.message.tool_calls
     assert fake.requests[-1]["messages"][-1] == followed[-1]
     assert json.loads(call.function.arguments)["text"]  # the toy's sampled text, as the fake wrote it
 
