@@ -4,7 +4,9 @@ rule (proxy.testing.cache_rules) applied request by request in the order they we
 
 A search is replayed from its tree (benchmarks/quality.py records it): the requests of step s
 are the beams expanded at s, each asking for its children; they go out together, so a cache
-entry one of them writes is readable from step s+1 on, never by its twins. Token counts are
+entry one of them writes is readable from step s+1 on, never by its twins, unless the upstream
+staggers them (`stagger_twins`: the first of a prompt's K requests, then the rest, which read
+what it wrote). Token counts are
 the black box's own tokenizer's (the benchmark's model stands in for each provider's: a price
 list says what that model's tokens would cost there, not what that provider's model would say).
 
@@ -67,7 +69,7 @@ class PriceList:
     """Where the cache rule is documented (the prices' source is in the preset's comments)."""
     block_size: int = 16
     overrides: tuple[tuple[str, object], ...] = ()
-    """Preset fields replaced (e.g. a smaller cache minimum in a test)."""
+    """Preset fields replaced (e.g. a smaller cache minimum in a test, `stagger_twins`)."""
 
     def upstream(self) -> object:
         """The preset's config, read once per (preset, overrides): `bill` asks for it per search."""
@@ -76,6 +78,11 @@ class PriceList:
     @property
     def prices(self) -> Prices:
         return self.upstream().prices  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def staggered(self) -> bool:
+        """K requests of one prompt go one, then the rest, which read what the first wrote."""
+        return bool(getattr(self.upstream(), "stagger_twins", False))
 
     @property
     def takes_n(self) -> bool:
@@ -96,6 +103,11 @@ PRICE_LISTS: dict[str, PriceList] = {p.name: p for p in (
               "each request's input and output, hit only on a whole unit)"),
     PriceList("anthropic haiku 4.5", "anthropic-haiku-4.5", "anthropic", "platform.claude.com prompt caching "
               "(breakpoints, block boundaries, minimum 4,096 tokens for Haiku 4.5)"),
+    PriceList("deepseek, staggered", "deepseek", "deepseek", "as deepseek; the K requests of a prompt sent "
+              "one, then the rest (upstream.stagger_twins)", overrides=(("stagger_twins", True),)),
+    PriceList("anthropic haiku 4.5, staggered", "anthropic-haiku-4.5", "anthropic", "as anthropic haiku 4.5; "
+              "the K requests of a prompt sent one, then the rest (upstream.stagger_twins)",
+              overrides=(("stagger_twins", True),)),
 )}
 """The price lists the quality benchmark reports; a name is a column of its table."""
 
@@ -151,33 +163,46 @@ def bill(instruction: str, requests: Sequence[Request], price_list: PriceList, t
         text = system + instruction + req.prefix
         ids = tokenize(text)
         calls = [req.outputs] if n_once else [(o,) for o in req.outputs]
-        bodies = _anthropic_bodies(marks, conversation, system, instruction, req.prefix, len(calls), wrote) \
-            if marks is not None else None
+        stagger = price_list.staggered and len(calls) > 1
+        bodies = _anthropic_bodies(marks, conversation, system, instruction, req.prefix, len(calls), wrote,
+                                   stagger) if marks is not None else None
+        readable = cache
         for i, outs in enumerate(calls):
+            added = _Cache()
             out.requests += 1
             out.completion += sum(len(tokenize(o)) for o in outs)
             if price_list.cache == "deepseek":
-                hit = deepseek_hit(ids, cache.units)
+                hit = deepseek_hit(ids, readable.units)
                 for o in outs:
-                    pending.units.update(deepseek_units(ids, tokenize(text + o)))
+                    added.units.update(deepseek_units(ids, tokenize(text + o)))
                 out.cached += hit
                 out.prompt += len(ids) - hit
             elif price_list.cache == "vllm":
-                hit = block_prefix_hit(ids, cache.seen, price_list.block_size)
-                pending.seen.extend([ids] + [tokenize(text + o) for o in outs])
+                hit = block_prefix_hit(ids, readable.seen, price_list.block_size)
+                added.seen.extend([ids] + [tokenize(text + o) for o in outs])
                 out.cached += hit
                 out.prompt += len(ids) - hit
             elif bodies is not None:
                 blocks, flags = bodies[i]
-                use = anthropic_cache_use(blocks, flags, cache.prefixes, lambda t: len(tokenize(t)),
+                use = anthropic_cache_use(blocks, flags, readable.prefixes, lambda t: len(tokenize(t)),
                                           cfg.cache_min_tokens, sep="")  # type: ignore[attr-defined]
-                pending.prefixes.update(use.cached)
+                added.prefixes.update(use.cached)
                 out.cached += use.read
                 out.written += use.write
                 out.prompt += len(ids) - use.read - use.write
             else:
                 out.prompt += len(ids)
+            pending.units |= added.units
+            pending.seen += added.seen
+            pending.prefixes |= added.prefixes
+            if stagger and i == 0:  # the twins come once the first has answered: its entry is there
+                readable = _merged(cache, added)
     return out
+
+
+def _merged(cache: _Cache, more: _Cache) -> _Cache:
+    """A copy of `cache` holding `more` too (what one request wrote, for its staggered twins only)."""
+    return _Cache(cache.units | more.units, cache.seen + more.seen, cache.prefixes | more.prefixes)
 
 
 def _settle(cache: _Cache, pending: _Cache, marks: Breakpoints | None, conversation: Conversation,
@@ -193,9 +218,10 @@ def _settle(cache: _Cache, pending: _Cache, marks: Breakpoints | None, conversat
 
 
 def _anthropic_bodies(marks: Breakpoints, conversation: Conversation, system: str, instruction: str, prefix: str,
-                      calls: int, wrote: list[str]) -> list[tuple[list[str], list[bool]]]:
+                      calls: int, wrote: list[str], stagger: bool = False) -> list[tuple[list[str], list[bool]]]:
     """Each of the `calls` parallel requests' text blocks and breakpoint flags, as the Anthropic
-    family places them (the first request writes, its twins do not)."""
+    family places them (the first request writes, its twins do not; staggered, they carry its
+    marks and read what it wrote)."""
     messages = [{"role": "user", "content": instruction}] + ([{"role": "assistant", "content": prefix}] if prefix else [])
     writer, twins, prefill = marks.bodies(conversation, system, messages)
     if prefill is not None:
@@ -210,4 +236,4 @@ def _anthropic_bodies(marks: Breakpoints, conversation: Conversation, system: st
                 flags.append("cache_control" in b)
         return blocks, flags
 
-    return [flat(writer if i == 0 else twins) for i in range(calls)]
+    return [flat(writer if i == 0 or stagger else twins) for i in range(calls)]

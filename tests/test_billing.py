@@ -77,6 +77,20 @@ def test_anthropic_minimum_caches_nothing_shorter() -> None:
     assert (b.prompt, b.cached, b.written) == (2 * 10 + 2 * 12, 0, 0)
 
 
+def test_staggered_twins_read_what_the_first_of_them_wrote() -> None:
+    deepseek = bill("xyz", tree_requests(TREE), PRICE_LISTS["deepseek, staggered"], chars)
+    # Step 1: the first "xyz" misses (3) and leaves its input unit; its twin, sent after, reads it
+    # (3). Step 2 as without staggering: 5 + 5 + 5 read. The other beams' twins see nothing new.
+    assert (deepseek.prompt, deepseek.cached, deepseek.completion, deepseek.requests) == (3, 18, 7, 5)
+    haiku = PriceList("haiku, no minimum, staggered", "anthropic-haiku-4.5", "anthropic", "test",
+                      overrides=(("cache_min_tokens", 0), ("stagger_twins", True)))
+    b = bill("x" * 10, [Request(1, "", ("o", "p")), Request(2, "ab", ("q", "r"))], haiku, chars)
+    # Step 1: the writer writes 10, its twin carries the same mark and reads them. Step 2: the
+    # writer reads 10 and writes "ab"; its twin reads all 12. Nothing is paid in full.
+    assert (b.prompt, b.cached, b.written, b.requests) == (0, 32, 12, 4)
+    assert PRICE_LISTS["anthropic haiku 4.5, staggered"].staggered and not PRICE_LISTS["deepseek"].staggered
+
+
 def test_unset_cache_rates_cost_the_prompt_rate() -> None:
     assert Bill(prompt=1, cached=2, written=3).dollars(Prices(prompt=1.0)) == pytest.approx(6 / 1e6)
 

@@ -87,6 +87,13 @@ class UpstreamBase(Strict):
     sharing one usage, text cut here) and the prompt against `context_window`."""
     context_window: Shapes[int | None] = Field(None, ge=1)
     max_concurrency: int = Field(16, ge=1)
+    stagger_twins: bool = False
+    """Where one prompt's K samples go as K requests (an API without `n`, such as DeepSeek's, and
+    the Anthropic family), send the first alone and its K-1 twins once it has answered, so that
+    they read the prompt-cache entry it wrote: Anthropic documents that an entry is readable
+    only once its first response has begun, DeepSeek builds its cache best-effort. One more
+    round trip per step; off, all K go at once, as the paper sends them. The samples are the
+    same either way (each is seeded on its own)."""
     timeout_s: float = Field(60.0, gt=0)
     max_attempts: int = Field(6, ge=1)
     backoff_initial_s: float = Field(0.5, ge=0)

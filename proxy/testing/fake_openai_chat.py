@@ -20,7 +20,8 @@ providers' documentation (what they refuse, where the seed goes, what they add):
              and silently answered with one choice.
 
 Prompt cache (deterministic, simpler than any provider's): the prompt's toy tokens that a prompt
-answered earlier also began with (the longest shared token prefix) are cached, the rest are not.
+answered before this one arrived also began with (the longest shared token prefix) are cached,
+the rest are not; so parallel twins find nothing of each other's (`latency_s` makes them overlap).
 Where each dialect reports it: vllm in `usage.prompt_tokens_details.cached_tokens`, only with
 `prompt_tokens_details=True` (vLLM's --enable-prompt-tokens-details); deepseek as
 `prompt_cache_hit_tokens` and `prompt_cache_miss_tokens`; mistral in
@@ -45,6 +46,7 @@ HTTP statuses to answer first. Only tests and benchmarks import this module.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import deque
@@ -98,7 +100,7 @@ class FakeChatServer:
 
     def __init__(self, dialect: Dialect = "vllm", *, model: str = "toy-chat", eos_prob: float = 0.08,
                  strip_final_whitespace: bool = False, reasoning: bool = False,
-                 failures: Sequence[int] = (), prompt_tokens_details: bool = False) -> None:
+                 failures: Sequence[int] = (), prompt_tokens_details: bool = False, latency_s: float = 0.0) -> None:
         self.dialect = dialect
         self.model = model
         self.toy = ToyBackend(eos_prob=eos_prob)
@@ -110,6 +112,8 @@ class FakeChatServer:
         self.seen: list[list[int]] = []
         """The token ids of every prompt answered, for the prompt cache."""
         self.failures: deque[int] = deque(failures)
+        self.latency_s = latency_s
+        """Each answer waits this long after its request arrived (so parallel requests overlap)."""
         self.rewrite: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.requests: list[dict[str, Any]] = []
         self.responses: list[dict[str, Any] | None] = []
@@ -138,6 +142,9 @@ class FakeChatServer:
         return ApiError(404, f"Unknown route: {request.method} {request.path}", code="unknown_url").response()
 
     async def _chat(self, request: web.Request) -> web.Response:
+        known = len(self.seen)  # what a request finds in the cache is what was there when it came
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         try:
             body = json.loads(await request.read())
         except ValueError:
@@ -151,7 +158,7 @@ class FakeChatServer:
             status = self.failures.popleft()
             return ApiError(status, f"injected failure: HTTP {status}").response()
         try:
-            answer = self.answer(body)
+            answer = self.answer(body, known)
         except ApiError as e:
             return e.response()
         if self.rewrite is not None:
@@ -204,8 +211,9 @@ class FakeChatServer:
         if self.dialect == "deepseek" and body.get("n", 1) != 1:
             raise _bad("Invalid n: only n=1 is supported.", "n")
 
-    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The whole 200 answer to `body`, or ApiError."""
+    def answer(self, body: dict[str, Any], known: int | None = None) -> dict[str, Any]:
+        """The whole 200 answer to `body`, or ApiError; the cache holds the first `known` prompts
+        answered (all by default)."""
         self.check(body)
         tool = chosen_tool(body)
         messages = [dict(m) for m in body["messages"]]
@@ -237,14 +245,14 @@ class FakeChatServer:
         completion_tokens = sum(c.tokens for c in choices) + reasoning_tokens
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                  "total_tokens": len(ids) + completion_tokens,
-                 "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}, **self.cache_usage(ids)}
+                 "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}, **self.cache_usage(ids, known)}
         return {"id": f"chatcmpl-fake-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model, "choices": out, "usage": usage}
 
-    def cache_usage(self, ids: list[int]) -> dict[str, Any]:
-        """The dialect's cache fields for a prompt of token `ids` (see the module's docstring);
-        the prompt is then remembered."""
-        cached = max((shared_prefix(ids, seen) for seen in self.seen), default=0)
+    def cache_usage(self, ids: list[int], known: int | None = None) -> dict[str, Any]:
+        """The dialect's cache fields for a prompt of token `ids` (see the module's docstring),
+        read from the first `known` prompts remembered; the prompt is then remembered."""
+        cached = max((shared_prefix(ids, seen) for seen in self.seen[:known]), default=0)
         self.seen.append(ids)
         if self.dialect == "deepseek":
             return {"prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": len(ids) - cached}

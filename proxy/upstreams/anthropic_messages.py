@@ -203,13 +203,17 @@ class AnthropicMessagesUpstream(Upstream):
         prefilled = messages[-1]["role"] == "assistant" if messages else False
         first = [True]
 
+        stagger = self.cfg.stagger_twins
+
         def create(k: int, seed: int | None) -> Any:
             """The first request of the K writes the prefill (when it is to be written); its
-            twins only read, as none of them could read what the first writes."""
-            one, first[0] = {**body, "messages": writes} if first[0] else body, False
+            twins only read: at once, none of them could read what the first writes, so they
+            mark nothing new; staggered (`stagger_twins`), they come after it and read it."""
+            one, first[0] = {**body, "messages": writes} if first[0] or stagger else body, False
             return self._create(one, prefilled)
 
-        answers = await n_choices(params.n, params.seed, self.n_choices, create, lambda m: 1, lambda e: False)
+        answers = await n_choices(params.n, params.seed, self.n_choices, create, lambda m: 1, lambda e: False,
+                                  stagger=stagger)
         if written is not None:
             self.breakpoints.wrote(conversation, written)
         local_stops = [s for s in params.stop if s and not s.strip()]

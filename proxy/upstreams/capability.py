@@ -73,12 +73,14 @@ class Capability:
 
 
 async def n_choices(n: int, seed: int | None, n_cap: Capability, ask: Callable[[int, int | None], Awaitable[R]],
-                    count: Callable[[R], int], refuses_n: Callable[[Exception], bool]) -> list[R]:
+                    count: Callable[[R], int], refuses_n: Callable[[Exception], bool], *,
+                    stagger: bool = False) -> list[R]:
     """Answers whose choices add up to `n`: one request for all n where the upstream honours n
     (`ask(n, seed)`), the missing ones as parallel requests for one each, sample i seeded as
     `proxy.types.sample_seed` says: the seed it has in a full answer on our own servers
-    (`choice_seed`), so a short answer completed is the full one. Every answer is returned, so
-    what each billed is counted."""
+    (`choice_seed`), so a short answer completed is the full one. With `stagger` (the
+    upstream's `stagger_twins`), the first of those requests goes alone and the rest once it
+    has answered. Every answer is returned, so what each billed is counted."""
     answers: list[R] = []
     if n > 1 and n_cap.use():
         try:
@@ -93,6 +95,8 @@ async def n_choices(n: int, seed: int | None, n_cap: Capability, ask: Callable[[
             n_cap.hit()
         else:
             n_cap.miss(f"answered n={n} with {answered} choices")
-    if answered < n:
-        answers.extend(await asyncio.gather(*(ask(1, sample_seed(seed, i)) for i in range(answered, n))))
+    rest = list(range(answered, n))
+    if stagger and not answers and len(rest) > 1:  # the first writes the cache its twins then read
+        answers.append(await ask(1, sample_seed(seed, rest.pop(0))))
+    answers.extend(await asyncio.gather(*(ask(1, sample_seed(seed, i)) for i in rest)))
     return answers

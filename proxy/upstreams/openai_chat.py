@@ -115,7 +115,7 @@ class OpenAIChatUpstream(OpenAICompatibleUpstream):
         body = self.body(conversation, sent, params, max_tokens)
         responses = await n_choices(params.n, params.seed, self.n_choices,
                                     lambda k, seed: self._create(body, k, seed, conversation_key(conversation)),
-                                    lambda r: len(r.choices), refuses_n)
+                                    lambda r: len(r.choices), refuses_n, stagger=self.cfg.stagger_twins)
         return self.collect(responses, params.n,
                             lambda c, resp, count: self._continuation(c, resp, count, max_tokens, held))
 

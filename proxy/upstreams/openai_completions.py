@@ -94,7 +94,7 @@ class OpenAICompletionsUpstream(OpenAICompatibleUpstream):
         body = self._body(prompt, params, max_tokens)
         responses = await n_choices(n, params.seed, self.n_choices,
                                     lambda k, seed: self._create({**body, "n": k}, seed, params.cache_key),
-                                    lambda r: len(r.choices), refuses_n)
+                                    lambda r: len(r.choices), refuses_n, stagger=self.cfg.stagger_twins)
         return self._collect(responses, n, max_tokens)
 
     async def sample_batch(self, conversation: Conversation, partials: Sequence[str], params: SamplingParams,
