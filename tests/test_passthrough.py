@@ -106,6 +106,16 @@ async def test_guided_modes_and_a_server_that_says_no_still_refuse_tools() -> No
     assert "server.passthrough is off" in answer["error"]["message"]
 
 
+async def test_a_forwarded_request_orders_no_more_than_the_caps_allow() -> None:
+    async with proxied({"caps": {"max_tokens": 64, "max_w_times_k": 4}}) as (fake, srv, _):
+        for field, value, cap in (("max_tokens", 65, 64), ("max_completion_tokens", 100, 64), ("n", 5, 4)):
+            body = {"model": "upstream-model", "messages": ASK, "tools": TOOLS, field: value}
+            status, answer = await raw_post(srv, "/chat/completions", json.dumps(body).encode())
+            assert status == 400 and answer["error"]["param"] == field, answer
+            assert answer["error"]["message"].startswith(f"{field} = {value} exceeds this server's cap of {cap}")
+    assert fake.requests == []
+
+
 async def test_the_upstreams_refusal_of_a_field_reaches_the_client() -> None:
     async with proxied() as (fake, _, client):
         with pytest.raises(openai.BadRequestError) as refused:

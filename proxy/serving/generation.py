@@ -206,6 +206,7 @@ class Generation:
             return None  # the strict parse and the plan name the problem
         if not plain:
             return None
+        self._within_caps(body)
         passthrough = self._passthrough_now()
         if passthrough is None:
             name = features[0]
@@ -215,6 +216,18 @@ class Generation:
             raise ApiError(400, f"{name}: {refusal.why if refusal else 'only the upstream can honour it'}; plain "
                            f"mode forwards it to a chat upstream as it is, but {why}", param=name, code="invalid_value")
         return passthrough, body
+
+    def _within_caps(self, body: dict[str, Any]) -> None:
+        """A forwarded request orders no more than a search may: its token limit within
+        `caps.max_tokens`, its choices within `caps.max_w_times_k` (the samples a step may draw)."""
+        caps = self.config.server.caps
+        for name, cap, what in (("max_tokens", caps.max_tokens, "max_tokens"),
+                                ("max_completion_tokens", caps.max_tokens, "max_tokens"),
+                                ("n", caps.max_w_times_k, "max_w_times_k")):
+            value = body.get(name)
+            if isinstance(value, int) and value > cap:
+                raise ApiError(400, f"{name} = {value} exceeds this server's cap of {cap} (server.caps.{what})",
+                               param=name, code="invalid_value")
 
     def _passthrough_now(self) -> Passthrough | None:
         if self._passthrough is None and self.config.server.passthrough:

@@ -105,8 +105,8 @@ class Passthrough:
                         chunk.pop("usage", None)
                         if not chunk.get("choices"):
                             continue
-                    if chunk.get("choices"):
-                        request.setdefault(FIRST_TOKEN_KEY, time.perf_counter())
+                    if any(_says_something(choice) for choice in chunk.get("choices") or []):
+                        request.setdefault(FIRST_TOKEN_KEY, time.perf_counter())  # the metrics' TTFT
                     await response.write(b"data: " + _json({**chunk, "model": client_model}) + b"\n\n")
             except UpstreamError as e:  # the status line is gone: in-band, as OpenAI does
                 span.fail(e)
@@ -141,6 +141,12 @@ class Passthrough:
                             param=param, code="upstream_refused")
         self.metrics.upstream_failed(exc)
         return upstream_error(exc) or ApiError(502, "The upstream failed.", code="upstream_error")
+
+
+def _says_something(choice: Any) -> bool:
+    """A streamed choice carrying text or a tool call (not only the role, or the finish reason)."""
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    return isinstance(delta, dict) and bool(delta.get("content") or delta.get("tool_calls"))
 
 
 def _json(chunk: dict[str, Any]) -> bytes:
