@@ -10,7 +10,8 @@ handler copies it onto every record as `request_id`, whichever logger wrote it.
            "message": "upstream failed ...", "request_id": "req_ab12"}
 
 `quiet_libraries` keeps torch's and transformers' FutureWarnings and UserWarnings (and their
-loggers' chatter) out of the server log and off the progress line; our own warnings stay.
+loggers' chatter and weight-loading bars) out of the server log and off the progress line; our
+own warnings stay.
 """
 from __future__ import annotations
 
@@ -136,5 +137,10 @@ def quiet_libraries(verbosity: int = 0) -> None:
     # transformers sets its logger's level from $TRANSFORMERS_VERBOSITY when it is imported
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # and its "Loading weights" bars from huggingface_hub's switch, read when it is imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    loaded = sys.modules.get("transformers.utils.logging")
+    if loaded is not None and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        loaded.disable_progress_bar()
     for name in _LIBRARIES:  # and the others' loggers, without importing any of them
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from scorers.cache_argument import cache_argument, cache_of
 from scorers.incremental_rows import Row
 from scorers.kv_cache import CachePool, Prefix
 
@@ -54,11 +55,11 @@ def run_rows(model: PreTrainedModel, rows: Sequence[Row], pad_id: int, pool: Cac
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
-        past_key_values=cache,
         use_cache=True,
+        **cache_argument(model, cache),
     )
     # [layers, 2, batch, heads, width_new, head_dim]
-    new_kv = buffer[..., width_past:, :] if buffer is not None else _stacked_new_kv(out.past_key_values)
+    new_kv = buffer[..., width_past:, :] if buffer is not None else _stacked_new_kv(cache_of(out))
     prefixes: list[Prefix] = []
     for i, r in enumerate(rows):
         n = news[i]

@@ -125,6 +125,20 @@ def test_library_warnings_are_kept_out_and_ours_stay(restored_logging: None) -> 
     assert logging.getLogger("transformers").getEffectiveLevel() == logging.ERROR
 
 
+def test_weight_loading_bars_are_kept_out(restored_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers draws "Loading weights" bars on stderr, into the server log; -vv keeps them."""
+    from transformers.utils import logging as hf_logging
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()
+    try:
+        setup_logging(2, "text")
+        assert hf_logging.is_progress_bar_enabled()
+        setup_logging(0, "text")
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 async def test_serve_writes_json_log_lines_with_request_ids(tmp_path: Path, loopback: ToyCompletionsServer) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"upstream: {{model: toy-instruct, base_url: '{loopback.base_url}'}}\n")

@@ -37,6 +37,7 @@ from proxy.config import ModelSpec
 from proxy.local.backend import Choice, CompletionParams
 from proxy.types import choice_seed, first_stop
 from scorers.batcher import MicroBatcher
+from scorers.cache_argument import cache_argument
 from scorers.loading import load_causal_lm, pick_device_dtype
 from scorers.reading import needs_bos
 
@@ -174,7 +175,7 @@ class LocalCausalLM:
         with torch.inference_mode():
             cache = self._shared_prefill(ids, mask, per_row) if len(rows) > len(prompts) and width > 1 else None
             out = self.model.generate(
-                input_ids=ids[per_row], attention_mask=mask[per_row], past_key_values=cache,
+                input_ids=ids[per_row], attention_mask=mask[per_row], **cache_argument(self.model, cache),
                 max_new_tokens=max(r.max_tokens for r in rows), do_sample=False, eos_token_id=eos, pad_token_id=pad,
                 logits_processor=LogitsProcessorList([_RowSampler(rows, device)]),
                 stopping_criteria=StoppingCriteriaList([_RowBudget(width, [r.max_tokens for r in rows], device)]),
@@ -199,8 +200,8 @@ class LocalCausalLM:
         kwargs: dict[str, object] = {}
         if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
             kwargs["logits_to_keep"] = 1  # only the cache is wanted
-        self.model(input_ids=prefix, attention_mask=prefix_mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, **kwargs)
+        self.model(input_ids=prefix, attention_mask=prefix_mask, position_ids=positions,
+                   use_cache=True, **cache_argument(self.model, cache), **kwargs)
         cache.batch_select_indices(per_row)
         return cache
 
