@@ -26,5 +26,5 @@ def _cache_name(model_class: type) -> str:
 
 def cache_of(output: Any) -> Any:
     """The cache a forward pass returned, under either name."""
-    cache = output.get("cache") if hasattr(output, "get") else getattr(output, "cache", None)
+    cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
