@@ -10,9 +10,9 @@ flight answered 500 and the server exits. Unseeded requests have no generator an
 succeed and reproduce (configs/upstreams/vllm-*.yaml say so).
 
 The crash is reproduced on a server of its own with chunked prefill turned back on (it would
-kill the session's `vllm_server`), always stopped; the workaround is checked on the session's
-server, which runs with the flag the presets recommend. Both skip with the reason where vLLM's
-CPU build cannot be installed or started.
+kill the session's `vllm_server`), begun in the background at collection like the session's and
+always stopped; the workaround is checked on the session's server, which runs with the flag the
+presets recommend. Both skip with the reason where vLLM's CPU build cannot be installed or started.
 """
 from __future__ import annotations
 
@@ -21,13 +21,11 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.vllm_engine import SERVED_NAME, VLLM_VERSION, VllmServer, kill_group, start_own_server, tail
+from tests.vllm_engine import SERVED_NAME, VLLM_VERSION, VllmServer, tail
 
 pytestmark = pytest.mark.slow
 
@@ -85,29 +83,8 @@ def answers(base_url: str) -> bool:
         return False
 
 
-def own_server(tmp_path: Path, extra_args: list[str]) -> Iterator[tuple[str, Path]]:
-    log_path = tmp_path / "server.log"
-    proc, base_url, _ = start_own_server(log_path, extra_args)
-    try:
-        yield base_url, log_path
-    finally:
-        kill_group(proc)
-
-
-@pytest.fixture
-def default_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """vLLM's own default: chunked prefill on (the session's server turns it off)."""
-    yield from own_server(tmp_path, ["--enable-chunked-prefill"])
-
-
-@pytest.fixture
-def unchunked_server(vllm_server: VllmServer) -> tuple[str, Path]:  # noqa: F811
-    """The session's server: tests/vllm_engine.py starts it with WORKAROUND."""
-    return vllm_server.base_url, vllm_server.log_path
-
-
-def test_default_flags_serve_unseeded_requests_and_die_on_seeded_ones(default_server: tuple[str, Path]) -> None:
-    base_url, log_path = default_server
+def test_default_flags_serve_unseeded_requests_and_die_on_seeded_ones(vllm_chunked_prefill_server: VllmServer) -> None:
+    base_url, log_path = vllm_chunked_prefill_server.base_url, vllm_chunked_prefill_server.log_path
     unseeded = asyncio.run(send(base_url, [body(i, seed=None) for i in range(CONCURRENT)]))
     failed = [r for r in unseeded if isinstance(r, str)]
     assert not failed, f"unseeded requests failed on the default flags: {failed[:3]}\n{tail(log_path.read_text())}"
@@ -124,8 +101,8 @@ def test_default_flags_serve_unseeded_requests_and_die_on_seeded_ones(default_se
         f"{'is' if CRASH in log else 'is not'} in the log)\n{tail(log)}")
 
 
-def test_no_chunked_prefill_serves_seeded_requests_that_reproduce(unchunked_server: tuple[str, Path]) -> None:
-    base_url, log_path = unchunked_server
+def test_no_chunked_prefill_serves_seeded_requests_that_reproduce(vllm_server: VllmServer) -> None:
+    base_url, log_path = vllm_server.base_url, vllm_server.log_path  # started with WORKAROUND
     first = asyncio.run(send(base_url, seeded()))
     failed = [r for r in first if isinstance(r, str)]
     assert not failed, (f"{len(failed)}/{CONCURRENT} seeded requests failed with {WORKAROUND}: {failed[:3]}\n"

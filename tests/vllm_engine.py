@@ -316,17 +316,6 @@ def start_server(venv: Path, model: Path, log_path: Path, dtype: str = DTYPE, en
     pytest.skip(f"vLLM's server {why}:\n{tail(log_path.read_text(errors='replace'))}")
 
 
-def start_own_server(log_path: Path, extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str, float]:
-    """A server of the caller's own, apart from the session's `vllm_server` (for a test that may
-    kill its engine, or that needs other flags): vLLM installed and the model converted first, as
-    `prepare` does, after waiting for the session's launch where one is installing. The caller
-    stops it with `kill_group`. Skips with the reason where vLLM cannot be installed or started."""
-    if _early is not None:  # the session's launch may be installing: wait rather than install twice
-        _early._ready.wait(timeout=INSTALL_TIMEOUT_S + START_TIMEOUT_S)
-    venv, model, _, _ = prepare()
-    return start_server(venv, model, log_path, extra_args=extra_args)
-
-
 Install = tuple[subprocess.Popen[bytes], Path, Path]
 """A running install: (process, partial directory, its log), as start_install returns it."""
 
@@ -370,8 +359,9 @@ class Launch:
     thread that started it, so that thread must outlive the server. A failure, pytest's skips
     included, is kept and raised by `result`, where a test asks for the server."""
 
-    def __init__(self, log_path: Path, *, own_log_dir: bool = False) -> None:
+    def __init__(self, log_path: Path, *, own_log_dir: bool = False, extra_args: Sequence[str] = ()) -> None:
         self.log_path = log_path
+        self.extra_args = tuple(extra_args)
         self._own_log_dir = own_log_dir  # removed once the server stopped without a fault
         self.error: BaseException | None = None
         self.server: VllmServer | None = None
@@ -399,7 +389,8 @@ class Launch:
             self._install = None
             if self._stop.is_set():
                 pytest.skip("the session ended before vLLM's server was started")
-            proc, base_url, start_s = start_server(venv, model, self.log_path, env=env, niceness=BACKGROUND_NICENESS)
+            proc, base_url, start_s = start_server(venv, model, self.log_path, env=env, niceness=BACKGROUND_NICENESS,
+                                                   extra_args=self.extra_args)
             self.server = VllmServer(base_url, SERVED_NAME, model, self.log_path, install_s, convert_s, start_s)
             log.info("vLLM %s at %s: install %s, model conversion %s, server start %.1f s (log: %s)", VLLM_VERSION,
                      base_url, "cached" if install_s is None else f"{install_s:.1f} s",
@@ -432,23 +423,52 @@ class Launch:
             shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
-_early: Launch | None = None
+SERVERS: dict[str, tuple[str, ...]] = {
+    "vllm_server": (),
+    "vllm_chunked_prefill_server": ("--enable-chunked-prefill",),
+}
+"""The servers a test can ask for, by fixture name, with the flags that set each apart.
+`vllm_server` is the session's, shared by every test that does not harm it;
+`vllm_chunked_prefill_server` turns vLLM's own default back on for the one test that shows
+why the presets turn it off (seeded requests kill that engine), and is that test's alone."""
+FIRST = next(iter(SERVERS))
+
+_early: dict[str, Launch] = {}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Begin vLLM's launch once collection shows a selected test that will ask for it."""
-    global _early
-    if _early is not None or session.config.option.collectonly:
+    """Begin each server's launch once collection shows a selected test that will ask for it.
+    The first may install vLLM; the others begin early only where the install is cached (two
+    installs at once would race), and otherwise when their test asks, after the first."""
+    if _early or session.config.option.collectonly:
         return
-    if any("vllm_server" in getattr(item, "fixturenames", ()) for item in session.items):
-        _early = Launch(Path(tempfile.mkdtemp(prefix="w2s-test-vllm-")) / "server.log", own_log_dir=True)
-        atexit.register(_early.close)  # a session that ends before any vLLM test still stops it
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ()) if name in SERVERS}
+    for name, extra_args in SERVERS.items():
+        if name in wanted and (not _early or venv_ready(venv_dir())):
+            _early[name] = Launch(Path(tempfile.mkdtemp(prefix=f"w2s-test-{name}-")) / "server.log",
+                                  own_log_dir=True, extra_args=extra_args)
+            atexit.register(_early[name].close)  # a session that ends before its test still stops it
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    launch = _early or Launch(tmp_path_factory.mktemp("vllm") / "server.log")
+def launched(name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """The server begun at collection, or one started now (after the first server's launch,
+    which may be installing vLLM); stopped when the fixture ends."""
+    launch = _early.pop(name, None)
+    if launch is None:
+        if name != FIRST and FIRST in _early:
+            _early[FIRST]._ready.wait(timeout=INSTALL_TIMEOUT_S + START_TIMEOUT_S)
+        launch = Launch(tmp_path_factory.mktemp(name) / "server.log", extra_args=SERVERS[name])
     try:
         yield launch.result()
     finally:
         launch.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    yield from launched("vllm_server", tmp_path_factory)
+
+
+@pytest.fixture
+def vllm_chunked_prefill_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    yield from launched("vllm_chunked_prefill_server", tmp_path_factory)
