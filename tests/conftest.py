@@ -7,8 +7,9 @@ import pytest
 
 from proxy.config import AppConfig, OpenAICompletionsConfig
 from proxy.testing.toy_server import ToyCompletionsServer
-# One real vLLM per session, for every module that asks; its collection hook starts the server
-# beside the first tests (half a minute to several on a fresh machine) when a selected test needs it.
+# The real vLLM servers (the session's, and one with chunked prefill for the test that kills it);
+# the collection hook starts each beside the first tests (half a minute to several on a fresh
+# machine) when a selected test needs it.
 from tests.vllm_engine import pytest_collection_finish, vllm_chunked_prefill_server, vllm_server  # noqa: F401
 from tiny_models import (  # noqa: F401  (fixtures for every test module)
     llama_pair,
