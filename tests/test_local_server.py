@@ -12,7 +12,11 @@ import openai
 import pytest
 from tiny_models import TinyModelDirs
 
+import torch
+
 from proxy.config import ModelSpec
+from proxy.local import causal_lm
+from proxy.local.backend import CompletionParams
 from proxy.local.server import LocalCompletionsServer
 from proxy.local.causal_lm import LocalCausalLM
 
@@ -69,6 +73,73 @@ async def test_bad_requests_are_refused_in_openai_shape(served: tuple[openai.Asy
     assert e.value.body["param"] == "max_tokens"  # type: ignore[index]
 
 
+Logits = dict[tuple[tuple[int, ...], int], list[torch.Tensor]]
+"""Per sampled row, keyed by (prompt ids, the row's seed): the logits of each step, in order."""
+
+
+class LogitsSeen:
+    """Records the logits every row is sampled from, where serve-local samples (`_RowSampler`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.rows: Logits = {}
+        sample = causal_lm._RowSampler.__call__
+
+        def record(sampler: causal_lm._RowSampler, input_ids: torch.LongTensor,
+                   scores: torch.FloatTensor) -> torch.FloatTensor:
+            for i, row in enumerate(sampler.rows):
+                key = (tuple(row.prompt_ids), row.generator.initial_seed())
+                self.rows.setdefault(key, []).append(scores[i].clone())
+            return sample(sampler, input_ids, scores)
+
+        monkeypatch.setattr(causal_lm._RowSampler, "__call__", record)
+
+    def take(self) -> Logits:
+        rows, self.rows = self.rows, {}
+        return rows
+
+
+TARGET = CompletionParams(model="tiny", prompt="The cat sat", n=3, max_tokens=8, seed=5)
+COMPANY = (CompletionParams(model="tiny", prompt="A much longer prompt about a dog that ran far away. " * 3, n=5,
+                            max_tokens=12, seed=7),
+           CompletionParams(model="tiny", prompt="Hi", n=2, max_tokens=4, seed=9))
+
+
+async def alone_then_in_company(lm: LocalCausalLM, seen: LogitsSeen) -> tuple[Logits, Logits, list[str], list[str], int]:
+    """TARGET's logits and texts sent alone, then sent with two other requests at once, and how
+    many batches the second round took."""
+    alone = [c.text for c in (await lm.complete(TARGET))[0]]
+    alone_logits = seen.take()
+    before = lm.batches
+    _, (choices, _), _ = await asyncio.gather(lm.complete(COMPANY[0]), lm.complete(TARGET), lm.complete(COMPANY[1]))
+    shared_logits = {k: v for k, v in seen.take().items() if k in alone_logits}
+    return alone_logits, shared_logits, alone, [c.text for c in choices], lm.batches - before
+
+
+def bit_identical(a: Logits, b: Logits) -> bool:
+    return a.keys() == b.keys() and all(len(a[k]) <= len(b[k]) and all(torch.equal(x, y) for x, y in zip(a[k], b[k]))
+                                        for k in a)
+
+
+async def test_one_row_batches_give_a_seeded_request_bit_identical_logits_whatever_else_is_served(
+        tiny_model_dirs: TinyModelDirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = LogitsSeen(monkeypatch)
+    spec = ModelSpec(path=str(tiny_model_dirs.llama_tuned))
+    shared = LocalCausalLM.load(spec, "cpu", "float32")
+    try:  # the default: the three requests share one padded batch, which rounds TARGET's logits otherwise
+        alone, together, _, _, batches = await alone_then_in_company(shared, seen)
+    finally:
+        shared.close()
+    assert batches == 1 and len(alone) == TARGET.n
+    assert not bit_identical(alone, together)
+    exact = LocalCausalLM.load(spec, "cpu", "float32", max_batch_rows=1)
+    try:  # one request a batch: the same shapes every time, so the same numbers
+        alone, together, texts_alone, texts_together, batches = await alone_then_in_company(exact, seen)
+    finally:
+        exact.close()
+    assert batches == 3 and len(alone) == TARGET.n
+    assert bit_identical(alone, together) and texts_alone == texts_together
+
+
 def default_sigint() -> None:
     """A shell that starts a job in the background (`cmd &`) has it ignore SIGINT, and children
     inherit that: give the server the default disposition, as a terminal would."""
@@ -78,7 +149,7 @@ def default_sigint() -> None:
 def test_serve_local_command_serves_until_interrupted(tiny_model_dirs: TinyModelDirs) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve-local", str(tiny_model_dirs.llama_tuned),
-                             "--name", "tiny", "--port", "0", "--device", "cpu"],
+                             "--name", "tiny", "--port", "0", "--device", "cpu", "--max-batch-rows", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=default_sigint)
     try:

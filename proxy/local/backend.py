@@ -6,7 +6,11 @@ from typing import Protocol
 
 from proxy.protocol.model_requests import CompletionParams
 
-__all__ = ["Choice", "CompletionBackend", "CompletionParams"]
+__all__ = ["DEFAULT_MAX_BATCH_ROWS", "Choice", "CompletionBackend", "CompletionParams"]
+
+DEFAULT_MAX_BATCH_ROWS = 64
+"""Rows (prompts x n) a local model decodes together; a request larger than this still runs,
+alone. Here, where `w2s serve-local`'s flag can read it without torch."""
 
 
 @dataclass(frozen=True)

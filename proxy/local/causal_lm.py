@@ -11,9 +11,11 @@ rows, against 26 for a lone n=16 request and 6 for n=1.) The event loop keeps se
 meanwhile. Sampling is done per row, not by
 `generate`'s shared random stream: each row draws from its own generator, seeded by
 (request seed, prompt, sample index), by inverse CDF on its own temperature and top-p. So a
-seeded request gets the same samples whatever else is being served beside it (up to float
-rounding in the padded forward, which could move a draw that lands within ~1e-6 of a
-boundary between two tokens).
+seeded request gets the same samples whatever else is being served beside it, up to float
+rounding in the padded forward: a batch shared with other prompts rounds the logits differently
+in their last digits, which now and then moves a draw across the boundary between two tokens.
+`max_batch_rows=1` decodes each request alone, in the same shapes every time, and so makes its
+samples bit-identical, at the cost of throughput.
 """
 from __future__ import annotations
 
@@ -34,15 +36,12 @@ from transformers import (
 )
 
 from proxy.config import ModelSpec
-from proxy.local.backend import Choice, CompletionParams
+from proxy.local.backend import DEFAULT_MAX_BATCH_ROWS, Choice, CompletionParams
 from proxy.types import choice_seed, first_stop
 from scorers.batcher import MicroBatcher
 from scorers.cache_argument import cache_argument
 from scorers.loading import load_causal_lm, pick_device_dtype
 from scorers.reading import needs_bos
-
-DEFAULT_MAX_BATCH_ROWS = 64
-"""Rows (prompts x n) decoded together; a request larger than this still runs, alone."""
 
 
 @dataclass

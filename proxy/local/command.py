@@ -10,6 +10,7 @@ import asyncio
 
 from proxy.config import ModelSpec
 from proxy.config.extras import require
+from proxy.local.backend import DEFAULT_MAX_BATCH_ROWS
 from proxy.local.server import LocalCompletionsServer
 
 
@@ -20,7 +21,7 @@ async def serve_local(args: argparse.Namespace) -> int:
 
     set_torch_threads(args.torch_threads)
     spec = ModelSpec(path=args.model, gguf_file=args.gguf_file)
-    lm = await asyncio.to_thread(LocalCausalLM.load, spec, args.device, args.dtype)
+    lm = await asyncio.to_thread(LocalCausalLM.load, spec, args.device, args.dtype, max_batch_rows=args.max_batch_rows)
     server = LocalCompletionsServer(lm, model=args.name or args.model)
     await server.start(args.port)
     print(f"serving {args.model} at {server.base_url}", flush=True)
@@ -43,4 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch's CPU threads (default: torch's, one per core); on a CPU box that also "
                         "scores, give each process half the cores")
+    p.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS, metavar="N",
+                   help=f"rows (prompts x n) decoded together (default {DEFAULT_MAX_BATCH_ROWS}); 1 decodes each "
+                        "request alone, so that a seeded request's samples are bit-identical whatever else is "
+                        "in flight (a shared batch rounds its logits differently), at the cost of throughput")
     p.set_defaults(func=serve_local)
