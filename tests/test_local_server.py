@@ -14,6 +14,7 @@ from tiny_models import TinyModelDirs
 
 import torch
 
+from proxy.cli import build_parser
 from proxy.config import ModelSpec
 from proxy.local import causal_lm
 from proxy.local.backend import CompletionParams
@@ -138,6 +139,14 @@ async def test_one_row_batches_give_a_seeded_request_bit_identical_logits_whatev
         exact.close()
     assert batches == 3 and len(alone) == TARGET.n
     assert bit_identical(alone, together) and texts_alone == texts_together
+
+
+@pytest.mark.parametrize("rows", ["0", "-3", "two", "1.5"])
+def test_a_bad_batch_size_is_refused_before_any_model_loads(rows: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve-local", "no-such-model", "--max-batch-rows", rows])
+    assert exit_.value.code == 2
+    assert f"--max-batch-rows: must be a whole number of rows, at least 1 (got {rows!r})" in capsys.readouterr().err
 
 
 def default_sigint() -> None:

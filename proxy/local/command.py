@@ -33,6 +33,14 @@ async def serve_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def batch_rows(text: str) -> int:
+    """--max-batch-rows: refused before the model loads, not by the batcher after."""
+    rows = int(text) if text.strip().isdigit() else 0
+    if rows < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of rows, at least 1 (got {text!r})")
+    return rows
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve-local", help="serve a local causal LM as an OpenAI completions API on 127.0.0.1")
     p.add_argument("model", help="hub id or local directory (with --gguf-file for a GGUF file inside it)")
@@ -44,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch's CPU threads (default: torch's, one per core); on a CPU box that also "
                         "scores, give each process half the cores")
-    p.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS, metavar="N",
+    p.add_argument("--max-batch-rows", type=batch_rows, default=DEFAULT_MAX_BATCH_ROWS, metavar="N",
                    help=f"rows (prompts x n) decoded together (default {DEFAULT_MAX_BATCH_ROWS}); 1 decodes each "
                         "request alone, so that a seeded request's samples are bit-identical whatever else is "
                         "in flight (a shared batch rounds its logits differently), at the cost of throughput")
