@@ -426,6 +426,15 @@ async def test_serve_local_refuses_a_deeply_nested_body_with_a_400() -> None:
     assert answer.status == 400 and openai_error(answer) is None
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_guidance_server_refuses_a_deeply_nested_body_with_a_400(guidance: Target, path: str) -> None:
+    """The look for fields to forward (plain-mode passthrough) parsed it with json, whose
+    recursion limit is below the strict parser's: a RecursionError and a 500 until fixed."""
+    answer = guidance.send("POST", path, DEEP + b"]" * len(DEEP),
+                           {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert answer.status == 400 and openai_error(answer) is None and not answer.logged
+
+
 async def test_serve_local_refuses_a_too_large_body_in_openai_shape() -> None:
     async with LocalCompletionsServer(ToyBackend(), model=MODEL) as server:
         answer = await _post(server.base_url + "/completions",

@@ -194,8 +194,8 @@ class Generation:
         forward it (another upstream family, or `server.passthrough` off)."""
         try:
             body = json.loads(raw)
-        except ValueError:
-            return None
+        except (ValueError, RecursionError):  # not JSON, or nested past what json can hold:
+            return None  # the strict parse answers it with a 400
         features = upstream_features(body)
         if not features or not isinstance(body.get("model"), str):
             return None
