@@ -435,6 +435,18 @@ def test_guidance_server_refuses_a_deeply_nested_body_with_a_400(guidance: Targe
     assert answer.status == 400 and openai_error(answer) is None and not answer.logged
 
 
+@pytest.mark.parametrize("w2s", [{"mode": []}, {"mode": 3}, {"k": "four"}, ["mode"], "bon4"])
+def test_guidance_server_refuses_a_bad_w2s_beside_fields_to_forward_with_a_400(guidance: Target, w2s: object) -> None:
+    """A body with a field only the upstream honours (so the passthrough looks at it first) and a
+    `w2s` of the wrong shape: the look resolved the raw `w2s`, a TypeError and a 500 until fixed."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "top_logprobs": [],
+            "w2s": w2s}
+    answer = guidance.send("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                           {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert answer.status == 400 and openai_error(answer) is None and not answer.logged
+    assert json.loads(answer.body)["error"]["param"].startswith("w2s"), answer.body
+
+
 async def test_serve_local_refuses_a_too_large_body_in_openai_shape() -> None:
     async with LocalCompletionsServer(ToyBackend(), model=MODEL) as server:
         answer = await _post(server.base_url + "/completions",

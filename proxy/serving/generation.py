@@ -23,7 +23,7 @@ from proxy.budget import Budget, admit
 from proxy.config import AppConfig, upstream_api_key
 from proxy.cost import cost_usd
 from proxy.engine import Engine, ResultSummary, ScorerUnavailable
-from proxy.protocol.requests import CHAT_REFUSED, SamplingRequest, upstream_features
+from proxy.protocol.requests import CHAT_REFUSED, SamplingRequest, W2SOptions, upstream_features
 from proxy.protocol.responses import SearchSummary
 from proxy.search import Candidate, SearchPlan, SearchResult, StepCallback, StepTrace, StoppedBy
 from proxy.serving.body import read_body
@@ -59,6 +59,11 @@ def validated(raw: bytes, model: type[_Req]) -> _Req:
         return model.model_validate_json(raw)
     except ValidationError as e:
         raise validation_error(e) from None
+
+
+def sent_options(w2s: BaseModel | None) -> dict[str, Any] | None:
+    """The `w2s` fields the client sent, for `GuidanceModes.resolve` (an explicit null kept)."""
+    return w2s.model_dump(include=w2s.model_fields_set) if w2s is not None else None
 
 
 CALLER_KEY = web.RequestKey("w2s_caller_key", object)
@@ -199,10 +204,10 @@ class Generation:
         features = upstream_features(body)
         if not features or not isinstance(body.get("model"), str):
             return None
-        w2s = body.get("w2s")
-        try:
-            plain = self.modes.resolve(body["model"], w2s=w2s if isinstance(w2s, dict) else None).mode == "base"
-        except GuidanceError:
+        try:  # the fields as the strict parse reads them, or that parse names the problem
+            w2s = W2SOptions.model_validate(body["w2s"]) if body.get("w2s") is not None else None
+            plain = self.modes.resolve(body["model"], w2s=sent_options(w2s)).mode == "base"
+        except (ValidationError, GuidanceError):
             return None  # the strict parse and the plan name the problem
         if not plain:
             return None
@@ -257,7 +262,7 @@ class Generation:
         try:
             return self.modes.resolve(req.model, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                       seed=req.seed, stop=req.stop_list,
-                                      w2s=req.w2s.model_dump(include=req.w2s.model_fields_set) if req.w2s else None)
+                                      w2s=sent_options(req.w2s))
         except GuidanceError as e:
             raise ApiError(e.status, e.message, param=e.param, code=e.code) from None
 
