@@ -26,8 +26,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.config import AppConfig, OpenAIChatConfig, SearchConfig, ServerConfig
 from proxy.local.server import LocalCompletionsServer
+from proxy.presets import resolve_server
 from proxy.serving.app import GuidanceServer
+from proxy.testing.fake_openai_chat import FakeChatServer
 from proxy.testing.toy_model import ToyBackend
 from proxy.testing.toy_server import ToyCompletionsServer
 from tests.doubles import FnScorer
@@ -133,6 +136,35 @@ def guidance(loop: asyncio.AbstractEventLoop) -> Iterator[Target]:
         loop.run_until_complete(session.close())
         loop.run_until_complete(server.stop())
         loop.run_until_complete(toy.stop())
+        _unwatch(errors, *LOGGERS)
+
+
+@pytest.fixture(scope="module")
+def forwarding(loop: asyncio.AbstractEventLoop) -> Iterator[Target]:
+    """The guidance server over a chat upstream (the fake, in vLLM's dialect), where plain mode
+    forwards what only the upstream can honour (proxy.serving.passthrough)."""
+    errors = _watch_errors(*LOGGERS)
+    fake = FakeChatServer("vllm", model=MODEL)
+    loop.run_until_complete(fake.__aenter__())
+    upstream = OpenAIChatConfig(model=MODEL, base_url=fake.base_url, timeout_s=10.0, backoff_initial_s=0.01,
+                                backoff_max_s=0.02)
+    cfg = AppConfig(upstream=upstream, search=SearchConfig(), server=ServerConfig.model_validate(resolve_server(
+        {"port": 0, "modes": {"bon4": {"w": 1, "k": 4}}, "caps": {"max_tokens": 64, "min_l": 4},
+         "max_body_bytes": 65536})))
+    server = GuidanceServer(cfg, scorer=FnScorer(distinct_words), api_keys=[API_KEY], shutdown_timeout_s=0.5)
+
+    async def start() -> aiohttp.ClientSession:
+        await server.start(port=0)
+        await server.wait_ready()
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_BOUND_S))
+
+    session = loop.run_until_complete(start())
+    try:
+        yield Target("forwarding", loop, server.base_url.removesuffix("/v1"), session, errors, None)
+    finally:
+        loop.run_until_complete(session.close())
+        loop.run_until_complete(server.stop())
+        loop.run_until_complete(fake.__aexit__(None, None, None))
         _unwatch(errors, *LOGGERS)
 
 
@@ -382,6 +414,15 @@ def test_guidance_server_answers_anything_without_a_5xx(guidance: Target, reques
     assert not unexpected_logs(request, answer), answer.logged[:3]
 
 
+@FUZZ
+@given(request=requests(generation_paths=("/v1/chat/completions", "/v1/chat/completions")))
+def test_guidance_server_over_a_chat_upstream_answers_anything_without_a_5xx(forwarding: Target,
+                                                                              request: Request) -> None:
+    answer = forwarding.send(request.method, request.path, request.body, request.headers)
+    check(request, answer)
+    assert not unexpected_logs(request, answer), answer.logged[:3]
+
+
 def test_guidance_server_is_healthy_after_the_fuzz(guidance: Target) -> None:
     """Runs after the fuzz (same module, same server): still alive, nothing left running."""
     health = guidance.send("GET", "/health/ready", None, {})
@@ -445,6 +486,21 @@ def test_guidance_server_refuses_a_bad_w2s_beside_fields_to_forward_with_a_400(g
                            {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     assert answer.status == 400 and openai_error(answer) is None and not answer.logged
     assert json.loads(answer.body)["error"]["param"].startswith("w2s"), answer.body
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_body_to_forward_with_nan_or_infinity_is_refused_with_a_400(forwarding: Target, constant: str,
+                                                                     stream: bool) -> None:
+    """Python's json reads NaN and Infinity; forwarding them failed in the upstream client's
+    JSON encoder, a 500 until fixed. Nothing reaches the upstream."""
+    raw = (f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 5, '
+           f'"stream": {json.dumps(stream)}, "logprobs": true, "top_logprobs": {constant}}}').encode()
+    answer = forwarding.send("POST", "/v1/chat/completions", raw,
+                             {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert answer.status == 400 and openai_error(answer) is None and not answer.logged
+    error = json.loads(answer.body)["error"]
+    assert error["code"] == "invalid_json" and constant.lstrip("-") in error["message"], error
 
 
 async def test_serve_local_refuses_a_too_large_body_in_openai_shape() -> None:

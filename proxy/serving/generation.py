@@ -197,8 +197,9 @@ class Generation:
         format, ...): the passthrough and the body to forward. None where the search serves it,
         or refuses it naming the field (a guided mode); a 400 saying why where plain mode cannot
         forward it (another upstream family, or `server.passthrough` off)."""
+        constants: list[str] = []  # NaN and Infinity: Python's json reads them, no upstream does
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=lambda name: constants.append(name) or float(name))
         except (ValueError, RecursionError):  # not JSON, or nested past what json can hold:
             return None  # the strict parse answers it with a 400
         features = upstream_features(body)
@@ -211,6 +212,9 @@ class Generation:
             return None  # the strict parse and the plan name the problem
         if not plain:
             return None
+        if constants:
+            raise ApiError(400, f"We could not forward the JSON body of your request: {constants[0]} is not a JSON "
+                           "value (RFC 8259), and the upstream reads JSON.", code="invalid_json")
         self._within_caps(body)
         passthrough = self._passthrough_now()
         if passthrough is None:
