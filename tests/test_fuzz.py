@@ -257,6 +257,17 @@ valid_chat = st.fixed_dictionaries(
                                                max_size=2)}), min_size=1, max_size=3)},
     optional={**valid_sampling, "max_completion_tokens": st.integers(1, 24)})
 
+valid_response = st.fixed_dictionaries(
+    {"model": served_models, "input": any_text | words | st.lists(st.fixed_dictionaries({
+        "role": st.sampled_from(["system", "developer", "user", "assistant"]),
+        "content": any_text | words | st.lists(st.fixed_dictionaries({
+            "type": st.sampled_from(["input_text", "output_text", "input_image"]), "text": words}), max_size=2)}),
+        min_size=1, max_size=3)},
+    optional={**{k: v for k, v in valid_sampling.items() if k not in ("max_tokens", "stop", "stream_options")},
+              "max_output_tokens": st.integers(0, 24), "instructions": any_text | words,
+              "store": st.booleans(), "previous_response_id": words, "tools": st.lists(json_value, max_size=1)})
+"""A Responses API body (POST /v1/responses): `input` as text or messages, and its own names."""
+
 
 @st.composite
 def encoded(draw: st.DrawFn, body: st.SearchStrategy[Any]) -> bytes:
@@ -286,7 +297,7 @@ RESERVED = {"content-length", "transfer-encoding", "host", "connection", "conten
 extra_headers = st.dictionaries(st.text(TOKEN, min_size=1, max_size=12).filter(lambda h: h.lower() not in RESERVED
                                                                                 and not h.lower().startswith("proxy")),
                                 st.text(string.printable.strip() + " ", max_size=30), max_size=3)
-paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/models", f"/v1/models/{MODEL}",
+paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", f"/v1/models/{MODEL}",
                          f"/v1/models/{MODEL}+bon4", "/v1/models/nope", "/health", "/health/ready", "/metrics",
                          "/", "/v1", "/v1/", "/v1/embeddings", "/v1/models/", "/v1/models/a/b%2Fc", "/%ff",
                          "/v1/completions/", "/v1//completions"]) | st.text(TOKEN + "/%.~", max_size=30).map(
@@ -310,13 +321,16 @@ class Request:
 
 
 @st.composite
-def requests(draw: st.DrawFn, *, generation_paths: tuple[str, ...], chat: bool = True, auth: bool = True) -> Request:
+def requests(draw: st.DrawFn, *, generation_paths: tuple[str, ...], chat: bool = True, auth: bool = True,
+             valid: st.SearchStrategy[Any] | None = None) -> Request:
+    """`valid`: the well-formed bodies of the generation paths, where they are neither
+    completions (the first path) nor chat (the second)."""
     kind = draw(st.sampled_from(["valid", "valid", "completion", "chat", "json", "raw", "get", "anything"] if chat
                                 else ["valid", "completion", "json", "raw", "get", "anything"]))
     if kind == "valid":
         is_chat = chat and draw(st.booleans())
         method, path = "POST", generation_paths[1] if is_chat else generation_paths[0]
-        body: bytes | None = draw(encoded(valid_chat if is_chat else valid_completion))
+        body: bytes | None = draw(encoded(valid if valid is not None else valid_chat if is_chat else valid_completion))
     elif kind in ("completion", "chat"):
         method, path = "POST", generation_paths[0] if kind == "completion" else generation_paths[1]
         body = draw(encoded(completion_body if kind == "completion" else chat_body))
@@ -369,6 +383,19 @@ def openai_error(answer: Answer) -> str | None:
     return None
 
 
+ENDED = ("response.completed", "response.incomplete")
+"""How a Responses stream from a healthy upstream ends (the API's last event)."""
+
+
+def responses_stream_problem(answer: Answer) -> str | None:
+    events = [json.loads(line.removeprefix(b"data: ")) for line in answer.body.split(b"\n")
+              if line.startswith(b"data: ")]
+    if not events or events[-1].get("type") not in ENDED:
+        return f"stream does not end with {' or '.join(ENDED)}: {answer.body[-200:]!r}"
+    failed = [e for e in events if e.get("type") in ("error", "response.failed")]
+    return f"error in a stream from a healthy upstream: {failed[0]}" if failed else None
+
+
 def stream_problem(answer: Answer) -> str | None:
     events = [e.removeprefix(b"data: ") for e in answer.body.split(b"\n\n") if e.startswith(b"data: ")]
     if not events or events[-1] != b"[DONE]":
@@ -389,12 +416,15 @@ def check(request: Request, answer: Answer) -> None:
         problem = openai_error(answer)
         assert problem is None, f"{where}: {problem}"
     elif answer.content_type.startswith("text/event-stream"):
-        problem = stream_problem(answer)
+        problem = (responses_stream_problem if request.path == "/v1/responses" else stream_problem)(answer)
         assert problem is None, f"{where}: {problem}"
     elif request.path != "/metrics":
         body = json.loads(answer.body)
         assert isinstance(body, dict), where
-        if request.method == "POST":
+        if request.method == "POST" and request.path == "/v1/responses":
+            assert body["object"] == "response" and body["status"] in ("completed", "incomplete"), f"{where}: {body}"
+            assert body["usage"]["total_tokens"] >= 0, f"{where}: {body}"
+        elif request.method == "POST":
             assert len(body["choices"]) >= 1 and body["usage"]["total_tokens"] >= 0, f"{where}: {body}"
 
 
@@ -419,6 +449,14 @@ def test_guidance_server_answers_anything_without_a_5xx(guidance: Target, reques
 def test_guidance_server_over_a_chat_upstream_answers_anything_without_a_5xx(forwarding: Target,
                                                                               request: Request) -> None:
     answer = forwarding.send(request.method, request.path, request.body, request.headers)
+    check(request, answer)
+    assert not unexpected_logs(request, answer), answer.logged[:3]
+
+
+@FUZZ
+@given(request=requests(generation_paths=("/v1/responses", "/v1/responses"), valid=valid_response))
+def test_the_responses_endpoint_answers_anything_without_a_5xx(guidance: Target, request: Request) -> None:
+    answer = guidance.send(request.method, request.path, request.body, request.headers)
     check(request, answer)
     assert not unexpected_logs(request, answer), answer.logged[:3]
 
