@@ -72,9 +72,11 @@ async def test_request_id_round_trip_through_the_openai_sdk(loopback: ToyComplet
         with pytest.raises(openai.NotFoundError) as missing:
             await client.completions.create(model="nope", prompt="hi", extra_headers={"X-Request-Id": "e-1"})
         async with aiohttp.ClientSession() as http:
+            # seeded: an answer that is empty at once (the toy model's EOS first) has no first token
             async with http.post(server.base_url + "/completions", headers={"X-Request-Id": "s-1"},
-                                 json={"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True}) as r:
-                stream_status, stream_id, _ = r.status, r.headers.get("X-Request-Id"), await r.read()
+                                 json={"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True,
+                                       "seed": 1}) as r:
+                stream_status, stream_id, streamed = r.status, r.headers.get("X-Request-Id"), await r.read()
             async with http.get(root(server) + "/nowhere") as r:
                 unknown_route = r.status, r.headers.get("X-Request-Id")
             async with http.get(root(server) + "/metrics") as r:
@@ -85,6 +87,8 @@ async def test_request_id_round_trip_through_the_openai_sdk(loopback: ToyComplet
     assert bad._request_id != "no spaces please" and re.fullmatch(MADE, str(bad._request_id))
     assert missing.value.request_id == "e-1"
     assert (stream_status, stream_id) == (200, "s-1")
+    chunks = [json.loads(line[6:]) for line in streamed.split(b"\n") if line.startswith(b"data: {")]
+    assert "".join(c["text"] for chunk in chunks for c in chunk["choices"])  # something was said
     assert unknown_route[0] == 404 and unknown_route[1] is not None and re.fullmatch(MADE, unknown_route[1])
     # the metrics: a `model` label bounded to the served ids, and the streams' time to first token
     assert metric(metrics, "w2s_requests_total", endpoint="/v1/completions", model=MODEL, status="200") == 5  # with the stream
