@@ -17,7 +17,7 @@ import logging
 import os
 import string
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,13 +118,16 @@ def _unwatch(handler: ErrorLog, *names: str) -> None:
 LOGGERS = ("w2s", "aiohttp.server", "aiohttp.web", "asyncio")
 
 
-@pytest.fixture(scope="module")
-def guidance(loop: asyncio.AbstractEventLoop) -> Iterator[Target]:
+SERVER: dict[str, Any] = {"port": 0, "modes": {"bon4": {"w": 1, "k": 4}}, "caps": {"max_tokens": 64, "min_l": 4},
+          "max_body_bytes": 65536}
+"""The guidance servers' settings (the one over the toy completions upstream adds a CBS mode)."""
+
+
+def _fuzzed(loop: asyncio.AbstractEventLoop, name: str, cfg: AppConfig, toy: ToyCompletionsServer | None,
+            stop_upstream: Callable[[], Awaitable[object]]) -> Iterator[Target]:
+    """A guidance server on `cfg`, keyed, scored by distinct words, as a Target; `stop_upstream`
+    stops what it calls once the server has stopped."""
     errors = _watch_errors(*LOGGERS)
-    toy = ToyCompletionsServer()
-    loop.run_until_complete(toy.start())
-    cfg = app_config(toy, server={"port": 0, "modes": {"bon4": {"w": 1, "k": 4}, "cbs": {"w": 2, "k": 2, "l": 8}},
-                                  "caps": {"max_tokens": 64, "min_l": 4}, "max_body_bytes": 65536})
     server = GuidanceServer(cfg, scorer=FnScorer(distinct_words), api_keys=[API_KEY], shutdown_timeout_s=0.5)
 
     async def start() -> aiohttp.ClientSession:
@@ -134,41 +137,33 @@ def guidance(loop: asyncio.AbstractEventLoop) -> Iterator[Target]:
 
     session = loop.run_until_complete(start())
     try:
-        yield Target("guidance", loop, server.base_url.removesuffix("/v1"), session, errors, toy)
+        yield Target(name, loop, server.base_url.removesuffix("/v1"), session, errors, toy)
     finally:
         loop.run_until_complete(session.close())
         loop.run_until_complete(server.stop())
-        loop.run_until_complete(toy.stop())
+        loop.run_until_complete(stop_upstream())
         _unwatch(errors, *LOGGERS)
+
+
+@pytest.fixture(scope="module")
+def guidance(loop: asyncio.AbstractEventLoop) -> Iterator[Target]:
+    toy = ToyCompletionsServer()
+    loop.run_until_complete(toy.start())
+    cfg = app_config(toy, server={**SERVER, "modes": {**SERVER["modes"], "cbs": {"w": 2, "k": 2, "l": 8}}})
+    yield from _fuzzed(loop, "guidance", cfg, toy, toy.stop)
 
 
 @pytest.fixture(scope="module")
 def forwarding(loop: asyncio.AbstractEventLoop) -> Iterator[Target]:
     """The guidance server over a chat upstream (the fake, in vLLM's dialect), where plain mode
     forwards what only the upstream can honour (proxy.serving.passthrough)."""
-    errors = _watch_errors(*LOGGERS)
     fake = FakeChatServer("vllm", model=MODEL)
     loop.run_until_complete(fake.__aenter__())
     upstream = OpenAIChatConfig(model=MODEL, base_url=fake.base_url, timeout_s=10.0, backoff_initial_s=0.01,
                                 backoff_max_s=0.02)
-    cfg = AppConfig(upstream=upstream, search=SearchConfig(), server=ServerConfig.model_validate(resolve_server(
-        {"port": 0, "modes": {"bon4": {"w": 1, "k": 4}}, "caps": {"max_tokens": 64, "min_l": 4},
-         "max_body_bytes": 65536})))
-    server = GuidanceServer(cfg, scorer=FnScorer(distinct_words), api_keys=[API_KEY], shutdown_timeout_s=0.5)
-
-    async def start() -> aiohttp.ClientSession:
-        await server.start(port=0)
-        await server.wait_ready()
-        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_BOUND_S))
-
-    session = loop.run_until_complete(start())
-    try:
-        yield Target("forwarding", loop, server.base_url.removesuffix("/v1"), session, errors, None)
-    finally:
-        loop.run_until_complete(session.close())
-        loop.run_until_complete(server.stop())
-        loop.run_until_complete(fake.__aexit__(None, None, None))
-        _unwatch(errors, *LOGGERS)
+    cfg = AppConfig(upstream=upstream, search=SearchConfig(),
+                    server=ServerConfig.model_validate(resolve_server(SERVER)))
+    yield from _fuzzed(loop, "forwarding", cfg, None, lambda: fake.__aexit__(None, None, None))
 
 
 @pytest.fixture(scope="module", params=["serve-local", "toy"])
